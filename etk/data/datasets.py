@@ -1,0 +1,61 @@
+"""From config to batches: task vocabulary for a tokenizer, the evaluation set, and data loaders."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+from torch.utils.data import DataLoader, Dataset
+
+from etk.data.boxes import Example, Template, generate_examples
+from etk.data.roles import Encoded, collate, encode_example
+from etk.data.vocab import LETTERS, filter_single_token, load_objects
+
+
+def task_vocab(tokenizer, n_boxes: int, objects_file: str = "objects.csv") -> tuple[list[str], list[str]]:
+    """Objects and labels that are single tokens for this tokenizer (clear error if fewer than n_boxes)."""
+    objects = filter_single_token(tokenizer, load_objects(objects_file), n_boxes, "objects")
+    labels = filter_single_token(tokenizer, list(LETTERS), n_boxes, "labels")
+    return objects, labels
+
+
+def make_template(spec: dict | None) -> Template:
+    return Template(**(spec or {}))
+
+
+def task_examples(data_cfg, tokenizer) -> list[Example]:
+    """The generated evaluation prompts described by `data.{n_boxes,n_examples,seed,objects,template}`."""
+    objects, labels = task_vocab(tokenizer, data_cfg.n_boxes, data_cfg.get("objects", "objects.csv"))
+    template = make_template(data_cfg.get("template"))
+    return generate_examples(data_cfg.n_examples, data_cfg.n_boxes, objects, labels, data_cfg.seed, template)
+
+
+class EncodedDataset(Dataset):
+    """A list of tokenized prompts (or of (base, source) pairs of them)."""
+
+    def __init__(self, items: Sequence):
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    return pid
+
+
+def prompt_loader(tokenizer, examples: Sequence[Example], batch_size: int, padding_side: str = "right") -> DataLoader:
+    """Encode examples once and batch them (no shuffling: order is the dataset's line order)."""
+    encoded: list[Encoded] = [encode_example(tokenizer, ex) for ex in examples]
+    return DataLoader(
+        EncodedDataset(encoded),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=partial(collate, pad_id=pad_id(tokenizer), padding_side=padding_side),
+    )

@@ -1,0 +1,136 @@
+"""Named position roles, computed once per example from the tokenization and carried in every batch.
+
+Scalar roles (one index per example): `last`, `query_label`, `prev_query_label` (the queried box's label in the
+context), `correct_object`. Vector roles (one index per box): `objects`, `labels`. Undefined roles are -1
+(e.g. `prev_query_label` of a prompt whose query label names no box).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from etk.data.boxes import Example, Span
+from etk.data.vocab import single_token_id, tokenizer_name
+
+SCALAR_ROLES: tuple[str, ...] = ("last", "query_label", "prev_query_label", "correct_object")
+VECTOR_ROLES: tuple[str, ...] = ("objects", "labels")
+
+
+class TokenizationError(ValueError):
+    """A word that must be a single token is not, for this tokenizer."""
+
+
+@dataclass
+class Encoded:
+    """One tokenized prompt (unpadded) with its role positions and answer token (-1 if none)."""
+
+    input_ids: list[int]
+    roles: dict[str, int | list[int]]
+    answer_id: int
+
+
+def _token_at(offsets: list[tuple[int, int]], span: Span, text: str, word: str, tokenizer) -> int:
+    for i, (s, e) in enumerate(offsets):
+        if e > s and s <= span.start < e:
+            if text[s:e].strip() != word:
+                raise TokenizationError(
+                    f"tokenizer {tokenizer_name(tokenizer)!r} does not keep {word!r} as one token in the prompt "
+                    f"(token {i} covers {text[s:e]!r}); choose single-token words for this tokenizer"
+                )
+            return i
+    raise TokenizationError(f"no token covers {word!r} at characters {span.start}-{span.end} of {text!r}")
+
+
+def encode_example(tokenizer, example: Example, answer: str | None = None) -> Encoded:
+    """Tokenize a prompt and locate every role by character offsets (no literal indices).
+
+    `answer` defaults to the example's own answer; pass another word for counterfactual targets."""
+    rendered = example.render()
+    enc = tokenizer(rendered.text, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets = [tuple(o) for o in enc["offset_mapping"]]
+    text = rendered.text
+    ctx = example.context
+    objs = [_token_at(offsets, sp, text, w, tokenizer) for sp, w in zip(rendered.objects, ctx.objects)]
+    labs = [_token_at(offsets, sp, text, w, tokenizer) for sp, w in zip(rendered.labels, ctx.labels)]
+    ql = _token_at(offsets, rendered.query_label, text, example.query_label, tokenizer)
+    q = example.query
+    roles: dict[str, int | list[int]] = {
+        "last": len(ids) - 1,
+        "query_label": ql,
+        "prev_query_label": labs[q] if q is not None else -1,
+        "correct_object": objs[q] if q is not None else -1,
+        "objects": objs,
+        "labels": labs,
+    }
+    if q is not None and ids[roles["prev_query_label"]] != ids[ql]:
+        raise TokenizationError(f"query label token differs from its context occurrence in {text!r}")
+    word = answer if answer is not None else example.answer
+    answer_id = -1
+    if word is not None:
+        tid = single_token_id(tokenizer, word)
+        if tid is None:
+            raise TokenizationError(f"tokenizer {tokenizer_name(tokenizer)!r} splits the answer {word!r} into several tokens")
+        answer_id = tid
+    return Encoded(ids, roles, answer_id)
+
+
+@dataclass
+class PromptBatch:
+    """A padded batch of prompts. Role tensors hold absolute indices into the padded sequence."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long
+    position_ids: torch.Tensor  # [B, T] long, 0 at the first real token (valid under left padding)
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar [B], vector [B, n_boxes]
+    answer: torch.Tensor | None = None  # [B] long, -1 where undefined
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def to(self, device) -> "PromptBatch":
+        return PromptBatch(
+            **{f.name: _to(getattr(self, f.name), device) for f in fields(self)}  # type: ignore[arg-type]
+        )
+
+    def model_inputs(self) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> PromptBatch:
+    """Pad a list of encoded prompts and shift their roles accordingly."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    T = max(len(it.input_ids) for it in items)
+    B = len(items)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    shift = torch.zeros(B, dtype=torch.long)
+    for b, it in enumerate(items):
+        n = len(it.input_ids)
+        off = T - n if padding_side == "left" else 0
+        ids[b, off : off + n] = torch.tensor(it.input_ids)
+        mask[b, off : off + n] = 1
+        shift[b] = off
+    roles: dict[str, torch.Tensor] = {}
+    for name in SCALAR_ROLES:
+        r = torch.tensor([it.roles[name] for it in items], dtype=torch.long)
+        roles[name] = torch.where(r >= 0, r + shift, r)
+    for name in VECTOR_ROLES:
+        widths = {len(it.roles[name]) for it in items}  # type: ignore[arg-type]
+        if len(widths) == 1:
+            r = torch.tensor([it.roles[name] for it in items], dtype=torch.long)
+            roles[name] = r + shift[:, None]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
+    return PromptBatch(ids, mask, position_ids, roles, answer)

@@ -1,0 +1,1 @@
+"""Methods: accuracy evaluation, path patching, circuit evaluation, DCM, CMAP, knockout."""

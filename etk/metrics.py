@@ -1,0 +1,52 @@
+"""Metrics: per-example correctness kept (so any interval can be computed), accuracy with a 95% interval."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """95% Wilson score interval for a binomial proportion k/n."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    den = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Paired bootstrap 95% interval of mean(num)/mean(den): example indices resampled jointly for both."""
+    g = torch.Generator().manual_seed(seed)
+    n = num.shape[0]
+    idx = torch.randint(0, n, (n_boot, n), generator=g)
+    r = num.double()[idx].mean(1) / den.double()[idx].mean(1).clamp_min(1e-12)
+    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+class TaskAccuracy(Metric):
+    """Top-1 accuracy of the answer token; keeps per-example correctness (states are concatenated)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:  # logits [B, V], target [B]
+        self.correct.append((logits.argmax(-1) == target).to(torch.float32))
+
+    def per_example(self) -> torch.Tensor:
+        return dim_zero_cat(self.correct) if self.correct else torch.zeros(0)
+
+    def compute(self) -> dict[str, float]:
+        c = self.per_example()
+        n, k = int(c.numel()), int(c.sum().item())
+        lo, hi = wilson_interval(k, n)
+        return {"accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi, "n": n}

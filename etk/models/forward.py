@@ -1,0 +1,22 @@
+"""Forward passes used by every method: logits at the `last` role only (no [B, T, V] logits tensor)."""
+
+from __future__ import annotations
+
+import torch
+
+from etk.data.roles import PromptBatch
+from etk.models.arch import LlamaFamily
+
+
+def last_logits(model, batch: PromptBatch) -> torch.Tensor:
+    """[B, V] logits at each example's `last` position."""
+    arch = LlamaFamily(model)
+    hidden = arch.base.model(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, T, d]
+    b = torch.arange(hidden.shape[0], device=hidden.device)
+    return arch.lm_head(hidden[b, batch.roles["last"]])  # [B, V]
+
+
+def assert_eval(model) -> None:
+    """Measurements are only valid in eval mode (dropout off)."""
+    if model.training:
+        raise RuntimeError("model is in train mode; call model.eval() before measuring")

@@ -1,0 +1,106 @@
+"""Load a model and tokenizer from a `model` config: tiny random, local weights, or the packaged GGUF, plus
+LoRA adapters merged at load. Nothing is ever downloaded: hubs are switched off and local paths are checked
+before transformers is called."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from etk.models.arch import LlamaFamily  # noqa: E402
+from etk.models.embedded import ModelNotFoundError, dequantised_dir  # noqa: E402
+from etk.models.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """`auto`: fp32 on CPU, bf16 on GPU."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)} or 'auto'")
+    return _DTYPES[name]
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_path(spec: str) -> Path:
+    """`etk:<relative path>` names a file shipped inside the etk package; anything else is a filesystem path."""
+    if spec.startswith("etk:"):
+        return Path(str(resources.files("etk").joinpath(spec[4:])))
+    return Path(os.path.expanduser(spec))
+
+
+def local_model_dir(cfg: Any) -> Path:
+    """`model.path`, or `$ETK_MODEL_ROOT/<model.root_subdir>`; a clear error when neither holds weights."""
+    if cfg.get("path"):
+        path = resolve_path(str(cfg.path))
+    elif os.environ.get("ETK_MODEL_ROOT") and cfg.get("root_subdir"):
+        path = Path(os.environ["ETK_MODEL_ROOT"]) / cfg.root_subdir
+    else:
+        raise ModelNotFoundError(
+            f"model {cfg.name!r} needs local weights: pass model.path=/dir/with/config.json or set ETK_MODEL_ROOT "
+            f"so that $ETK_MODEL_ROOT/{cfg.get('root_subdir')} holds them (model hubs are not used)"
+        )
+    if not (path / "config.json").exists():
+        raise ModelNotFoundError(f"model {cfg.name!r}: no config.json in {path} (weights missing or wrong path)")
+    return path
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, attn: str | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"attn_implementation": attn} if attn else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kw)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model, tokenizer
+
+
+def merge_adapters(model, adapters: list) -> Any:
+    """Merge LoRA adapters into the weights, in order (a stack: e.g. tracker, then arithmetic)."""
+    if not adapters:
+        return model
+    from peft import PeftModel
+
+    for spec in adapters:
+        path = resolve_path(str(spec))
+        if not (path / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"adapter {spec!r}: no adapter_config.json in {path}")
+        model = PeftModel.from_pretrained(model, str(path), local_files_only=True).merge_and_unload()
+    return model
+
+
+def load_model(cfg: Any, device: str | torch.device | None = None):
+    """(model, tokenizer) for a `model` config, in eval mode with gradients off, on `device` (default: CPU).
+
+    `dtype: auto` picks the dtype for the accelerator the run will use (bf16 on GPU, fp32 on CPU)."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), default_device())
+    source = cfg.get("source", "local")
+    attn = cfg.get("attn_implementation")
+    if source == "tiny":
+        t = cfg.get("tiny", {})
+        tokenizer = tiny_tokenizer()
+        model = tiny_llama(len(tokenizer), **dict(t), dtype=dtype)
+    elif source == "gguf_package":
+        model, tokenizer = _from_pretrained(dequantised_dir(cfg.package, cfg.gguf_file), dtype, attn)
+    elif source == "local":
+        model, tokenizer = _from_pretrained(local_model_dir(cfg), dtype, attn)
+    else:
+        raise ValueError(f"unknown model.source {source!r} (tiny | local | gguf_package)")
+    model = merge_adapters(model, list(cfg.get("adapters") or []))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    LlamaFamily(model)  # validates the architecture early
+    return model.to(device).eval().requires_grad_(False), tokenizer

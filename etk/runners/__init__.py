@@ -1,0 +1,1 @@
+"""Runners: what the top-level Hydra entry points call."""

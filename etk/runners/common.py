@@ -1,0 +1,66 @@
+"""Shared runner plumbing: seeding, run directory, loggers (W&B offline by default), config logging."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the `hydra` key (for results files and loggers)."""
+    c = OmegaConf.to_container(cfg, resolve=False)
+    c.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(c), resolve=True)  # type: ignore[return-value]
+
+
+def output_dir() -> Path:
+    """The Hydra run (or sweep job) directory."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def build_logger(cfg: DictConfig):
+    """`logger=wandb|csv|none`: a Lightning logger or None."""
+    lcfg = cfg.get("logger")
+    if not lcfg or not lcfg.get("_target_"):
+        return None
+    from hydra.utils import instantiate
+
+    if "wandb" in lcfg._target_.lower():
+        os.environ.setdefault("WANDB_SILENT", "true")
+    logger = instantiate(lcfg)
+    hp = plain_config(cfg)
+    logger.log_hyperparams(hp)
+    return logger
+
+
+def finish_logger(logger) -> None:
+    """End the W&B run (multirun jobs in one process must not merge) and flush other loggers."""
+    if logger is None:
+        return
+    try:
+        logger.finalize("success")
+    finally:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def free_model(*objs) -> None:
+    """Release model memory between multirun jobs (the basic launcher runs them in one process)."""
+    for o in objs:
+        del o
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return dict(OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]

@@ -1,0 +1,51 @@
+"""`method=eval`: accuracy of a model on generated boxes prompts, with a 95% interval, as a predict loop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from etk.artifacts import write_json
+from etk.data.datasets import prompt_loader, task_examples
+from etk.methods.accuracy import AccuracyModule
+from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+
+SCHEMA = "etk.eval/v1"
+
+
+def evaluate(module: AccuracyModule, data_cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
+    """Accuracy of the module's model on the dataset that `data_cfg` describes."""
+    examples = task_examples(data_cfg, module.tokenizer)
+    loader = prompt_loader(module.tokenizer, examples, data_cfg.batch_size, data_cfg.padding_side)
+    trainer.predict(module, loader, return_predictions=False)
+    return module.acc.compute()
+
+
+def run_eval(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, verbose=False)
+    module = AccuracyModule(OmegaConf.to_container(cfg.model, resolve=True))
+    module.configure_model()
+    logger = build_logger(cfg)
+    try:
+        trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
+        counts = list(cfg.method.get("box_counts") or [cfg.data.n_boxes])
+        rows = []
+        for n in counts:
+            data_cfg = cfg.data.copy()
+            with open_dict(data_cfg):
+                data_cfg.n_boxes = int(n)
+            res = {"n_boxes": int(n), **evaluate(module, data_cfg, trainer)}
+            rows.append(res)
+            print(f"[etk] {cfg.model.name} n_boxes={n}: accuracy={res['accuracy']:.3f} "
+                  f"(95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}, n={res['n']})")
+            if logger is not None:
+                logger.log_metrics({f"accuracy/{n}_boxes": res["accuracy"], f"ci_low/{n}_boxes": res["ci_low"],
+                                    f"ci_high/{n}_boxes": res["ci_high"]})
+        main = rows[-1] if len(rows) == 1 else next((r for r in rows if r["n_boxes"] == cfg.data.n_boxes), rows[-1])
+        payload = {"model": cfg.model.name, **main, "by_n_boxes": rows, "config": plain_config(cfg)}
+        write_json(output_dir() / "results.json", payload, SCHEMA)
+        return payload
+    finally:
+        finish_logger(logger)

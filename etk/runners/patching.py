@@ -1,0 +1,16 @@
+"""Dispatch of `run_patching.py` by `method.name`."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from etk.runners.eval import run_eval
+
+METHODS = {"eval": run_eval}
+
+
+def run(cfg: DictConfig):
+    name = cfg.method.name
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+    return METHODS[name](cfg)
