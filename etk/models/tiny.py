@@ -11,7 +11,7 @@ from etk.data.vocab import LETTERS, load_objects
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
-def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+def tiny_tokenizer(extra_words: tuple[str, ...] = (), bos: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the task's words: every shipped object and letter is one token (with the
     leading space), unseen words split into several tokens, and BOS is prepended like Llama's tokenizer."""
     words = load_objects("objects.csv") + load_objects("objects_train.csv") + list(LETTERS) + list(extra_words)
@@ -23,7 +23,8 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = ()) -> PreTrainedTokenizerFast
     trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=SPECIALS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
         padding_side="right", name_or_path="etk-tiny-bpe",

