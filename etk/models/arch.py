@@ -62,6 +62,14 @@ class LlamaFamily:
     def mlp(self, layer: int) -> nn.Module:
         return self.layers[layer].mlp
 
+    def input_norm(self, layer: int) -> nn.Module:
+        """The norm before attention (its output feeds q/k/v)."""
+        return self.layers[layer].input_layernorm
+
+    def post_attn_norm(self, layer: int) -> nn.Module:
+        """The norm between the attention residual add and the MLP."""
+        return self.layers[layer].post_attention_layernorm
+
     @property
     def final_norm(self) -> nn.Module:
         return self.base.model.norm

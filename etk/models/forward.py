@@ -16,6 +16,19 @@ def last_logits(model, batch: PromptBatch) -> torch.Tensor:
     return arch.lm_head(hidden[b, batch.roles["last"]])  # [B, V]
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The KV-cache argument under its name in the installed transformers (`cache` since 5.x, was
+    `past_key_values`)."""
+    import inspect
+
+    params = inspect.signature(LlamaFamily(model).base.model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(out):
+    return getattr(out, "cache", None) if getattr(out, "cache", None) is not None else out.past_key_values
+
+
 def assert_eval(model) -> None:
     """Measurements are only valid in eval mode (dropout off)."""
     if model.training:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from etk.runners.eval import run_eval
+from etk.runners.path_patching import run_path_patching
 
-METHODS = {"eval": run_eval}
+METHODS = {"eval": run_eval, "path_patching": run_path_patching}
 
 
 def run(cfg: DictConfig):

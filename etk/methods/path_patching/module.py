@@ -1,0 +1,49 @@
+"""Path patching as a Lightning predict loop: one stage per `trainer.predict`, scores summed over batches."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+import torch
+
+from etk.interventions.components import HeadId
+from etk.methods.accuracy import ModelHost
+from etk.methods.path_patching.attribution import attribution_scores
+from etk.methods.path_patching.fast import fast_scores
+from etk.methods.path_patching.naive import naive_scores
+from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
+from etk.models.forward import assert_eval
+
+ALGORITHMS = {"fast": fast_scores, "naive": naive_scores, "attribution": attribution_scores}
+
+
+class PathPatchingModule(ModelHost):
+    def __init__(self, model_cfg: dict[str, Any], algorithm: str = "fast", chunk_rows: int = 2048):
+        super().__init__(model_cfg)
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
+        self.algorithm, self.chunk_rows = algorithm, chunk_rows
+        self.stage: Stage | None = None
+
+    def begin_stage(self, stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId], algorithm: str | None = None) -> None:
+        self.stage, self.receivers, self.senders = stage, receivers, list(senders)
+        self.current = algorithm or self.algorithm
+        self.sums: torch.Tensor | None = None
+        self.n = 0
+        self.cost: Counter = Counter()
+
+    def on_predict_epoch_start(self) -> None:
+        assert_eval(self.net)
+
+    def predict_step(self, batch: PPBatch, batch_idx: int) -> None:
+        fn = ALGORITHMS[self.current]
+        kw = {} if self.current == "naive" else {"chunk_rows": self.chunk_rows}
+        s, cost = fn(self.net, batch, self.stage, self.receivers, self.senders, **kw)
+        self.sums = s.cpu() if self.sums is None else self.sums + s.cpu()
+        self.n += len(batch)
+        self.cost.update(cost)
+
+    def scores(self) -> torch.Tensor:
+        """[layer, head] mean relative change of the clean answer's probability."""
+        return (self.sums / self.n).float()

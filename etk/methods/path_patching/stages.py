@@ -1,0 +1,107 @@
+"""The four stages of circuit discovery, their positions and receivers, and the batch they run on."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from etk.data.boxes import Example
+from etk.data.datasets import EncodedDataset, pad_id
+from etk.data.pairs import Pair, path_patching_pairs
+from etk.data.roles import PromptBatch, collate, encode_example
+from etk.interventions.components import HeadId, kv_group
+from etk.models.arch import Dims
+
+
+@dataclass(frozen=True)
+class Stage:
+    group: str
+    sender_role: str  # role in the clean prompt
+    corrupt_role: str  # role in the corrupt prompt ("label_of_source_box": the pair's random box label)
+    receiver_site: str | None  # None = direct effect on the logits; "q" or "v"
+
+
+STAGES: dict[str, Stage] = {
+    "value_fetcher": Stage("value_fetcher", "last", "last", None),
+    "pos_transmitter": Stage("pos_transmitter", "last", "last", "q"),
+    "pos_detector": Stage("pos_detector", "query_label", "query_label", "v"),
+    "struct_reader": Stage("struct_reader", "prev_query_label", "label_of_source_box", "v"),
+}
+ORDER = tuple(STAGES)
+
+
+@dataclass
+class PPBatch:
+    """Clean and corrupt prompts of a batch of path-patching pairs."""
+
+    clean: PromptBatch
+    corrupt: PromptBatch
+    source_box: torch.Tensor  # [B] long: box whose label is the SR stage's corrupt position
+
+    def to(self, device) -> "PPBatch":
+        return PPBatch(self.clean.to(device), self.corrupt.to(device), self.source_box.to(device))
+
+    def __len__(self) -> int:
+        return len(self.clean)
+
+    def positions(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p_s in the clean prompt [B], p'_s in the corrupt prompt [B])."""
+        p = self.clean.roles[stage.sender_role]
+        if stage.corrupt_role == "label_of_source_box":
+            labels = self.corrupt.roles["labels"]  # [B, n_boxes]
+            pc = labels[torch.arange(len(self)), self.source_box]
+        else:
+            pc = self.corrupt.roles[stage.corrupt_role]
+        return p, pc
+
+
+def collate_pp(items, pad: int, side: str) -> PPBatch:
+    clean = collate([c for c, _, _ in items], pad, side)
+    corrupt = collate([k for _, k, _ in items], pad, side)
+    return PPBatch(clean, corrupt, torch.tensor([s for _, _, s in items], dtype=torch.long))
+
+
+def pp_loader(tokenizer, examples: Sequence[Example], seed: int, batch_size: int, padding_side: str = "right") -> DataLoader:
+    """Clean/corrupt pairs (SPEC §2.1), encoded once; target = the clean answer."""
+    pairs: list[Pair] = path_patching_pairs(examples, random.Random(seed))
+    items = [(encode_example(tokenizer, p.base), encode_example(tokenizer, p.source, answer=p.target), p.source_box)
+             for p in pairs]
+    return DataLoader(EncodedDataset(items), batch_size=batch_size, shuffle=False,
+                      collate_fn=partial(collate_pp, pad=pad_id(tokenizer), side=padding_side))
+
+
+@dataclass(frozen=True)
+class Receivers:
+    """Receiver units of a stage: per layer, the query heads (q) or KV groups (v) whose input is patched."""
+
+    site: str
+    units: dict[int, list[int]]  # layer -> unit indices (sorted)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.units)
+
+    @property
+    def max_layer(self) -> int:
+        return max(self.units)
+
+
+def receivers_from(heads: Sequence[HeadId], site: str, dims: Dims) -> Receivers:
+    """q receivers are the heads themselves; v receivers are their KV groups (under GQA a group serves several
+    query heads, so patching its v affects all of them)."""
+    units: dict[int, set[int]] = {}
+    for layer, head in heads:
+        units.setdefault(layer, set()).add(head if site == "q" else kv_group(head, dims))
+    return Receivers(site, {layer: sorted(u) for layer, u in units.items()})
+
+
+def reachable_layers(stage: Stage, receivers: Receivers | None, n_layers: int) -> list[int]:
+    """Sender layers that can matter: all for the direct-effect stage, else layers below the deepest receiver."""
+    if stage.receiver_site is None or receivers is None:
+        return list(range(n_layers))
+    return list(range(min(receivers.max_layer, n_layers)))

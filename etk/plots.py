@@ -1,0 +1,50 @@
+"""PNG figures: layer x head heatmaps with highlighted heads, and line plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def head_heatmap(scores: torch.Tensor, path: str | Path, title: str, highlight: Sequence[tuple[int, int]] = ()) -> Path:
+    """[layer, head] scores; diverging colours centred at 0 (negative = important); highlighted heads boxed."""
+    s = scores.detach().float().cpu()
+    vmax = float(s.abs().max()) or 1.0
+    L, H = s.shape
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.22 * L + 1.5)))
+    im = ax.imshow(s, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+    for layer, head in highlight:
+        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="score")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str | Path, title: str,
+              xlabel: str, ylabel: str) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        ax.plot(xs, ys, marker="o", ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

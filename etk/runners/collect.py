@@ -1,0 +1,82 @@
+"""Collect results of many runs (a Hydra multirun, or any folders) into one table: CSV + Markdown, printed.
+
+Used as a Hydra callback (`on_multirun_end`) and as `python -m etk.runners.collect <dir> [...]`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+
+
+def find_results(roots: list[Path], schema: str) -> list[dict[str, Any]]:
+    docs = []
+    for root in roots:
+        for p in sorted(Path(root).rglob("results.json")):
+            doc = json.loads(p.read_text())
+            if doc.get("schema") == schema:
+                doc["_path"] = str(p.parent)
+                docs.append(doc)
+    return docs
+
+
+def accuracy_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Rows = models, columns = box counts; cells 'acc [lo, hi]'."""
+    counts = sorted({r["n_boxes"] for d in docs for r in d.get("by_n_boxes", [d])})
+    header = ["model"] + [f"{n} boxes" for n in counts]
+    rows = []
+    for d in docs:
+        by = {r["n_boxes"]: r for r in d.get("by_n_boxes", [d])}
+        rows.append([d["model"]] + [
+            f"{by[n]['accuracy']:.3f} [{by[n]['ci_low']:.3f}, {by[n]['ci_high']:.3f}]" if n in by else "" for n in counts
+        ])
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out_dir: Path, name: str, header: list[str], rows: list[list[str]]) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / f"{name}.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    md = markdown(header, rows)
+    (out_dir / f"{name}.md").write_text(md)
+    return md
+
+
+def collect_eval(roots: list[Path], out_dir: Path) -> str | None:
+    docs = find_results(roots, "etk.eval/v1")
+    if not docs:
+        return None
+    return write_table(out_dir, "accuracy_table", *accuracy_table(docs))
+
+
+class CollectTables(Callback):
+    """At the end of a multirun, write and print the tables of everything the sweep produced."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        md = collect_eval([sweep], sweep)
+        if md:
+            print(f"\n[etk] accuracy (95% CI) — {sweep}/accuracy_table.md\n{md}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    if not args:
+        raise SystemExit("usage: python -m etk.runners.collect <run or sweep dir> [...]")
+    roots = [Path(a) for a in args]
+    md = collect_eval(roots, roots[0])
+    print(md or f"no etk results under {args}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""`method=path_patching`: discover the 4-group circuit, write score maps, heatmaps and circuit.json."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from etk.artifacts import write_json
+from etk.circuits import SHORT, Circuit, save_score_map, top_k
+from etk.data.datasets import task_examples
+from etk.interventions.components import all_heads
+from etk.methods.path_patching.module import PathPatchingModule
+from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from
+from etk.models.arch import LlamaFamily
+from etk.plots import head_heatmap
+from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+
+SCHEMA = "etk.path_patching/v1"
+
+
+def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.Tensor) -> dict[str, float]:
+    """Spearman correlation over the scored heads and overlap of the top-k (most negative) sets."""
+    e, x = est[mask].double(), exact[mask].double()
+    if e.numel() < 2:
+        return {"spearman": float("nan"), f"top{k}_overlap": float("nan")}
+    re, rx = e.argsort().argsort().double(), x.argsort().argsort().double()
+    rho = float(torch.corrcoef(torch.stack([re, rx]))[0, 1])
+    ke, kx = set(torch.topk(-e, min(k, e.numel())).indices.tolist()), set(torch.topk(-x, min(k, x.numel())).indices.tolist())
+    return {"spearman": rho, f"top{k}_overlap": len(ke & kx) / max(1, len(kx))}
+
+
+def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
+    m = cfg.method
+    L.seed_everything(cfg.seed, verbose=False)
+    out = output_dir()
+    module = PathPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), m.algorithm, m.chunk_rows)
+    module.configure_model()
+    dims = LlamaFamily(module.net).dims
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        data_cfg.n_examples = int(m.n_examples)
+    examples = task_examples(data_cfg, module.tokenizer)
+    loader = pp_loader(module.tokenizer, examples, int(m.seed), int(m.batch_size), data_cfg.padding_side)
+    logger = build_logger(cfg)
+    try:
+        kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
+        trainer = L.Trainer(**kw)
+        groups: dict[str, list] = {}
+        reports: dict[str, Any] = {}
+        prev = None
+        for group in m.stages:
+            stage = STAGES[group]
+            if stage.receiver_site is not None and prev is None:
+                raise ValueError(f"stage {group!r} needs the previous stage's receivers; list the stages in order")
+            rec = None if stage.receiver_site is None else receivers_from(prev, stage.receiver_site, dims)
+            reach = reachable_layers(stage, rec, dims.n_layers)
+            senders = [h for h in all_heads(dims) if h.layer in reach]
+            runs = [m.algorithm] + (["fast"] if m.algorithm == "attribution" and m.compare_exact else [])
+            scores, report = {}, {"receivers": None if rec is None else {"site": rec.site, "units": rec.units},
+                                  "n_senders_scored": len(senders), "n_senders_skipped": dims.n_layers * dims.n_heads - len(senders)}
+            for alg in runs:
+                module.begin_stage(stage, rec, senders, alg)
+                t0 = time.time()
+                trainer.predict(module, loader, return_predictions=False)
+                report[alg] = {"wall_s": round(time.time() - t0, 3), **dict(module.cost)}
+                scores[alg] = module.scores()
+            exact = scores.get("fast", scores.get("naive"))
+            chosen = exact if exact is not None else scores["attribution"]
+            if "attribution" in scores and exact is not None:
+                mask = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
+                mask[reach] = True
+                report["attribution_vs_exact"] = rank_agreement(scores["attribution"], exact, int(m.circuit_top_k[group]), mask)
+            for alg, s in scores.items():
+                suffix = "" if s is chosen else f".{alg}"
+                save_score_map(out / "scores" / f"{group}{suffix}.json", s, algorithm=alg, exact=alg != "attribution",
+                               model=cfg.model.name)
+                torch.save({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
+            groups[group] = top_k(chosen, int(m.circuit_top_k[group]))
+            if group in m.receivers_top_k:
+                prev = top_k(chosen, int(m.receivers_top_k[group]))
+            head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
+                         f"{cfg.model.name}: {SHORT[group]} path-patching scores", groups[group])
+            reports[group] = report
+            print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in groups[group][:5]]} "
+                  f"({', '.join(f'{a} {report[a]['wall_s']:.1f}s' for a in runs)})")
+            if logger is not None:
+                logger.log_metrics({f"path_patching/{group}/{a}_wall_s": report[a]["wall_s"] for a in runs})
+                if hasattr(logger, "log_image"):
+                    logger.log_image(key=f"path_patching/{group}", images=[str(out / "heatmaps" / f"{group}.png")])
+        meta = {"model": cfg.model.name, "seed": int(m.seed), "n_examples": len(examples), "algorithm": m.algorithm,
+                "exact": m.algorithm != "attribution" or bool(m.compare_exact),
+                "schedule": {"receivers_top_k": OmegaConf.to_container(m.receivers_top_k),
+                             "circuit_top_k": OmegaConf.to_container(m.circuit_top_k)}, "n_boxes": int(cfg.data.n_boxes)}
+        Circuit(groups, meta).save(out / "circuit.json")
+        payload = {"model": cfg.model.name, "stages": reports, "circuit": Circuit(groups).to_json(), "config": plain_config(cfg)}
+        write_json(out / "results.json", payload, SCHEMA)
+        return payload
+    finally:
+        finish_logger(logger)

@@ -1,0 +1,49 @@
+"""Pair configs: `model=base` / `model=finetuned` resolve to the members of `pair=...`; the collector table."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from etk.runners.collect import accuracy_table, collect_eval
+from tests.conftest import CONF
+
+PAIRS = {"smol_tracking": ("smollm2_135m_instruct", "smollm2_tracker"),
+         "smol_arith": ("smollm2_tracker", "smollm2_tracker_arith"),
+         "tiny": ("tiny", "tiny_other"), "tiny_self": ("tiny", "tiny")}
+
+
+@pytest.mark.parametrize("pair", sorted(PAIRS))
+@pytest.mark.parametrize("member", ["base", "finetuned"])
+def test_model_member_of_pair(pair, member):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("patching", overrides=[f"pair={pair}", f"model={member}"])
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    assert model["name"] == PAIRS[pair][0 if member == "base" else 1]
+
+
+def test_embedded_pair_adapters_stack():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("patching", overrides=["pair=smol_arith"])
+    assert list(cfg.pair.base.adapters) == ["etk:assets/adapters/tracker"]
+    assert list(cfg.pair.finetuned.adapters) == ["etk:assets/adapters/tracker", "etk:assets/adapters/tracker_arith"]
+
+
+def test_member_overrides_reach_the_model():
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("patching", overrides=["pair=tiny", "model=finetuned", "pair.finetuned.tiny.n_layers=3"])
+    assert cfg.model.tiny.n_layers == 3 and cfg.model.tiny.seed == 1
+
+
+def test_collector_table(tmp_path):
+    for i, m in enumerate(["a", "b"]):
+        d = tmp_path / str(i)
+        d.mkdir()
+        rows = [{"n_boxes": n, "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 10} for n in (2, 7)]
+        (d / "results.json").write_text(json.dumps({"schema": "etk.eval/v1", "model": m, **rows[-1], "by_n_boxes": rows}))
+    md = collect_eval([tmp_path], tmp_path)
+    assert "| a | 0.500 [0.400, 0.600] | 0.500 [0.400, 0.600] |" in md
+    assert (tmp_path / "accuracy_table.csv").read_text().startswith("model,2 boxes,7 boxes")
+    header, _ = accuracy_table([])
+    assert header == ["model"]
