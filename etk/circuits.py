@@ -57,7 +57,9 @@ class Circuit:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_json(), indent=1))
+        doc = self.to_json()
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items()]
+        path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
         return path
 
 
@@ -78,6 +80,7 @@ def load_circuit(spec: str | Path) -> Circuit:
 def save_score_map(path: str | Path, scores: torch.Tensor, **meta: Any) -> Path:
     """A [layer, head] score tensor as JSON (the paper-repo schema, plus metadata)."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"shape": list(scores.shape), "axes": ["layer", "head"], "scores": scores.tolist(), **meta}
     path.write_text(json.dumps(doc))
     return path
@@ -93,8 +96,13 @@ def load_score_map(path: str | Path) -> torch.Tensor:
     return t
 
 
-def top_k(scores: torch.Tensor, k: int) -> list[HeadId]:
-    """The k most negative scores (most important), most important first."""
+def top_k(scores: torch.Tensor, k: int, scored: torch.Tensor | None = None) -> list[HeadId]:
+    """The k most negative scores (most important), most important first; only heads in the `scored` mask
+    [layer, head] are candidates (unreachable senders are never picked)."""
     n_heads = scores.shape[1]
-    idx = torch.topk(scores.flatten(), min(k, scores.numel()), largest=False).indices
+    flat = scores.flatten().double()
+    if scored is not None:
+        flat = torch.where(scored.flatten(), flat, torch.full_like(flat, float("inf")))
+    k = min(k, int(torch.isfinite(flat).sum()))
+    idx = torch.topk(flat, k, largest=False).indices
     return [HeadId(int(i) // n_heads, int(i) % n_heads) for i in idx]

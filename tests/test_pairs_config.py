@@ -47,3 +47,23 @@ def test_collector_table(tmp_path):
     assert (tmp_path / "accuracy_table.csv").read_text().startswith("model,2 boxes,7 boxes")
     header, _ = accuracy_table([])
     assert header == ["model"]
+
+
+def test_embedded_models_load_with_their_adapters():
+    """The committed adapters load and merge; each fine-tune changes the logits of the model it starts from."""
+    import torch
+
+    from etk.models.loading import load_model
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfgs = [compose("patching", overrides=[f"model={m}"]).model
+                for m in ("smollm2_135m_instruct", "smollm2_tracker", "smollm2_tracker_arith")]
+    ids = torch.tensor([[504, 11977, 314, 281, 13637, 426, 30, 13637, 426, 3593, 260]])
+    logits = []
+    for cfg in cfgs:
+        model, tok = load_model(cfg)
+        assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+        logits.append(model(ids).logits[0, -1])
+    assert not torch.allclose(logits[0], logits[1], atol=1e-3)
+    assert not torch.allclose(logits[1], logits[2], atol=1e-3)
+    assert tok.decode([int(logits[1].argmax())]) == " apple"

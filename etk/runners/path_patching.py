@@ -26,7 +26,7 @@ def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.T
     """Spearman correlation over the scored heads and overlap of the top-k (most negative) sets."""
     e, x = est[mask].double(), exact[mask].double()
     if e.numel() < 2:
-        return {"spearman": float("nan"), f"top{k}_overlap": float("nan")}
+        return {"spearman": None, f"top{k}_overlap": None}
     re, rx = e.argsort().argsort().double(), x.argsort().argsort().double()
     rho = float(torch.corrcoef(torch.stack([re, rx]))[0, 1])
     ke, kx = set(torch.topk(-e, min(k, e.numel())).indices.tolist()), set(torch.topk(-x, min(k, x.numel())).indices.tolist())
@@ -70,23 +70,25 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 scores[alg] = module.scores()
             exact = scores.get("fast", scores.get("naive"))
             chosen = exact if exact is not None else scores["attribution"]
+            mask = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
+            mask[reach] = True
             if "attribution" in scores and exact is not None:
-                mask = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
-                mask[reach] = True
                 report["attribution_vs_exact"] = rank_agreement(scores["attribution"], exact, int(m.circuit_top_k[group]), mask)
             for alg, s in scores.items():
                 suffix = "" if s is chosen else f".{alg}"
                 save_score_map(out / "scores" / f"{group}{suffix}.json", s, algorithm=alg, exact=alg != "attribution",
                                model=cfg.model.name)
                 torch.save({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
-            groups[group] = top_k(chosen, int(m.circuit_top_k[group]))
+            groups[group] = top_k(chosen, int(m.circuit_top_k[group]), mask)
             if group in m.receivers_top_k:
-                prev = top_k(chosen, int(m.receivers_top_k[group]))
+                prev = top_k(chosen, int(m.receivers_top_k[group]), mask)
+                if not prev:
+                    raise ValueError(f"stage {group!r} scored no sender, so the next stage has no receivers")
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
                          f"{cfg.model.name}: {SHORT[group]} path-patching scores", groups[group])
             reports[group] = report
-            print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in groups[group][:5]]} "
-                  f"({', '.join(f'{a} {report[a]['wall_s']:.1f}s' for a in runs)})")
+            walls = ", ".join(f"{a} {report[a]['wall_s']:.1f}s" for a in runs)
+            print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in groups[group][:5]]} ({walls})")
             if logger is not None:
                 logger.log_metrics({f"path_patching/{group}/{a}_wall_s": report[a]["wall_s"] for a in runs})
                 if hasattr(logger, "log_image"):

@@ -40,11 +40,12 @@ def _receiver_grads(model, batch: PPBatch, c: dict, receivers: Receivers) -> dic
     p_s = c["p_s"]
     B = len(batch)
     taps, patches = {}, []
-    for j in receivers.layers:
-        base = c["recv_all"][j]  # [B, U, D]
-        taps[j] = torch.zeros_like(base, requires_grad=True)
-        keep = torch.zeros(B, 1, base.shape[1], device=base.device)  # m = 0: take the source (= clean + tap)
-        patches.append(Patch(receivers.site, j, (base + taps[j])[:, None], keep, p_s[:, None]))
+    with torch.enable_grad():
+        for j in receivers.layers:
+            base = c["recv_all"][j]  # [B, U, D]
+            taps[j] = torch.zeros_like(base, requires_grad=True)
+            keep = torch.zeros(B, 1, base.shape[1], device=base.device)  # m = 0: take the source (= clean + tap)
+            patches.append(Patch(receivers.site, j, (base + taps[j])[:, None], keep, p_s[:, None]))
     with torch.enable_grad(), hooked(model, patches=patches):
         hid = arch.base.model(**batch.clean.model_inputs(), use_cache=False).last_hidden_state
         p = answer_prob(arch.lm_head(hid[torch.arange(B), batch.clean.roles["last"]]), batch.clean.answer)
