@@ -37,7 +37,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
     out = output_dir()
-    module = PathPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), m.algorithm, m.chunk_rows)
+    module = PathPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), m.algorithm, m.chunk_rows,
+                                m.suffix_chunk_rows)
     module.configure_model()
     dims = LlamaFamily(module.net).dims
     data_cfg = cfg.data.copy()

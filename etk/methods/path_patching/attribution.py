@@ -54,7 +54,7 @@ def _receiver_grads(model, batch: PPBatch, c: dict, receivers: Receivers) -> dic
 
 
 def attribution_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
-                       senders: Sequence[HeadId], chunk_rows: int = 2048) -> tuple[torch.Tensor, dict[str, int]]:
+                       senders: Sequence[HeadId], chunk_rows: int = 4096, **_) -> tuple[torch.Tensor, dict[str, int]]:
     """Estimated sum over the batch of relative probability changes per sender: [n_layers, n_heads]."""
     arch = LlamaFamily(model)
     L, H = arch.dims.n_layers, arch.dims.n_heads

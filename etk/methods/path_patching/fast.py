@@ -155,8 +155,11 @@ def sender_values(model, caches: dict, stage: Stage, receivers: Receivers | None
 
 @torch.no_grad()
 def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
-                chunk_rows: int = 2048) -> tuple[torch.Tensor, dict[str, int]]:
-    """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads]; same as `naive`."""
+                chunk_rows: int = 4096, suffix_chunk_rows: int = 512) -> tuple[torch.Tensor, dict[str, int]]:
+    """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads]; same as `naive`.
+
+    `chunk_rows` bounds the (prompt, sender) rows of one sender-step chunk; `suffix_chunk_rows` those of one
+    receiver-step forward (each row holds a copy of its prompt's prefix KV cache)."""
     arch = LlamaFamily(model)
     dims = arch.dims
     L, H = dims.n_layers, dims.n_heads
@@ -191,7 +194,7 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
             for (ps, last), idx in buckets.items():
                 it = torch.tensor(idx, device=y.device)
                 p[it] = _suffix_probs(model, arch, batch, rows_b[it], p_s, receivers,
-                                      {j: v[it] for j, v in recv_rows.items()}, chunk_rows)
+                                      {j: v[it] for j, v in recv_rows.items()}, suffix_chunk_rows)
                 blocks += len(idx) * (last - ps + 1) * L + len(set(rows_b[it].tolist())) * ps * L
             p = p.view(bb.shape[0], S)
         rel = (p - p_clean[bb, None]) / p_clean[bb, None]  # [n, S]

@@ -19,11 +19,12 @@ ALGORITHMS = {"fast": fast_scores, "naive": naive_scores, "attribution": attribu
 
 
 class PathPatchingModule(ModelHost):
-    def __init__(self, model_cfg: dict[str, Any], algorithm: str = "fast", chunk_rows: int = 2048):
+    def __init__(self, model_cfg: dict[str, Any], algorithm: str = "fast", chunk_rows: int = 4096,
+                 suffix_chunk_rows: int = 512):
         super().__init__(model_cfg)
         if algorithm not in ALGORITHMS:
             raise ValueError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
-        self.algorithm, self.chunk_rows = algorithm, chunk_rows
+        self.algorithm, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
         self.stage: Stage | None = None
 
     def begin_stage(self, stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId], algorithm: str | None = None) -> None:
@@ -38,7 +39,7 @@ class PathPatchingModule(ModelHost):
 
     def predict_step(self, batch: PPBatch, batch_idx: int) -> None:
         fn = ALGORITHMS[self.current]
-        kw = {} if self.current == "naive" else {"chunk_rows": self.chunk_rows}
+        kw = {} if self.current == "naive" else self.chunk
         s, cost = fn(self.net, batch, self.stage, self.receivers, self.senders, **kw)
         self.sums = s.cpu() if self.sums is None else self.sums + s.cpu()
         self.n += len(batch)
