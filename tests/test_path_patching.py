@@ -159,3 +159,24 @@ def test_paper_circuit_and_score_maps_roundtrip(tmp_path):
 def test_circuit_rejects_unknown_groups():
     with pytest.raises(ValueError, match="unknown circuit groups"):
         Circuit({"value_fetchers": [[0, 1]]})
+
+
+@pytest.mark.parametrize("start", [0, 1, 3])
+def test_partial_depth_forward_equals_plain(deep_gqa, tok, start):
+    """The suffix-only, partial-depth forward used by the receiver step reproduces the plain forward."""
+    from transformers import DynamicCache
+
+    from etk.methods.path_patching.fast import _LayerInputs
+    from etk.models.forward import output_cache
+    from etk.models.partial import forward_from_layer
+
+    batch = pp_batch(tok, side="left", mixed=True).clean
+    arch = LlamaFamily(deep_gqa)
+    T, ps = batch.input_ids.shape[1], batch.input_ids.shape[1] - 4
+    suffix = torch.arange(ps, T)[None].expand(len(batch), -1)
+    with _LayerInputs(arch, suffix) as h:
+        out = arch.base.model(**batch.model_inputs(), use_cache=True)
+    full = output_cache(out)
+    cache = DynamicCache([(lay.keys[:, :, :ps], lay.values[:, :, :ps]) for lay in full.layers], config=arch.base.config)
+    hid = forward_from_layer(deep_gqa, h[start], start, batch.attention_mask, batch.position_ids[:, ps:], cache)
+    assert torch.allclose(hid, out.last_hidden_state[:, ps:], atol=1e-5)

@@ -22,17 +22,21 @@ from etk.interventions.hooks import Capture, Patch, hooked
 from etk.methods.path_patching.naive import answer_prob
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
 from etk.models.arch import LlamaFamily
-from etk.models.forward import cache_kwargs, output_cache
+from etk.models.forward import output_cache
+from etk.models.partial import forward_from_layer
 
 
 class _LayerInputs:
-    """Capture each decoder layer's input hidden state at per-example positions [B] (forward pre-hooks)."""
+    """Capture each decoder layer's input hidden state at per-example positions: pos [B] -> [B, d],
+    pos [B, R] -> [B, R, d] (forward pre-hooks)."""
 
     def __init__(self, arch: LlamaFamily, pos: torch.Tensor):
         self.arch, self.pos, self.values, self.handles = arch, pos, {}, []
 
     def __enter__(self):
         b = torch.arange(self.pos.shape[0], device=self.pos.device)
+        if self.pos.dim() == 2:
+            b = b[:, None]
         for j, layer in enumerate(self.arch.layers):
             def hook(mod, args, kwargs, j=j):
                 h = args[0] if args else kwargs["hidden_states"]
@@ -86,38 +90,46 @@ def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, 
     return recv
 
 
-def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, rows_b: torch.Tensor, p_s: torch.Tensor,
-                  receivers: Receivers, recv_rows: dict, chunk_rows: int) -> torch.Tensor:
-    """Step 3 for rows (prompt index rows_b [R]) sharing one (p_s, last): suffix forward on the clean prefix KV."""
+def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, rows_b: torch.Tensor, row_start: torch.Tensor,
+                  p_s: torch.Tensor, receivers: Receivers, recv_rows: dict, chunk_rows: int) -> torch.Tensor:
+    """Step 3 for rows (prompt index rows_b [R]) sharing one (p_s, last): only the suffix p_s..last is recomputed,
+    on the clean prefix KV cache, and only from layer row_start [R] (the shallowest receiver layer above the
+    row's sender: nothing below it can differ from the clean run)."""
     clean = batch.clean
     dims = arch.dims
     b0 = rows_b.unique()
     ps = int(p_s[b0[0]])
     last = int(clean.roles["last"][b0[0]])
-    pref = output_cache(arch.base.model(input_ids=clean.input_ids[b0, :ps], attention_mask=clean.attention_mask[b0, :ps],
-                                        position_ids=clean.position_ids[b0, :ps], use_cache=True))
-    where = {int(b): i for i, b in enumerate(b0.tolist())}
-    local = torch.tensor([where[int(b)] for b in rows_b.tolist()], device=rows_b.device)
-    out = []
-    for start in range(0, rows_b.shape[0], chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        rb, lb = rows_b[sl], local[sl]
-        R = rb.shape[0]
-        cache = DynamicCache([(lay.keys[lb], lay.values[lb]) for lay in pref.layers], config=arch.base.config)
-        patches = []
-        for j in receivers.layers:
-            U = n_units(dims, receivers.site)
-            src = torch.zeros(R, 1, U, dims.head_dim, dtype=recv_rows[j].dtype, device=rb.device)
-            src[:, 0, receivers.units[j]] = recv_rows[j][sl]
-            keep = torch.ones(R, 1, U, dtype=torch.bool, device=rb.device)
-            keep[:, :, receivers.units[j]] = False
-            patches.append(Patch(receivers.site, j, src, keep, torch.zeros(R, 1, dtype=torch.long, device=rb.device)))
-        with hooked(model, patches=patches):
-            hid = arch.base.model(input_ids=clean.input_ids[rb, ps:last + 1], attention_mask=clean.attention_mask[rb, :last + 1],
-                                  position_ids=clean.position_ids[rb, ps:last + 1],
-                                  use_cache=True, **cache_kwargs(model, cache)).last_hidden_state
-        out.append(answer_prob(arch.lm_head(hid[:, -1]), clean.answer[rb]))
-    return torch.cat(out)
+    suffix = torch.arange(ps, last + 1, device=rows_b.device)
+    with _LayerInputs(arch, suffix[None].expand(b0.shape[0], -1)) as h_suffix:  # clean residuals [n, Ts, d]
+        full = output_cache(arch.base.model(**{k: v[b0] for k, v in clean.model_inputs().items()}, use_cache=True))
+    where = torch.full((int(rows_b.max()) + 1,), -1, dtype=torch.long, device=rows_b.device)
+    where[b0] = torch.arange(b0.shape[0], device=rows_b.device)
+    local = where[rows_b]
+    out = torch.empty(rows_b.shape[0], device=rows_b.device)
+    for start_layer in row_start.unique().tolist():
+        sel = (row_start == start_layer).nonzero()[:, 0]
+        for c0 in range(0, sel.shape[0], chunk_rows):
+            it = sel[c0:c0 + chunk_rows]
+            rb, lb = rows_b[it], local[it]
+            R = rb.shape[0]
+            cache = DynamicCache([(lay.keys[lb, :, :ps], lay.values[lb, :, :ps]) for lay in full.layers],
+                                 config=arch.base.config)
+            patches = []
+            for j in receivers.layers:
+                if j < start_layer:
+                    continue  # below the start layer the row's receivers hold their clean values
+                U = n_units(dims, receivers.site)
+                src = torch.zeros(R, 1, U, dims.head_dim, dtype=recv_rows[j].dtype, device=rb.device)
+                src[:, 0, receivers.units[j]] = recv_rows[j][it]
+                keep = torch.ones(R, 1, U, dtype=torch.bool, device=rb.device)
+                keep[:, :, receivers.units[j]] = False
+                patches.append(Patch(receivers.site, j, src, keep, torch.zeros(R, 1, dtype=torch.long, device=rb.device)))
+            with hooked(model, patches=patches):
+                hid = forward_from_layer(model, h_suffix[start_layer][lb], start_layer, clean.attention_mask[rb, :last + 1],
+                                         clean.position_ids[rb, ps:last + 1], cache)
+            out[it] = answer_prob(arch.lm_head(hid[:, -1]), clean.answer[rb])
+    return out
 
 
 @torch.no_grad()
@@ -177,6 +189,10 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
     sh = torch.tensor([s.head for s in senders], device=y.device)
     per_chunk = max(1, chunk_rows // S)
     end = L if receivers is None else receivers.max_layer
+    if receivers is not None:  # shallowest receiver layer above each sender layer
+        rl = torch.tensor(receivers.layers, device=y.device)
+        start_of = torch.tensor([int(rl[rl > layer].min()) if (rl > layer).any() else L for layer in range(L)],
+                                device=y.device)
     for b0 in range(0, B, per_chunk):
         bb = torch.arange(b0, min(B, b0 + per_chunk), device=y.device)
         res = sender_values(model, c, stage, receivers, senders, bb, y)
@@ -191,11 +207,12 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
             buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
             for i, (a, e) in enumerate(keys.tolist()):
                 buckets[(a, e)].append(i)
+            rows_start = start_of[sl].repeat(bb.shape[0])  # [n*S]: layer where each row's recompute starts
             for (ps, last), idx in buckets.items():
                 it = torch.tensor(idx, device=y.device)
-                p[it] = _suffix_probs(model, arch, batch, rows_b[it], p_s, receivers,
+                p[it] = _suffix_probs(model, arch, batch, rows_b[it], rows_start[it], p_s, receivers,
                                       {j: v[it] for j, v in recv_rows.items()}, suffix_chunk_rows)
-                blocks += len(idx) * (last - ps + 1) * L + len(set(rows_b[it].tolist())) * ps * L
+                blocks += int((L - rows_start[it]).sum()) * (last - ps + 1) + len(set(rows_b[it].tolist())) * (last + 1) * L
             p = p.view(bb.shape[0], S)
         rel = (p - p_clean[bb, None]) / p_clean[bb, None]  # [n, S]
         out.index_put_((sl, sh), rel.double().sum(0), accumulate=True)
