@@ -59,11 +59,11 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=100)
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--naive-layers", type=int, default=3, help="layers whose heads the naive algorithm scores")
-    ap.add_argument("--quick", action="store_true", help="20 pairs, naive on one layer per stage (< 3 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="12 pairs, naive on one layer per stage (< 3 min on 2 cores)")
     ap.add_argument("--seed", type=int, default=20)
     args = ap.parse_args()
     if args.quick:
-        args.pairs, args.batch_size, args.naive_layers = 20, 20, 1
+        args.pairs, args.batch_size, args.naive_layers = 12, 12, 1
     torch.set_grad_enabled(False)
     with initialize_config_dir(str(CONF), version_base="1.3"):
         cfg = compose("patching", overrides=[f"model={args.model}"])
