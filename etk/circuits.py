@@ -57,6 +57,7 @@ class Circuit:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         doc = self.to_json()
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items()]
         path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
@@ -106,3 +107,20 @@ def top_k(scores: torch.Tensor, k: int, scored: torch.Tensor | None = None) -> l
     k = min(k, int(torch.isfinite(flat).sum()))
     idx = torch.topk(flat, k, largest=False).indices
     return [HeadId(int(i) // n_heads, int(i) % n_heads) for i in idx]
+
+
+def circuit_label(spec: str | Path, circuit: Circuit) -> str:
+    """A short name for tables: the shipped name, or the model the circuit was discovered on."""
+    if str(spec) in PAPER_CIRCUITS:
+        return str(spec)
+    return str(circuit.meta.get("model") or Path(spec).stem)
+
+
+def overlap(a: Circuit, b: Circuit) -> dict[str, dict[str, float]]:
+    """Per group: |A ∩ B|, precision |A ∩ B|/|A| and recall |A ∩ B|/|B| (heads compared by (layer, head))."""
+    out = {}
+    for g in GROUPS:
+        A, B = set(a.groups.get(g, [])), set(b.groups.get(g, []))
+        n = len(A & B)
+        out[g] = {"shared": n, "precision": n / len(A) if A else float("nan"), "recall": n / len(B) if B else float("nan")}
+    return out

@@ -48,3 +48,24 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def matrix_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: str | Path,
+                   title: str) -> Path:
+    """A small annotated matrix (e.g. faithfulness of each circuit on each model)."""
+    v = torch.tensor(values, dtype=torch.float32)
+    fig, ax = plt.subplots(figsize=(1.8 * len(cols) + 2.5, 0.8 * len(rows) + 1.8))
+    im = ax.imshow(v, cmap="viridis", vmin=0, vmax=max(1.0, float(v.nan_to_num(0).max())))
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, f"{float(v[i, j]):.2f}", ha="center", va="center", color="white")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

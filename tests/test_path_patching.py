@@ -18,7 +18,7 @@ from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers
 from etk.models.arch import LlamaFamily
 from etk.models.tiny import tiny_llama
 from etk.runners.path_patching import rank_agreement
-from tests.helpers import mixed_length_examples
+from tests.helpers import mixed_length_examples, planted_model
 
 FIX = Path(__file__).parent / "fixtures" / "path_patching"
 PAPER_CIRCUITS = Path(__file__).resolve().parents[1] / "etk" / "data" / "circuits"
@@ -98,36 +98,14 @@ def test_attribution_tracks_exact(deep_mha, tok, group):
     assert (est[~mask] == 0).all()
 
 
-def planted_model(tok, head=2):
-    """Only head (1, head) writes to the residual (all other W_O and every MLP output are zero); its query is
-    zero, so it averages the values of the whole prompt, and its OV circuit copies token identity into the
-    logits. The answer's probability then rests on that one head."""
-    m = tiny_llama(len(tok), n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, seed=5)
-    arch = LlamaFamily(m)
-    D = arch.dims.head_dim
-    g = head // arch.dims.group_size
-    with torch.no_grad():
-        for j in range(2):
-            arch.proj(j, "o_proj").weight.zero_()
-            arch.mlp(j).down_proj.weight.zero_()
-        arch.proj(1, "q_proj").weight.zero_()
-        v = arch.proj(1, "v_proj").weight  # [H_kv*D, d]
-        o = arch.proj(1, "o_proj").weight  # [d, H*D]
-        basis = torch.linalg.qr(torch.randn(128, D))[0]  # [d, D]
-        v[g * D:(g + 1) * D] = basis.T * 8
-        o[:, head * D:(head + 1) * D] = basis * 8
-        arch.lm_head.weight.copy_(arch.base.model.embed_tokens.weight * 4)
-    return m.eval()
-
-
 def test_planted_head_ranks_first(tok):
     m = planted_model(tok, head=2)
-    batch = pp_batch(tok, n=14, n_boxes=3)
+    batch = pp_batch(tok, n=14, n_boxes=1)
     st, rec, reach, dims = stage_setup(m, "value_fetcher", [])
     scores, _ = fast_scores(m, batch, st, rec, reach)
     scores = scores / len(batch)
     assert top_k(scores, 1) == [HeadId(1, 2)]
-    assert scores[1, 2] < -0.05
+    assert scores[1, 2] < -0.5  # corrupting the head destroys the answer
     others = scores.clone()
     others[1, 2] = 0
     assert others.abs().max() < 1e-6  # no other head can change the logits

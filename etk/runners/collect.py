@@ -59,14 +59,47 @@ def collect_eval(roots: list[Path], out_dir: Path) -> str | None:
     return write_table(out_dir, "accuracy_table", *accuracy_table(docs))
 
 
+def faithfulness_matrix(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]], list[str], list[str], list[list[float]]]:
+    """Rows = circuits, columns = evaluated models; cells 'F [lo, hi]' (model accuracy in the header row)."""
+    circuits = sorted({d["circuit"] for d in docs})
+    models = sorted({d["model"] for d in docs})
+    by = {(d["circuit"], d["model"]): d for d in docs}
+    header = ["circuit \\ model"] + models
+    acc_row = ["model accuracy"] + [next((f"{d['accuracy_model']:.3f}" for d in docs if d["model"] == m), "") for m in models]
+    rows, values = [acc_row], []
+    for c in circuits:
+        row, vals = [c], []
+        for m in models:
+            d = by.get((c, m))
+            row.append(f"{d['faithfulness']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}] (random {d['random']['faithfulness_mean']:.3f})"
+                       if d else "")
+            vals.append(d["faithfulness"] if d else float("nan"))
+        rows.append(row)
+        values.append(vals)
+    return header, rows, circuits, models, values
+
+
+def collect_faithfulness(roots: list[Path], out_dir: Path) -> str | None:
+    docs = find_results(roots, "etk.faithfulness/v1")
+    if not docs:
+        return None
+    header, rows, circuits, models, values = faithfulness_matrix(docs)
+    md = write_table(out_dir, "faithfulness_matrix", header, rows)
+    from etk.plots import matrix_heatmap
+
+    matrix_heatmap(values, circuits, models, out_dir / "faithfulness_matrix.png", "faithfulness: circuit (row) on model (column)")
+    return md
+
+
 class CollectTables(Callback):
     """At the end of a multirun, write and print the tables of everything the sweep produced."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        md = collect_eval([sweep], sweep)
-        if md:
-            print(f"\n[etk] accuracy (95% CI) — {sweep}/accuracy_table.md\n{md}")
+        for name, fn in (("accuracy (95% CI)", collect_eval), ("faithfulness matrix", collect_faithfulness)):
+            md = fn([sweep], sweep)
+            if md:
+                print(f"\n[etk] {name} — {sweep}\n{md}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args:
         raise SystemExit("usage: python -m etk.runners.collect <run or sweep dir> [...]")
     roots = [Path(a) for a in args]
-    md = collect_eval(roots, roots[0])
-    print(md or f"no etk results under {args}")
+    found = [md for md in (collect_eval(roots, roots[0]), collect_faithfulness(roots, roots[0])) if md]
+    print("\n".join(found) if found else f"no etk results under {args}")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from etk.runners.circuit_eval import run_completeness, run_faithfulness, run_minimality, run_overlap
 from etk.runners.eval import run_eval
 from etk.runners.path_patching import run_path_patching
 
-METHODS = {"eval": run_eval, "path_patching": run_path_patching}
+METHODS = {
+    "eval": run_eval,
+    "path_patching": run_path_patching,
+    "faithfulness": run_faithfulness,
+    "completeness": run_completeness,
+    "minimality": run_minimality,
+    "overlap": run_overlap,
+}
 
 
 def run(cfg: DictConfig):

@@ -1,0 +1,184 @@
+"""Circuit evaluation: mean ablation against a slow reference, identity and full ablation, a planted head's
+faithfulness, random baselines without repeats, completeness, minimality, and the paper's overlap table."""
+
+import random
+
+import pytest
+import torch
+
+from etk.circuits import Circuit, load_circuit, overlap
+from etk.data.roles import PromptBatch
+from etk.methods.circuit_eval.ablation import (
+    VITAL_ROLES, Ablation, ablation_patches, circuit_ablation, full_model, keep_rows, repeat_batch,
+)
+from etk.methods.circuit_eval.completeness import completeness
+from etk.methods.circuit_eval.faithfulness import faithfulness, random_ablation
+from etk.methods.circuit_eval.minimality import minimality
+from etk.interventions.hooks import Capture, hooked
+from etk.models.arch import LlamaFamily
+from etk.models.forward import last_logits
+from tests.helpers import batch_of, planted_model
+
+
+def means_of(model, batch: PromptBatch) -> torch.Tensor:
+    L = LlamaFamily(model).dims.n_layers
+    with hooked(model, captures=[Capture("z", j) for j in range(L)]) as c:
+        last_logits(model, batch)
+    return torch.stack([c[("z", j)].mean(0) for j in range(L)])  # [L, T, H, D]
+
+
+def run_ablations(model, batch, means, ablations):
+    rows = repeat_batch(batch, len(ablations))
+    with hooked(model, patches=ablation_patches(means, keep_rows(ablations, batch))):
+        logits = last_logits(model, rows)
+    return logits.view(len(ablations), len(batch), -1)
+
+
+def evaluator(model, batch, means):
+    def evaluate(ablations):
+        return (run_ablations(model, batch, means, ablations).argmax(-1) == batch.answer).float()
+    return evaluate
+
+
+def slow_reference(model, batch, means, ab: Ablation):
+    """Loop-based mean ablation (test-only): per example, position, layer and head."""
+    arch = LlamaFamily(model)
+    D, H = arch.dims.head_dim, arch.dims.n_heads
+    handles = []
+    for layer in range(arch.dims.n_layers):
+        def pre(mod, args, layer=layer):
+            x = args[0].clone()
+            for b in range(x.shape[0]):
+                vital = {int(batch.roles[r][b]): i for i, r in enumerate(VITAL_ROLES)}
+                for t in range(x.shape[1]):
+                    for h in range(H):
+                        keep = bool(ab.keep[vital[t], layer, h]) if t in vital else not ab.ablate_non_vital
+                        if not keep:
+                            x[b, t, h * D:(h + 1) * D] = means[layer, t, h]
+            return (x,)
+        handles.append(arch.proj(layer, "o_proj").register_forward_pre_hook(pre))
+    try:
+        return last_logits(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.fixture(scope="module")
+def setup(tok):
+    from etk.models.tiny import tiny_llama
+
+    model = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2, seed=7)
+    batch, _ = batch_of(tok, n=8, n_boxes=3, seed=2)
+    return model, batch, means_of(model, batch), LlamaFamily(model).dims
+
+
+def test_mean_ablation_hook_equals_slow_reference(setup):
+    model, batch, means, dims = setup
+    circ = Circuit({"value_fetcher": [[2, 1], [1, 3]], "pos_detector": [[0, 0]], "struct_reader": [[1, 2]]})
+    for ab in (circuit_ablation(circ, dims, True), circuit_ablation(circ, dims, False)):
+        fast = run_ablations(model, batch, means, [ab])[0]
+        assert torch.allclose(fast, slow_reference(model, batch, means, ab), atol=1e-5)
+
+
+def test_ablating_nothing_is_the_model_exactly(setup):
+    model, batch, means, dims = setup
+    everything = Circuit({g: [[lay, h] for lay in range(dims.n_layers) for h in range(dims.n_heads)]
+                          for g in ("value_fetcher", "pos_detector", "struct_reader")})
+    plain = last_logits(model, batch)
+    for ab in (full_model(dims), circuit_ablation(everything, dims, ablate_non_vital=False)):
+        assert torch.equal(run_ablations(model, batch, means, [ab])[0], plain)
+
+
+def test_ablating_everything_gives_the_mean_only_prediction(setup):
+    model, batch, means, dims = setup
+    nothing = circuit_ablation(Circuit({}), dims, True)
+    out = run_ablations(model, batch, means, [nothing])[0]
+    # every head output everywhere is its mean: the prediction no longer depends on which example it is
+    arch = LlamaFamily(model)
+    handles = [arch.proj(j, "o_proj").register_forward_pre_hook(
+        lambda mod, args, j=j: (means[j][None].expand_as(args[0].unflatten(-1, (dims.n_heads, dims.head_dim))).flatten(-2),))
+        for j in range(dims.n_layers)]
+    try:
+        ref = last_logits(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert not torch.allclose(out, last_logits(model, batch), atol=1e-3)
+
+
+def test_many_ablations_per_forward_equal_one_at_a_time(setup):
+    model, batch, means, dims = setup
+    rng = random.Random(0)
+    abls = [random_ablation([3, 2, 1], dims, rng, bool(i % 2), f"r{i}") for i in range(4)]
+    together = run_ablations(model, batch, means, abls)
+    for i, ab in enumerate(abls):
+        assert torch.allclose(together[i], run_ablations(model, batch, means, [ab])[0], atol=1e-5)
+
+
+def test_random_baseline_never_repeats_a_head(setup):
+    _, _, _, dims = setup
+    n = dims.n_layers * dims.n_heads
+    rng = random.Random(5)
+    for _ in range(20):
+        ab = random_ablation([n - 1, n, 5], dims, rng, True, "r")
+        assert [int(ab.keep[r].sum()) for r in range(3)] == [n - 1, n, 5]
+
+
+@pytest.fixture(scope="module")
+def planted(tok):
+    model = planted_model(tok, head=2)
+    batch, _ = batch_of(tok, n=24, n_boxes=1, seed=3)
+    ab_batch, _ = batch_of(tok, n=24, n_boxes=1, seed=4)
+    return model, batch, means_of(model, ab_batch), LlamaFamily(model).dims
+
+
+def test_planted_head_is_faithful_and_random_heads_are_not(planted):
+    model, batch, means, dims = planted
+    ev = evaluator(model, batch, means)
+    r = faithfulness(ev, Circuit({"value_fetcher": [[1, 2]]}), dims, n_random=10, seed=0)
+    assert r["accuracy_model"] == 1.0 and r["faithfulness"] == 1.0
+    other = faithfulness(ev, Circuit({"value_fetcher": [[1, 0]]}), dims, n_random=0)
+    assert other["faithfulness"] < 0.2  # a wrong head: mean-ablating the planted one leaves ~chance
+    assert r["random"]["faithfulness_mean"] < 0.5  # random one-head circuits mostly miss it
+    assert r["ci_low"] <= 1.0 <= r["ci_high"]
+
+
+def test_completeness_on_planted(planted):
+    model, batch, means, dims = planted
+    circ = Circuit({"value_fetcher": [[1, 2], [0, 1]]})
+    r = completeness(evaluator(model, batch, means), circ, dims, n_random=6, seed=1)
+    vf = r["groups"]["value_fetcher"]
+    assert vf["F_C_minus_K"] < 0.2 and vf["F_M_minus_K"] < 0.2 and vf["incompleteness"] < 0.2
+    assert len(r["draws"]) == 6 and all(0 <= d["incompleteness"] <= 1 for d in r["draws"])
+
+
+@pytest.mark.parametrize("mode", ["batched", "greedy"])
+def test_minimality_prunes_to_the_planted_head(planted, mode):
+    model, batch, means, dims = planted
+    circ = Circuit({"value_fetcher": [[1, 2], [1, 0], [0, 1], [0, 3]], "struct_reader": [[0, 2]]})
+    r = minimality(evaluator(model, batch, means), circ, dims, threshold=0.01, mode=mode)
+    assert r["circuit"].groups["value_fetcher"] == [(1, 2)]
+    assert r["circuit"].groups["struct_reader"] == []
+    vf = r["groups"]["value_fetcher"]
+    assert vf["paper_evaluations"] == 4 * 5 // 2 + 8
+    assert vf["evaluations"] == (vf["paper_evaluations"] if mode == "batched" else 4 + 1 + 8)
+
+
+SPEC_OVERLAP = {  # SPEC §9.5: shared (precision, recall)
+    ("llama_7b", "goat_7b"): {"value_fetcher": (27, .68, .40), "pos_transmitter": (6, .86, .21),
+                              "pos_detector": (16, .80, .40), "struct_reader": (5, 1.00, .13)},
+    ("llama_7b", "float_7b"): {"value_fetcher": (27, .68, .40), "pos_transmitter": (7, 1.00, .24),
+                               "pos_detector": (15, .75, .38), "struct_reader": (5, 1.00, .13)},
+    ("goat_7b", "float_7b"): {"value_fetcher": (40, .59, .59), "pos_transmitter": (18, .64, .62),
+                              "pos_detector": (28, .70, .70), "struct_reader": (27, .69, .71)},
+}
+
+
+@pytest.mark.parametrize("pair", sorted(SPEC_OVERLAP))
+def test_paper_overlap_table(pair):
+    got = overlap(load_circuit(pair[0]), load_circuit(pair[1]))
+    for g, (n, p, r) in SPEC_OVERLAP[pair].items():
+        assert got[g]["shared"] == n
+        assert round(got[g]["precision"], 2) == p and round(got[g]["recall"], 2) == r
