@@ -69,7 +69,9 @@ def load_circuit(spec: str | Path) -> Circuit:
     if str(spec) in PAPER_CIRCUITS:
         text = resources.files("etk.data").joinpath("circuits", PAPER_CIRCUITS[str(spec)]).read_text()
     else:
-        p = Path(spec)
+        from etk.models.loading import resolve_path
+
+        p = resolve_path(str(spec))
         if not p.exists():
             raise FileNotFoundError(f"circuit {spec!r}: neither a shipped circuit {sorted(PAPER_CIRCUITS)} nor a file")
         text = p.read_text()

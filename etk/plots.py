@@ -69,3 +69,20 @@ def matrix_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def mask_plot(values: torch.Tensor, names: Sequence[str], path: str | Path, title: str) -> Path:
+    """Horizontal bars of a mask (heads as rows); values <= 0.5 (selected) in red."""
+    v = values.detach().float().cpu().clamp(-0.2, 1.2)
+    fig, ax = plt.subplots(figsize=(5, 0.25 * len(names) + 1.2))
+    ax.barh(range(len(names)), v, color=["tab:red" if x <= 0.5 else "tab:gray" for x in v.tolist()])
+    ax.set_yticks(range(len(names)), names)
+    ax.axvline(0.5, color="black", lw=0.8, ls="--")
+    ax.set_xlabel("mask (1 = keep base, 0 = patch source)")
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -134,3 +134,27 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
     return PromptBatch(ids, mask, position_ids, roles, answer)
+
+
+@dataclass
+class PairBatch:
+    """Base and source prompts of a batch of counterfactual pairs. `base.answer` holds the pair's target (the
+    desideratum's expected token, or the clean answer in path patching); each side carries its own roles."""
+
+    base: PromptBatch
+    source: PromptBatch
+    source_box: torch.Tensor | None = None  # [B] long: a box index of the source (path patching's SR stage)
+
+    def to(self, device) -> "PairBatch":
+        box = None if self.source_box is None else self.source_box.to(device)
+        return type(self)(self.base.to(device), self.source.to(device), box)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def collate_pairs(items: list[tuple[Encoded, Encoded, int]], pad_id: int, padding_side: str = "right", cls=PairBatch):
+    """Pad (base, source, source_box) triples into a PairBatch (or a subclass)."""
+    base = collate([b for b, _, _ in items], pad_id, padding_side)
+    source = collate([s for _, s, _ in items], pad_id, padding_side)
+    return cls(base, source, torch.tensor([k for _, _, k in items], dtype=torch.long))

@@ -19,13 +19,7 @@ from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
 from etk.methods.circuit_eval.module import AblationEval
 from etk.models.arch import LlamaFamily
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
-
-
-def require_circuit(cfg: DictConfig) -> tuple[str, Circuit]:
-    if not cfg.get("circuit"):
-        raise ValueError("this method needs circuit=<llama_7b|goat_7b|float_7b|path/to/circuit.json>")
-    return str(cfg.circuit), load_circuit(str(cfg.circuit))
+from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 
 
 class Evaluator:

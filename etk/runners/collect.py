@@ -91,12 +91,32 @@ def collect_faithfulness(roots: list[Path], out_dir: Path) -> str | None:
     return md
 
 
+def dcm_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """SPEC §4.4's table: heads selected / group size and test accuracy, per model x group x desideratum."""
+    header = ["model", "group", "desideratum", "selected / group", "test accuracy [95% CI]", "unpatched floor"]
+    rows = []
+    for d in sorted(docs, key=lambda d: (d["model"], d["group"], d["desideratum"])):
+        t, f = d["test"], d["chance_floor_unpatched"]
+        pct = 100 * d["n_selected"] / max(1, d["group_size"])
+        rows.append([d["model"], d["group"], d["desideratum"], f"{d['n_selected']}/{d['group_size']} ({pct:.0f}%)",
+                     f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]", f"{f['accuracy']:.3f}"])
+    return header, rows
+
+
+def collect_dcm(roots: list[Path], out_dir: Path) -> str | None:
+    docs = find_results(roots, "etk.dcm/v1")
+    return write_table(out_dir, "dcm_table", *dcm_table(docs)) if docs else None
+
+
+COLLECTORS = (("accuracy (95% CI)", collect_eval), ("faithfulness matrix", collect_faithfulness), ("DCM", collect_dcm))
+
+
 class CollectTables(Callback):
     """At the end of a multirun, write and print the tables of everything the sweep produced."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
-        for name, fn in (("accuracy (95% CI)", collect_eval), ("faithfulness matrix", collect_faithfulness)):
+        for name, fn in COLLECTORS:
             md = fn([sweep], sweep)
             if md:
                 print(f"\n[etk] {name} — {sweep}\n{md}")
@@ -107,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args:
         raise SystemExit("usage: python -m etk.runners.collect <run or sweep dir> [...]")
     roots = [Path(a) for a in args]
-    found = [md for md in (collect_eval(roots, roots[0]), collect_faithfulness(roots, roots[0])) if md]
+    found = [md for md in (fn(roots, roots[0]) for _, fn in COLLECTORS) if md]
     print("\n".join(found) if found else f"no etk results under {args}")
 
 

@@ -64,3 +64,12 @@ def free_model(*objs) -> None:
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
+
+
+def require_circuit(cfg: DictConfig):
+    """(spec, Circuit) from `circuit=`: a shipped name, an `etk:` path or a circuit.json path."""
+    from etk.circuits import load_circuit
+
+    if not cfg.get("circuit"):
+        raise ValueError("this method needs circuit=<llama_7b|goat_7b|float_7b|path/to/circuit.json>")
+    return str(cfg.circuit), load_circuit(str(cfg.circuit))

@@ -6,6 +6,7 @@ from omegaconf import DictConfig
 
 from etk.runners.circuit_eval import run_completeness, run_faithfulness, run_minimality, run_overlap
 from etk.runners.eval import run_eval
+from etk.runners.knockout import run_knockout
 from etk.runners.path_patching import run_path_patching
 
 METHODS = {
@@ -15,6 +16,7 @@ METHODS = {
     "completeness": run_completeness,
     "minimality": run_minimality,
     "overlap": run_overlap,
+    "knockout": run_knockout,
 }
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from etk.data.boxes import Example
 from etk.data.datasets import EncodedDataset, pad_id
 from etk.data.pairs import Pair, path_patching_pairs
-from etk.data.roles import PromptBatch, collate, encode_example
+from etk.data.roles import PairBatch, PromptBatch, collate_pairs, encode_example
 from etk.interventions.components import HeadId, kv_group
 from etk.models.arch import Dims
 
@@ -35,19 +35,16 @@ STAGES: dict[str, Stage] = {
 ORDER = tuple(STAGES)
 
 
-@dataclass
-class PPBatch:
-    """Clean and corrupt prompts of a batch of path-patching pairs."""
+class PPBatch(PairBatch):
+    """Path-patching pairs: `clean` is the base prompt (its answer is the target), `corrupt` the source."""
 
-    clean: PromptBatch
-    corrupt: PromptBatch
-    source_box: torch.Tensor  # [B] long: box whose label is the SR stage's corrupt position
+    @property
+    def clean(self) -> PromptBatch:
+        return self.base
 
-    def to(self, device) -> "PPBatch":
-        return PPBatch(self.clean.to(device), self.corrupt.to(device), self.source_box.to(device))
-
-    def __len__(self) -> int:
-        return len(self.clean)
+    @property
+    def corrupt(self) -> PromptBatch:
+        return self.source
 
     def positions(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_s in the clean prompt [B], p'_s in the corrupt prompt [B])."""
@@ -60,19 +57,13 @@ class PPBatch:
         return p, pc
 
 
-def collate_pp(items, pad: int, side: str) -> PPBatch:
-    clean = collate([c for c, _, _ in items], pad, side)
-    corrupt = collate([k for _, k, _ in items], pad, side)
-    return PPBatch(clean, corrupt, torch.tensor([s for _, _, s in items], dtype=torch.long))
-
-
 def pp_loader(tokenizer, examples: Sequence[Example], seed: int, batch_size: int, padding_side: str = "right") -> DataLoader:
     """Clean/corrupt pairs (SPEC §2.1), encoded once; target = the clean answer."""
     pairs: list[Pair] = path_patching_pairs(examples, random.Random(seed))
     items = [(encode_example(tokenizer, p.base), encode_example(tokenizer, p.source, answer=p.target), p.source_box)
              for p in pairs]
     return DataLoader(EncodedDataset(items), batch_size=batch_size, shuffle=False,
-                      collate_fn=partial(collate_pp, pad=pad_id(tokenizer), side=padding_side))
+                      collate_fn=partial(collate_pairs, pad_id=pad_id(tokenizer), padding_side=padding_side, cls=PPBatch))
 
 
 @dataclass(frozen=True)

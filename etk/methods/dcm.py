@@ -1,0 +1,109 @@
+"""DCM (desiderata-based component masking, SPEC §4) as a LightningModule over a frozen model.
+
+One mask scalar per head of a circuit group; the base run's z at the group's role is interpolated with the
+source's z at the source's own role; loss = objective + lambda * sum(1 - m). Only the mask is trained and only
+the mask (plus hyper-parameters) is checkpointed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from etk.circuits import GROUP_ROLE
+from etk.data.roles import PairBatch
+from etk.interventions.components import check_heads
+from etk.methods.accuracy import ModelHost
+from etk.methods.head_patching import HeadSet, patched_last_logits, source_z
+from etk.methods.masks import make_mask
+from etk.metrics import TaskAccuracy
+from etk.models.arch import LlamaFamily
+from etk.models.forward import last_logits
+
+
+class DCMModule(ModelHost):
+    def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
+                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit"):
+        super().__init__(model_cfg)
+        self.save_hyperparameters()
+        if group not in GROUP_ROLE:
+            raise ValueError(f"unknown group {group!r}; groups are {sorted(GROUP_ROLE)}")
+        if objective not in ("logit", "logprob"):
+            raise ValueError(f"unknown objective {objective!r} (logit | logprob)")
+        self.role = GROUP_ROLE[group]
+        self.headset = HeadSet(heads)
+        if not len(self.headset):
+            raise ValueError(f"group {group!r} of the circuit is empty: nothing to mask")
+        self.mask = make_mask(parametrisation, len(self.headset))
+        self.strict_loading = False  # checkpoints hold the mask only
+        self.val_acc, self.test_acc, self.test_floor = TaskAccuracy(), TaskAccuracy(), TaskAccuracy()
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        check_heads(self.headset.heads, LlamaFamily(self.net).dims)
+        self.net.requires_grad_(False)
+        self.net.eval()
+
+    def train(self, mode: bool = True):
+        """Lightning toggles train mode; the frozen model always stays in eval mode."""
+        super().train(mode)
+        if self.net is not None:
+            self.net.eval()
+        return self
+
+    def logits(self, batch: PairBatch, m: torch.Tensor) -> torch.Tensor:
+        src = source_z(self.net, batch.source, self.role, self.headset.layers)
+        return patched_last_logits(self.net, batch.base, self.headset, m, src, self.role)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.mask.project_()  # the paper clamps before every step
+
+    def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
+        m = self.mask()
+        logits = self.logits(batch, m)
+        tgt = batch.base.answer
+        score = logits if self.hparams.objective == "logit" else torch.log_softmax(logits.float(), -1)
+        task = -score.gather(1, tgt[:, None]).mean()
+        sparsity = (1 - m).sum()
+        loss = task + self.hparams.lam * sparsity
+        B = len(batch)
+        self.log_dict({"train/loss": loss, "train/task": task, "train/patched_fraction": (m < 0.5).float().mean()},
+                      on_step=True, prog_bar=True, batch_size=B)
+        return loss
+
+    def binary(self) -> torch.Tensor:
+        """[n] bool: True keeps the base value, False patches (the selected heads)."""
+        return ~self.mask.selected()
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_acc.reset()
+
+    def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
+        self.val_acc.update(self.logits(batch, self.binary()), batch.base.answer)
+
+    def on_validation_epoch_end(self) -> None:
+        acc = self.val_acc.compute()["accuracy"]
+        n_sel = int(self.mask.selected().sum())
+        # the paper's rule: best accuracy; ties go to the mask that patches more heads
+        self.log_dict({"val/accuracy": acc, "val/n_selected": float(n_sel), "val/select": acc + 1e-6 * n_sel})
+
+    def on_test_epoch_start(self) -> None:
+        self.test_acc.reset()
+        self.test_floor.reset()
+
+    def test_step(self, batch: PairBatch, batch_idx: int) -> None:
+        self.test_acc.update(self.logits(batch, self.binary()), batch.base.answer)
+        self.test_floor.update(last_logits(self.net, batch.base), batch.base.answer)  # unpatched model, same targets
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.mask.parameters(), lr=self.hparams.lr)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("mask.")}
+
+    def selected_heads(self) -> list[list[int]]:
+        sel = self.mask.selected()
+        return [list(h) for h, s in zip(self.headset.heads, sel.tolist()) if s]
+
+

@@ -1,0 +1,89 @@
+"""Attention knockout sweep as a Lightning predict loop: per prompt batch, every (edge, start layer) configuration
+plus the unablated baseline, many configurations per forward (rows = configs x prompts)."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from etk.data.roles import PromptBatch
+from etk.interventions.knockout import (
+    RANDOM, config_rows, edge_positions, knockout, parse_edge, random_context_positions,
+)
+from etk.methods.accuracy import ModelHost
+from etk.methods.circuit_eval.ablation import repeat_batch
+from etk.methods.circuit_eval.module import AblationAccuracy
+from etk.models.arch import LlamaFamily
+from etk.models.forward import assert_eval, last_logits
+
+BASELINE = "baseline"
+
+
+class KnockoutModule(ModelHost):
+    """Configurations: `baseline` (no knockout) first, then (edge, s) for each edge and start layer s.
+    `self.acc.per_example()` is [K, N] correctness in the order of `self.configs()`."""
+
+    def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
+                 rows_per_forward: int = 256, random_seed: int = 5):
+        super().__init__(model_cfg)
+        for e in edges:
+            parse_edge(e)
+        self.edges = list(edges)
+        self.requested_start_layers = None if start_layers is None else [int(s) for s in start_layers]
+        self.rows_per_forward = int(rows_per_forward)
+        self.random_seed = int(random_seed)
+        self.acc = AblationAccuracy()
+        self.forwards = 0
+
+    @property
+    def n_layers(self) -> int:
+        return LlamaFamily(self.net).dims.n_layers
+
+    def start_layers(self) -> list[int]:
+        """The swept start layers (default: every layer)."""
+        L = self.n_layers
+        layers = list(range(L)) if self.requested_start_layers is None else self.requested_start_layers
+        bad = [s for s in layers if not 0 <= s < L]
+        if bad:
+            raise ValueError(f"start layers {bad} out of range (model has {L} layers)")
+        return layers
+
+    def configs(self) -> list[tuple[str, int]]:
+        """[(edge or 'baseline', start layer)]: the baseline runs with start layer L (nothing blocked)."""
+        return [(BASELINE, self.n_layers)] + [(e, s) for e in self.edges for s in self.start_layers()]
+
+    def on_predict_epoch_start(self) -> None:
+        assert_eval(self.net)
+        self.acc.reset()
+        self.generator = torch.Generator().manual_seed(self.random_seed)
+        self.forwards = 0
+
+    def _positions(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query positions [K, N], key positions [K, N] and start layers [K] of every configuration."""
+        needs_random = any(parse_edge(e)[1] == RANDOM for e in self.edges)
+        rand = random_context_positions(batch, self.generator) if needs_random else None  # [N], shared by edges
+        none = torch.full_like(batch.roles["last"], -1)  # [N]
+        pos = {BASELINE: (none, none), **{e: edge_positions(batch, e, rand) for e in self.edges}}
+        cfgs = self.configs()
+        q = torch.stack([pos[e][0] for e, _ in cfgs])  # [K, N]
+        k = torch.stack([pos[e][1] for e, _ in cfgs])  # [K, N]
+        s = torch.tensor([s for _, s in cfgs], device=q.device)  # [K]
+        return q, k, s
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
+        N = len(batch)
+        q, k, s = self._positions(batch)
+        per = max(1, self.rows_per_forward // N)  # configurations per forward
+        out = []
+        for c0 in range(0, q.shape[0], per):
+            sl = slice(c0, c0 + per)
+            n_cfg = q[sl].shape[0]
+            rows = repeat_batch(batch, n_cfg)  # [n_cfg * N] rows, row c*N + n
+            with knockout(self.net, *config_rows(q[sl], k[sl], s[sl])):
+                logits = last_logits(self.net, rows)  # [n_cfg * N, V]
+            out.append((logits.argmax(-1) == rows.answer).view(n_cfg, N))
+            self.forwards += 1
+        correct = torch.cat(out)  # [K, N]
+        self.acc.update(correct)
+        return correct

@@ -1,0 +1,95 @@
+"""`train_dcm.py`: train a DCM mask over one circuit group, select by the paper's rule, test, write artefacts."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from etk.artifacts import write_json
+from etk.circuits import circuit_label
+from etk.data.boxes import generate_examples
+from etk.data.datasets import make_template, task_vocab
+from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
+from etk.methods.dcm import DCMModule
+from etk.plots import mask_plot
+from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+
+SCHEMA = "etk.dcm/v1"
+
+
+def dcm_loaders(cfg: DictConfig, tokenizer):
+    """Train / eval / test pair loaders, split by context, sources within each split."""
+    d = cfg.dcm
+    sizes = [int(d.n_train), int(d.n_eval), int(d.n_test)]
+    objects, labels = task_vocab(tokenizer, cfg.data.n_boxes, cfg.data.get("objects", "objects.csv"))
+    n_total = sum(sizes) + 3 * cfg.data.n_boxes  # whole contexts per split
+    examples = generate_examples(n_total, cfg.data.n_boxes, objects, labels, cfg.data.seed, make_template(cfg.data.get("template")))
+    splits = split_by_context(examples, sizes)
+    name, legacy = cfg.desideratum.name, bool(cfg.desideratum.get("legacy", False))
+    pairs = [desideratum_pairs(name, s, cfg.seed + i, legacy) for i, s in enumerate(splits)]
+    side = cfg.data.padding_side
+    return (pair_loader(tokenizer, pairs[0], d.batch_size, shuffle=True, seed=cfg.seed, padding_side=side),
+            pair_loader(tokenizer, pairs[1], d.batch_size, padding_side=side),
+            pair_loader(tokenizer, pairs[2], d.batch_size, padding_side=side))
+
+
+def run_dcm(cfg: DictConfig) -> dict[str, Any]:
+    L.seed_everything(cfg.seed, verbose=False)
+    out = output_dir()
+    spec, circuit = require_circuit(cfg)
+    heads = [list(h) for h in circuit.groups.get(cfg.group, [])]
+    d = cfg.dcm
+    module = DCMModule(OmegaConf.to_container(cfg.model, resolve=True), cfg.group, heads, d.parametrisation,
+                       float(d.lam), float(d.lr), d.objective)
+    module.configure_model()
+    train, val, test = dcm_loaders(cfg, module.tokenizer)
+    logger = build_logger(cfg)
+    try:
+        ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/select", mode="max", save_top_k=1,
+                               filename="best", save_weights_only=True)
+        trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=int(d.epochs), val_check_interval=int(d.val_every),
+                            logger=logger or False, callbacks=[ckpt])
+        t0 = time.time()
+        trainer.fit(module, train, val)
+        train_s = time.time() - t0
+        raw_last = module.mask.state_dict()
+        best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(best, strict=False)
+        trainer.test(module, test, verbose=False)
+        acc, floor = module.test_acc.compute(), module.test_floor.compute()
+        values = next(iter(module.mask.state_dict().values())).detach().cpu()
+        selected = module.selected_heads()
+        torch.save({"values": values, "axes": ("head",), "heads": module.headset.heads,
+                    "parametrisation": d.parametrisation}, out / "mask.pt")
+        write_json(out / "selected_heads.json", {"group": cfg.group, "desideratum": cfg.desideratum.name,
+                                                  "heads": selected, "group_heads": heads}, "etk.dcm_heads/v1")
+        mask_plot(values, [f"{h[0]}.{h[1]}" for h in heads], out / "mask.png",
+                  f"{cfg.model.name} {cfg.group} / {cfg.desideratum.name}")
+        payload = {
+            "model": cfg.model.name, "circuit": circuit_label(spec, circuit), "circuit_spec": spec, "group": cfg.group,
+            "desideratum": cfg.desideratum.name, "group_size": len(heads), "n_selected": len(selected),
+            "selected_heads": selected, "test": acc, "chance_floor_unpatched": floor,
+            "best_val_accuracy": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+            "mask_raw": values.tolist(), "mask_last_step": next(iter(raw_last.values())).tolist(),
+            "train_seconds": round(train_s, 1), "checkpoint_bytes": (out / "checkpoints" / "best.ckpt").stat().st_size,
+            "config": plain_config(cfg),
+        }
+        write_json(out / "results.json", payload, SCHEMA)
+        print(f"[etk] DCM {cfg.model.name} {cfg.group}/{cfg.desideratum.name}: {len(selected)}/{len(heads)} heads, "
+              f"test accuracy {acc['accuracy']:.3f} (95% CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f}; "
+              f"unpatched floor {floor['accuracy']:.3f}), {train_s:.0f} s")
+        if logger is not None:
+            logger.log_metrics({"test/accuracy": acc["accuracy"], "test/floor": floor["accuracy"], "n_selected": len(selected)})
+            if hasattr(logger, "log_table"):
+                logger.log_table(key="dcm/mask", columns=["layer", "head", "mask", "selected"],
+                                 data=[[h[0], h[1], float(v), h in selected] for h, v in zip(heads, values.tolist())])
+            if hasattr(logger, "log_image"):
+                logger.log_image(key="dcm/mask_plot", images=[str(out / "mask.png")])
+        return payload
+    finally:
+        finish_logger(logger)

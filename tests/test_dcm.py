@@ -1,0 +1,132 @@
+"""DCM: interpolation end points, gradients only to the mask, mask-only checkpoints, a planted head recovered
+for the matching desideratum only, and a 2-job sweep through the real CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+
+from etk.data.boxes import generate_examples
+from etk.data.datasets import task_vocab
+from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.interventions.hooks import Patch, hooked
+from etk.methods.dcm import DCMModule
+from etk.methods.head_patching import HeadSet, patched_last_logits, source_z
+from etk.models.forward import last_logits
+from etk.runners.dcm import run_dcm
+from tests.conftest import CONF, ROOT
+from tests.helpers import planted_model
+
+TINY_CFG = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2}, "dtype": "float32"}
+
+
+def pair_batch(tok, name="object_value", n=12, n_boxes=3, seed=0):
+    objects, labels = task_vocab(tok, n_boxes)
+    exs = generate_examples(n, n_boxes, objects, labels, seed)
+    return next(iter(pair_loader(tok, desideratum_pairs(name, exs, seed), n)))
+
+
+def test_mask_endpoints(tiny, tok):
+    batch = pair_batch(tok)
+    hs = HeadSet([(1, 2), (0, 1), (1, 0)])
+    src = source_z(tiny, batch.source, "last", hs.layers)
+    plain = last_logits(tiny, batch.base)
+    assert torch.equal(patched_last_logits(tiny, batch.base, hs, torch.ones(3), src, "last"), plain)
+    m0 = patched_last_logits(tiny, batch.base, hs, torch.zeros(3), src, "last")
+    assert not torch.allclose(m0, plain)
+    # m = 0 equals full replacement written with the raw primitive
+    pos = batch.base.roles["last"][:, None]
+    patches = []
+    for layer, heads in ((0, [1]), (1, [0, 2])):
+        keep = torch.ones(len(batch), 1, 4, dtype=torch.bool)
+        keep[:, :, heads] = False
+        patches.append(Patch("z", layer, src[layer], keep, pos))
+    with hooked(tiny, patches=patches):
+        assert torch.allclose(last_logits(tiny, batch.base), m0, atol=1e-6)
+    # source values come from the source's own role position
+    z = source_z(tiny, batch.source, "prev_query_label", [0])[0]
+    assert z.shape == (len(batch), 1, 4, 16)
+
+
+def compose_dcm(tmp_path, overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("dcm", overrides=overrides + [f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+SMALL = ["logger=none", "dcm.n_train=48", "dcm.n_eval=24", "dcm.n_test=24", "dcm.batch_size=8", "data.n_boxes=3",
+         "trainer.enable_progress_bar=false"]
+
+
+def test_gradients_only_to_mask_and_checkpoint_is_mask_only(tmp_path):
+    cfg = compose_dcm(tmp_path, ["model=tiny", "desideratum=object"] + SMALL)
+    from etk.models.loading import load_model
+
+    before = {k: v.clone() for k, v in load_model(cfg.model)[0].state_dict().items()}
+    res = run_dcm(cfg)
+    assert res["checkpoint_bytes"] < 100_000
+    ck = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
+    assert set(ck["state_dict"]) == {"mask.values"}
+    again = DCMModule.load_from_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
+    assert torch.equal(again.mask.values.detach(), torch.tensor(res["mask_raw"]))
+    # the frozen model is bit-for-bit what it was, and a step sends gradient to the mask only
+    module = DCMModule(dict(TINY_CFG), "pos_transmitter", [[1, 1], [0, 2]])
+    module.configure_model()
+    assert all(torch.equal(before[k], v) for k, v in module.net.state_dict().items())
+    batch = pair_batch(module.tokenizer)
+    module.training_step(batch, 0).backward()
+    assert module.mask.values.grad is not None and module.mask.values.grad.abs().sum() > 0
+    assert all(p.grad is None for p in module.net.parameters())
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["schema"] == "etk.dcm/v1" and 0 <= doc["test"]["accuracy"] <= 1
+    assert (tmp_path / "mask.pt").exists() and (tmp_path / "selected_heads.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["clamp", "sigmoid", "hard_concrete"])
+def test_parametrisations_train(kind, tok):
+    module = DCMModule(dict(TINY_CFG), "value_fetcher", [[1, 2], [1, 0]], parametrisation=kind)
+    module.configure_model()
+    loss = module.training_step(pair_batch(tok), 0)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.mask.parameters())
+    assert module.binary().dtype == torch.bool and module.binary().all()  # starts keeping everything
+
+
+@pytest.mark.parametrize("desideratum,expect", [("object_value", True), ("positional", False), ("box_label_value", False)])
+def test_dcm_recovers_the_planted_head(tok, desideratum, expect):
+    """Head (1, 2) copies the context's objects to the answer: it carries object value, not position/label."""
+    L.seed_everything(0, verbose=False)
+    module = DCMModule(dict(TINY_CFG), "value_fetcher", [[1, 2], [1, 0], [0, 1]], lr=0.1, lam=0.01)
+    module.net, module.tokenizer = planted_model(tok, head=2), tok
+    objects, labels = task_vocab(tok, 2)
+    exs = generate_examples(160, 2, objects, labels, seed=1)
+    train = pair_loader(tok, desideratum_pairs(desideratum, exs, 0), 16, shuffle=True)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(module, train)
+    sel = module.selected_heads()
+    assert ([1, 2] in sel) == expect
+    assert [1, 0] not in sel and [0, 1] not in sel  # heads that cannot matter stay unpatched
+
+
+@pytest.mark.slow
+def test_two_job_sweep_through_cli(tmp_path):
+    sweep = tmp_path / "sweep"
+    out = subprocess.run(
+        [sys.executable, "train_dcm.py", "-m", "model=tiny", "desideratum=object,position", f"hydra.sweep.dir={sweep}"]
+        + SMALL, cwd=ROOT, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for d in ("object", "position"):
+        run = sweep / f"tiny-pos_transmitter-{d}"
+        assert (run / "results.json").exists() and (run / "mask.pt").exists() and (run / "checkpoints" / "best.ckpt").exists()
+    table = (sweep / "dcm_table.md").read_text()
+    assert "object_value" in table and "positional" in table
+    assert "[etk] DCM" in out.stdout

@@ -1,0 +1,253 @@
+"""Attention knockout: identity when nothing is blocked, agreement with a hand-built eager reference (causal-only
+and padded masks, every start layer), a planted head's answer edge, batched = one-at-a-time, restoration of the
+attention implementation, left padding, and the runner end to end."""
+
+import json
+
+import pytest
+import torch
+
+import etk.runners.patching
+from etk.data.roles import PromptBatch
+from etk.interventions.knockout import (
+    KNOCKOUT_ATTN, STATE_ATTR, config_rows, edge_positions, knockout, parse_edge, random_context_positions,
+)
+from etk.methods.knockout import KnockoutModule
+from etk.models.arch import LlamaFamily
+from etk.models.forward import last_logits
+from etk.models.tiny import tiny_llama
+from etk.runners.knockout import run_knockout
+from tests.helpers import batch_of, mixed_length_examples, planted_model
+
+EDGES = ["last->correct_object", "last->query_label", "last->random", "query_label->prev_query_label",
+         "query_label->random"]
+
+
+@pytest.fixture(scope="module")
+def pair(tok):
+    """The same 3-layer GQA model twice: sdpa (knockout runs on it) and eager (the reference)."""
+    sdpa = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2, seed=3)
+    eager = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2, seed=3)
+    eager.set_attn_implementation("eager")
+    assert sdpa.config._attn_implementation == "sdpa"
+    return sdpa, eager
+
+
+def reference_logits(eager, batch: PromptBatch, q: list[int], k: list[int], start: list[int]) -> torch.Tensor:
+    """Eager attention with a hand-built additive mask per layer (causal, padding, and row r's (q, k) pair blocked
+    in layers >= start[r]), swapped in by a pre-hook on each self_attn. Loops are fine here: test-only."""
+    arch = LlamaFamily(eager)
+    B, T = batch.input_ids.shape
+    neg = torch.finfo(torch.float32).min
+    allowed = torch.ones(T, T).tril().bool()[None] & batch.attention_mask.bool()[:, None, :]  # [B, T, T]
+    handles = []
+    for layer in range(arch.dims.n_layers):
+        a = allowed.clone()
+        for r in range(B):
+            if start[r] <= layer and q[r] >= 0 and k[r] >= 0:
+                a[r, q[r], k[r]] = False
+        mask = torch.zeros(B, 1, T, T).masked_fill(~a[:, None], neg)
+
+        def pre(module, args, kwargs, mask=mask):
+            return args, {**kwargs, "attention_mask": mask}
+        handles.append(arch.attn(layer).register_forward_pre_hook(pre, with_kwargs=True))
+    try:
+        return last_logits(eager, batch)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def knocked(model, batch, edge: str, start: int, rand=None) -> torch.Tensor:
+    qp, kp = edge_positions(batch, edge, rand)
+    with knockout(model, qp, kp, torch.full_like(qp, start)):
+        return last_logits(model, batch)
+
+
+def accuracy(logits, batch) -> float:
+    return (logits.argmax(-1) == batch.answer).float().mean().item()
+
+
+# (a) identity -----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_empty_knockout_is_bit_exact(tok, pair, padding_side):
+    model = pair[0]
+    # same-length prompts: transformers passes no mask (is_causal); mixed lengths: a 4-D bool padding mask
+    examples = None if padding_side == "right" else mixed_length_examples(tok, 6)
+    batch, _ = batch_of(tok, n=6, padding_side=padding_side, examples=examples)
+    plain = last_logits(model, batch)
+    L, B = LlamaFamily(model).dims.n_layers, len(batch)
+    seen = []
+    h = LlamaFamily(model).attn(0).register_forward_pre_hook(lambda m, a: seen.append(model.config._attn_implementation))
+    try:
+        qp, kp = edge_positions(batch, "last->correct_object")
+        with knockout(model, qp, kp, torch.full((B,), L)):  # start beyond the last layer
+            beyond = last_logits(model, batch)
+        none = torch.full((B,), -1)
+        with knockout(model, none, none, torch.zeros(B, dtype=torch.long)):  # no edges
+            no_edges = last_logits(model, batch)
+    finally:
+        h.remove()
+    assert seen == [KNOCKOUT_ATTN, KNOCKOUT_ATTN]  # the registered function really ran
+    assert torch.equal(beyond, plain) and torch.equal(no_edges, plain)
+
+
+# (b), (c) agreement with a hand-written eager computation; a real edge changes the logits -------------------------
+
+@pytest.mark.parametrize("start", [0, 1, 2])
+def test_knockout_matches_eager_reference(tok, pair, start):
+    model, eager = pair
+    batch, _ = batch_of(tok, n=5)  # same length: the incoming mask is None and the causal mask is materialised
+    qp, kp = edge_positions(batch, "last->correct_object")
+    with knockout(model, qp, kp, torch.full_like(qp, start)):
+        got = last_logits(model, batch)
+    ref = reference_logits(eager, batch, qp.tolist(), kp.tolist(), [start] * len(batch))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    plain = last_logits(model, batch)
+    assert (got - plain).abs().max() > 1e-3  # (c) blocking a real edge changes the logits
+
+
+def test_reference_itself_is_the_plain_model_without_blocks(tok, pair):
+    model, eager = pair
+    batch, _ = batch_of(tok, n=4)
+    B = len(batch)
+    torch.testing.assert_close(reference_logits(eager, batch, [-1] * B, [-1] * B, [0] * B), last_logits(model, batch),
+                               atol=1e-5, rtol=1e-5)
+
+
+# (d) planted head ---------------------------------------------------------------------------------------------------
+
+def test_planted_head_needs_the_last_to_object_edge(tok):
+    model = planted_model(tok, head=2)
+    batch, _ = batch_of(tok, n=12, n_boxes=1, seed=3)
+    L = LlamaFamily(model).dims.n_layers
+    assert accuracy(last_logits(model, batch), batch) == 1.0
+    assert accuracy(knocked(model, batch, "last->correct_object", 0), batch) <= 0.2
+    assert accuracy(knocked(model, batch, "last->correct_object", 1), batch) <= 0.2  # the head lives in layer 1
+    assert accuracy(knocked(model, batch, "last->query_label", 0), batch) >= 0.9
+    assert accuracy(knocked(model, batch, "query_label->prev_query_label", 0), batch) == 1.0
+    assert torch.equal(knocked(model, batch, "last->correct_object", L), last_logits(model, batch))
+
+
+# (e) batched configurations ---------------------------------------------------------------------------------------
+
+def test_many_configs_in_one_forward_equal_one_at_a_time(tok, pair):
+    from etk.methods.circuit_eval.ablation import repeat_batch
+
+    model = pair[0]
+    batch, _ = batch_of(tok, n=4, padding_side="left", examples=mixed_length_examples(tok, 4))
+    rand = random_context_positions(batch, torch.Generator().manual_seed(0))
+    cfgs = [(e, s) for e in EDGES for s in (0, 2)] + [("last->correct_object", 3)]
+    pos = [edge_positions(batch, e, rand) for e, _ in cfgs]
+    q = torch.stack([p[0] for p in pos])  # [K, N]
+    k = torch.stack([p[1] for p in pos])
+    s = torch.tensor([s for _, s in cfgs])
+    with knockout(model, *config_rows(q, k, s)):
+        together = last_logits(model, repeat_batch(batch, len(cfgs))).view(len(cfgs), len(batch), -1)
+    for i, (e, st) in enumerate(cfgs):
+        torch.testing.assert_close(together[i], knocked(model, batch, e, st, rand), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1], atol=1e-4)  # start 0 and start 2 differ
+
+
+def test_module_sweep_chunks_agree_and_baseline_is_the_plain_model(tok, pair):
+    model = pair[0]
+    batch, _ = batch_of(tok, n=4)
+    plain = (last_logits(model, batch).argmax(-1) == batch.answer).float()
+
+    def sweep(rows_per_forward):
+        mod = KnockoutModule({}, EDGES, None, rows_per_forward=rows_per_forward, random_seed=5)
+        mod.net, mod.tokenizer = model, tok
+        mod.on_predict_epoch_start()
+        mod.predict_step(batch, 0)
+        return mod, mod.acc.per_example()
+
+    one, c_one = sweep(rows_per_forward=4)  # one configuration per forward
+    many, c_many = sweep(rows_per_forward=64)  # 16 configurations per forward
+    K = 1 + len(EDGES) * 3
+    assert c_one.shape == (K, 4) and one.forwards == K and many.forwards == 1
+    assert torch.equal(c_one, c_many)
+    assert torch.equal(c_many[0], plain) and one.configs()[0] == ("baseline", 3)
+
+
+# (f) restoration -----------------------------------------------------------------------------------------------------
+
+def test_implementation_and_state_restored_also_on_exceptions(tok, pair):
+    model = pair[0]
+    batch, _ = batch_of(tok, n=3)
+    qp, kp = edge_positions(batch, "last->query_label")
+    start = torch.zeros_like(qp)
+    attns = [LlamaFamily(model).attn(j) for j in range(3)]
+    plain = last_logits(model, batch)
+    with knockout(model, qp, kp, start) as state:
+        assert model.config._attn_implementation == KNOCKOUT_ATTN
+        assert all(getattr(a, STATE_ATTR) is state for a in attns)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(a, STATE_ATTR) for a in attns)
+    with pytest.raises(RuntimeError, match="boom"):
+        with knockout(model, qp, kp, start):
+            last_logits(model, batch)
+            raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(hasattr(a, STATE_ATTR) for a in attns)
+    assert torch.equal(last_logits(model, batch), plain)  # the model is back to its plain behaviour
+    with pytest.raises(ValueError):
+        with knockout(model, qp, kp, start[:1]):  # wrong shape: rejected before anything is touched
+            pass
+    assert model.config._attn_implementation == "sdpa"
+
+
+# (g) left padding -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("edge", ["last->correct_object", "query_label->prev_query_label", "last->random"])
+def test_left_padding_matches_reference_and_right_padding(tok, pair, edge):
+    model, eager = pair
+    ex = mixed_length_examples(tok, 6)
+    left, _ = batch_of(tok, examples=ex, padding_side="left")
+    right, _ = batch_of(tok, examples=ex, padding_side="right")
+    assert (left.attention_mask == 0).any()
+    r_left = random_context_positions(left, torch.Generator().manual_seed(1))
+    r_right = random_context_positions(right, torch.Generator().manual_seed(1))
+    shift = left.roles["last"] - right.roles["last"]
+    assert torch.equal(r_left - shift, r_right)  # the same token is drawn under either padding
+    got = knocked(model, left, edge, 1, r_left)
+    qp, kp = edge_positions(left, edge, r_left)
+    ref = reference_logits(eager, left, qp.tolist(), kp.tolist(), [1] * len(left))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, knocked(model, right, edge, 1, r_right), atol=1e-5, rtol=1e-5)
+
+
+def test_random_positions_are_real_context_tokens_and_seeded(tok):
+    batch, _ = batch_of(tok, examples=mixed_length_examples(tok, 9), padding_side="left")
+    draw = lambda seed: random_context_positions(batch, torch.Generator().manual_seed(seed))  # noqa: E731
+    r = draw(0)
+    assert torch.equal(r, draw(0)) and not torch.equal(r, draw(1))
+    assert (r <= batch.roles["last"] - 3).all()
+    assert batch.attention_mask.gather(1, r[:, None]).bool().all()
+    assert parse_edge("last->random") == ("last", "random")
+    with pytest.raises(ValueError):
+        parse_edge("random->last")
+
+
+# (h) end to end ------------------------------------------------------------------------------------------------------
+
+def test_run_knockout_end_to_end(tmp_path, monkeypatch, capsys):
+    from tests.test_eval_cli import compose_run
+
+    monkeypatch.setitem(etk.runners.patching.METHODS, "knockout", run_knockout)
+    res = compose_run(tmp_path, ["method=knockout", "model=tiny", "logger=none", "data.n_boxes=3",
+                                 "method.n_examples=6", "method.batch_size=3", "trainer.enable_progress_bar=false"])
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["schema"] == "etk.knockout/v1" and doc["model"] == "tiny" and doc["n"] == 6
+    assert set(doc["edges"]) == set(EDGES) and doc["config"]["method"]["name"] == "knockout"
+    for curve in doc["edges"].values():
+        assert curve["start_layer"] == [0, 1]
+        for lo, a, hi in zip(curve["ci_low"], curve["accuracy"], curve["ci_high"]):
+            assert 0 <= lo <= a <= hi <= 1
+    b = doc["baseline"]
+    assert b["n"] == 6 and 0 <= b["ci_low"] <= b["accuracy"] <= b["ci_high"] <= 1
+    png = tmp_path / "knockout.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+    assert res["edges"] == doc["edges"]
+    out = capsys.readouterr().out
+    assert all(f"[etk] knockout {e} on tiny" in out for e in EDGES)
