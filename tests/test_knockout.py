@@ -231,10 +231,9 @@ def test_random_positions_are_real_context_tokens_and_seeded(tok):
 
 # (h) end to end ------------------------------------------------------------------------------------------------------
 
-def test_run_knockout_end_to_end(tmp_path, monkeypatch, capsys):
+def test_run_knockout_end_to_end(tmp_path, capsys):
     from tests.test_eval_cli import compose_run
 
-    monkeypatch.setitem(etk.runners.patching.METHODS, "knockout", run_knockout)
     res = compose_run(tmp_path, ["method=knockout", "model=tiny", "logger=none", "data.n_boxes=3",
                                  "method.n_examples=6", "method.batch_size=3", "trainer.enable_progress_bar=false"])
     doc = json.loads((tmp_path / "results.json").read_text())
