@@ -3,16 +3,56 @@
 from __future__ import annotations
 
 import random
+import string
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 from etk.data.vocab import LETTERS
 
+SEGMENT_FIELDS = frozenset({"det", "obj", "relation", "container", "label"})
+QUERY_FIELDS = frozenset({"container", "label"})
+
+
+def _placeholders(fmt: str) -> list[str]:
+    """The placeholder names of a format string, in order (only plain `{name}` fields are allowed)."""
+    names = []
+    for _, name, spec, conversion in string.Formatter().parse(fmt):
+        if name is not None:
+            if spec or conversion:
+                raise ValueError(f"format {fmt!r}: only plain {{name}} placeholders are supported")
+            names.append(name)
+    return names
+
+
+def _check_format(fmt: str, allowed: frozenset[str], once: tuple[str, ...]) -> None:
+    names = _placeholders(fmt)
+    if unknown := set(names) - allowed:
+        raise ValueError(f"format {fmt!r}: unknown placeholders {sorted(unknown)}; allowed: {sorted(allowed)}")
+    for name in once:
+        if names.count(name) != 1:
+            raise ValueError(f"format {fmt!r} must contain {{{name}}} exactly once (it carries a position role)")
+
+
+def _fill(fmt: str, values: Mapping[str, str], start: int) -> tuple[str, dict[str, Span]]:
+    """Format `fmt` with `values`; also return the character span of each placeholder, offset by `start`."""
+    text, spans = "", {}
+    for literal, name, _, _ in string.Formatter().parse(fmt):
+        text += literal
+        if name is not None:
+            spans[name] = Span(start + len(text), start + len(text) + len(values[name]))
+            text += values[name]
+    return text, spans
+
 
 @dataclass(frozen=True)
 class Template:
     """Surface form of a prompt. The default is the paper's:
-    "The <o1> is in Box <L1>, the <o2> is in Box <L2>, ... . Box <Lq> contains the" -> " <oq>"."""
+    "The <o1> is in Box <L1>, the <o2> is in Box <L2>, ... . Box <Lq> contains the" -> " <oq>".
+
+    The text is `prefix`, the segments joined by `sep`, `end`, then `query`. Segment k is rendered from
+    `segment` (or from its entry in `overrides`, pairs (k, format) given as pairs or a mapping), with the
+    placeholders {det} (`first_det` for k = 0, else `det`), {obj}, {relation}, {container}, {label}."""
 
     first_det: str = "The"
     det: str = "the"
@@ -22,6 +62,26 @@ class Template:
     end: str = ". "
     query: str = "{container} {label} contains the"
     prefix: str = ""
+    segment: str = "{det} {obj} {relation} {container} {label}"
+    overrides: tuple[tuple[int, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        items = self.overrides.items() if isinstance(self.overrides, Mapping) else self.overrides
+        pairs = tuple(sorted((int(k), str(fmt)) for k, fmt in items))  # canonical, hashable (also from Hydra lists)
+        if len({k for k, _ in pairs}) != len(pairs) or any(k < 0 for k, _ in pairs):
+            raise ValueError(f"segment overrides need distinct non-negative indices, got {pairs}")
+        object.__setattr__(self, "overrides", pairs)
+        for fmt in (self.segment, *(f for _, f in pairs)):
+            _check_format(fmt, SEGMENT_FIELDS, once=("obj", "label"))
+        _check_format(self.query, QUERY_FIELDS, once=("label",))
+
+    def segment_format(self, k: int) -> str:
+        """The format string of segment k."""
+        return dict(self.overrides).get(k, self.segment)
+
+    def with_segment(self, k: int, fmt: str) -> "Template":
+        """A copy whose segment k is rendered from `fmt` (replacing any earlier override of k)."""
+        return replace(self, overrides=tuple({**dict(self.overrides), k: fmt}.items()))
 
 
 PAPER_TEMPLATE = Template()
@@ -91,24 +151,26 @@ class Example:
         return replace(self, query_label=label)
 
     def render(self) -> Rendered:
+        """The prompt text and the spans of every object, label and the query label, taken while formatting."""
         t = self.template
+        n = self.context.n_boxes
+        if any(k >= n for k, _ in t.overrides):
+            raise ValueError(f"template overrides segments {[k for k, _ in t.overrides]} of a {n}-box context")
         text = t.prefix
         objs: list[Span] = []
         labs: list[Span] = []
         for k, (obj, lab) in enumerate(zip(self.context.objects, self.context.labels)):
             if k:
                 text += t.sep
-            text += (t.first_det if k == 0 else t.det) + " "
-            objs.append(Span(len(text), len(text) + len(obj)))
-            text += f"{obj} {t.relation} {t.container} "
-            labs.append(Span(len(text), len(text) + len(lab)))
-            text += lab
+            values = {"det": t.first_det if k == 0 else t.det, "obj": obj, "relation": t.relation,
+                      "container": t.container, "label": lab}
+            segment, spans = _fill(t.segment_format(k), values, len(text))
+            text += segment
+            objs.append(spans["obj"])
+            labs.append(spans["label"])
         text += t.end
-        head, _, tail = t.query.partition("{label}")
-        text += head.format(container=t.container)
-        q = Span(len(text), len(text) + len(self.query_label))
-        text += self.query_label + tail.format(container=t.container)
-        return Rendered(text=text, objects=tuple(objs), labels=tuple(labs), query_label=q)
+        query, spans = _fill(t.query, {"container": t.container, "label": self.query_label}, len(text))
+        return Rendered(text=text + query, objects=tuple(objs), labels=tuple(labs), query_label=spans["label"])
 
 
 def query_examples(context: Context, template: Template = PAPER_TEMPLATE) -> list[Example]:

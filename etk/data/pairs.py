@@ -7,10 +7,11 @@ role positions come later from `etk.data.roles`, so sources carry their own role
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Callable, Sequence
 
-from etk.data.boxes import Context, Example
+from etk.data.boxes import Context, Example, Template
 from etk.data.vocab import LETTERS
 
 
@@ -98,8 +99,73 @@ def box_label_value_pairs(bases: Sequence[Example], pool: Sequence[Example], rng
     return out
 
 
+def _swap(text: str, old: str, new: str) -> str:
+    """`text` with `old` replaced by `new`; an error if the template does not contain `old`."""
+    if old not in text:
+        raise ValueError(f"this variant needs {old!r} in the template, got {text!r}")
+    return text.replace(old, new)
+
+
+def _edit_relation(t: Template, s: int, old: str, new: str) -> Template:
+    """Segment s only: its relation words `old` become `new`."""
+    return t.with_segment(s, t.segment_format(s).replace("{relation}", _swap(t.relation, old, new)))
+
+
+def _text_before_first_segment(t: Template, text: str) -> Template:
+    """`text` starts the context; the real first segment then takes the lowercase determiner."""
+    return replace(t, prefix=t.prefix + text, first_det=t.det)
+
+
+EXTRA_BOXES = "there are three additional boxes, Box PP, Box BB and Box AA, "
+
+
+def _boxes_before_segment(t: Template, s: int) -> Template:
+    """EXTRA_BOXES right before segment s (capitalised when it starts the context)."""
+    if s == 0:
+        return _text_before_first_segment(t, EXTRA_BOXES[0].upper() + EXTRA_BOXES[1:])
+    return t.with_segment(s, EXTRA_BOXES + t.segment_format(s))
+
+
+@dataclass(frozen=True)
+class PositionalVariant:
+    """A positional desideratum whose source is rewritten by `edit(template, s)` (s = the source's query index);
+    target = the base object at index (s + shift) mod n_boxes."""
+
+    edit: Callable[[Template, int], Template]
+    shift: int = 0
+
+
+POSITIONAL_VARIANTS: dict[str, PositionalVariant] = {
+    "random_text_start": PositionalVariant(
+        lambda t, s: _text_before_first_segment(t, "There are a bunch of boxes containing objects, ")),
+    "random_text_end": PositionalVariant(
+        lambda t, s: replace(t, end=", these are a bunch of boxes containing objects" + t.end)),
+    "add_tokens_btw_box_and_obj": PositionalVariant(lambda t, s: _edit_relation(t, s, "is in", "is contained in the")),
+    "add_seg_start": PositionalVariant(lambda t, s: _text_before_first_segment(t, "The apple is in Box O, ")),
+    "add_seg_end": PositionalVariant(lambda t, s: replace(t, end=", the apple is in Box O" + t.end)),
+    "add_box_before_correct_segment": PositionalVariant(_boxes_before_segment),
+    "incorrect_segment": PositionalVariant(lambda t, s: t, shift=1),  # control: the target is the wrong box
+    "altered_box_obj_order": PositionalVariant(lambda t, s: t.with_segment(s, t.query + " {obj}")),
+    "altered_box_obj_association": PositionalVariant(lambda t, s: _edit_relation(t, s, "is in", "is not in")),
+    "no_comma": PositionalVariant(lambda t, s: replace(t, sep=_swap(t.sep, ", ", " "))),
+    "add_comma": PositionalVariant(lambda t, s: replace(t, segment=_swap(t.segment, "{obj} ", "{obj}, "))),
+}
+
+
+def positional_variant_pairs(name: str, bases: Sequence[Example], pool: Sequence[Example], rng: random.Random) -> list[Pair]:
+    """The positional pairs (same draws) with each source rewritten by variant `name` and its target rule."""
+    variant = POSITIONAL_VARIANTS[name]
+    out = []
+    for p in positional_pairs(bases, pool, rng):
+        s: int = p.source.query  # type: ignore[assignment]
+        source = replace(p.source, template=variant.edit(p.source.template, s))
+        out.append(Pair(p.base, source, p.base.context.objects[(s + variant.shift) % p.base.context.n_boxes]))
+    return out
+
+
 DESIDERATA: dict[str, Callable[..., list[Pair]]] = {
     "positional": positional_pairs,
     "object_value": object_value_pairs,
     "box_label_value": box_label_value_pairs,
+    **{name: partial(positional_variant_pairs, name) for name in POSITIONAL_VARIANTS},
 }

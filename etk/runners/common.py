@@ -22,7 +22,9 @@ def output_dir() -> Path:
     """The Hydra run (or sweep job) directory."""
     from hydra.core.hydra_config import HydraConfig
 
-    return Path(HydraConfig.get().runtime.output_dir)
+    out = Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def build_logger(cfg: DictConfig):

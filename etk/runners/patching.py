@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from etk.runners.circuit_eval import run_completeness, run_faithfulness, run_minimality, run_overlap
+from etk.runners.cmap import run_activation_patching, run_cmap
 from etk.runners.eval import run_eval
 from etk.runners.knockout import run_knockout
 from etk.runners.path_patching import run_path_patching
@@ -17,6 +18,8 @@ METHODS = {
     "minimality": run_minimality,
     "overlap": run_overlap,
     "knockout": run_knockout,
+    "cmap": run_cmap,
+    "activation_patching": run_activation_patching,
 }
 
 

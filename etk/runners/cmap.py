@@ -1,0 +1,138 @@
+"""`method=cmap` and `method=activation_patching`: head-set patching across models and within a model."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from etk.artifacts import read_json, write_json
+from etk.circuits import GROUPS, SHORT, circuit_label, load_circuit
+from etk.data.datasets import prompt_loader, task_examples
+from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.interventions.components import HeadId, check_heads
+from etk.methods.cmap import ActivationPatchingModule, CMAPModule, role_heads
+from etk.metrics import wilson_interval
+from etk.models.arch import LlamaFamily
+from etk.models.pair import check_compatible
+from etk.runners.collect import markdown
+from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+
+
+def _acc(correct: torch.Tensor) -> dict[str, float]:
+    k, n = int(correct.sum()), int(correct.numel())
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n, "ci_low": lo, "ci_high": hi, "n": n}
+
+
+def cmap_circuit(cfg: DictConfig):
+    """circuit= if given, else the fine-tuned member's own circuit (the paper patches the fine-tuned circuit)."""
+    spec = cfg.get("circuit") or cfg.pair.finetuned.get("circuit")
+    if not spec:
+        raise ValueError("method=cmap needs circuit=<name or circuit.json> (or a `circuit` entry in the fine-tuned model's config)")
+    return str(spec), load_circuit(str(spec))
+
+
+def run_cmap(cfg: DictConfig) -> dict[str, Any]:
+    m = cfg.method
+    L.seed_everything(cfg.seed, verbose=False)
+    spec, circuit = cmap_circuit(cfg)
+    groups = {g: list(hs) for g, hs in circuit.groups.items()}
+    for path in m.get("dcm_runs") or []:
+        doc = read_json(path)
+        groups[doc["group"]] = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
+    module = CMAPModule(OmegaConf.to_container(cfg.pair.base, resolve=True),
+                        OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction)
+    module.configure_model()
+    dims = LlamaFamily(module.base_net).dims
+    sets = {}
+    for name in m.groups:
+        chosen = {g: groups.get(g, []) for g in GROUPS} if name == "all" else {name: groups.get(name, [])}
+        for hs in chosen.values():
+            check_heads(hs, dims)
+        sets[name] = role_heads(chosen)
+    module.head_sets = sets
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        data_cfg.n_examples = int(m.n_examples)
+    examples = task_examples(data_cfg, module.tokenizer)
+    check_compatible(module.base_net, module.ft_net, module.tokenizer, module.tokenizer,
+                     texts=[e.render().text for e in examples[:50]])
+    logger = build_logger(cfg)
+    try:
+        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        trainer.predict(module, prompt_loader(module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
+                        return_predictions=False)
+        c = module.acc.per_example()  # [2 + n_sets, N]
+        src_name, tgt_name = ((cfg.pair.finetuned.name, cfg.pair.base.name) if m.direction == "forward"
+                              else (cfg.pair.base.name, cfg.pair.finetuned.name))
+        rows = {"source_alone": _acc(c[0]), "target_alone": _acc(c[1])}
+        rows.update({name: {**_acc(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].items()}}
+                     for i, name in enumerate(sets)})
+        header = ["heads patched", f"accuracy of {tgt_name} (95% CI)"]
+        table = [[f"none: {src_name} alone", f"{rows['source_alone']['accuracy']:.3f}"],
+                 [f"none: {tgt_name} alone", f"{rows['target_alone']['accuracy']:.3f}"]]
+        table += [[f"{SHORT.get(n, n)} ({sum(len(h) for h in sets[n].values())} heads) {src_name} -> {tgt_name}",
+                   f"{rows[n]['accuracy']:.3f} [{rows[n]['ci_low']:.3f}, {rows[n]['ci_high']:.3f}]"] for n in sets]
+        md = markdown(header, table)
+        (output_dir() / "cmap_table.md").write_text(md)
+        print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")
+        payload = {"pair": cfg.pair.name, "direction": m.direction, "source_model": src_name, "target_model": tgt_name,
+                   "circuit": circuit_label(spec, circuit), "results": rows, "config": plain_config(cfg)}
+        write_json(output_dir() / "results.json", payload, "etk.cmap/v1")
+        if logger is not None:
+            logger.log_metrics({f"cmap/{k}": v["accuracy"] for k, v in rows.items()})
+        return payload
+    finally:
+        finish_logger(logger)
+
+
+def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
+    m = cfg.method
+    if not m.get("heads"):
+        raise ValueError("method=activation_patching needs method.heads=<DCM results.json or selected_heads.json>")
+    doc = read_json(Path(m.heads))
+    group = doc["group"]
+    desideratum = m.get("desideratum") or doc["desideratum"]
+    heads = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
+    L.seed_everything(cfg.seed, verbose=False)
+    module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True))
+    module.configure_model()
+    dims = LlamaFamily(module.net).dims
+    check_heads(heads, dims)
+    rng = random.Random(int(m.random_seed))
+    n_all = dims.n_layers * dims.n_heads
+    rand = [HeadId(i // dims.n_heads, i % dims.n_heads) for i in rng.sample(range(n_all), len(heads))]
+    module.head_sets = {"selected": role_heads({group: heads}), "random": role_heads({group: rand})}
+    data_cfg = cfg.data.copy()
+    with open_dict(data_cfg):
+        data_cfg.n_examples = int(m.n_examples)
+    bases = task_examples(data_cfg, module.tokenizer)
+    logger = build_logger(cfg)
+    try:
+        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        per_repeat = []
+        for r in range(int(m.repeats)):
+            pairs = desideratum_pairs(desideratum, bases, int(m.random_seed) + r)
+            trainer.predict(module, pair_loader(module.tokenizer, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
+                            return_predictions=False)
+            per_repeat.append(module.acc.compute().tolist())  # [unpatched, selected, random]
+        a = torch.tensor(per_repeat) * 100  # [repeats, 3], percent
+        names = ["unpatched_floor", "selected_heads", "random_heads"]
+        summary = {n: {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std(unbiased=False)), "per_repeat": a[:, i].tolist()}
+                   for i, n in enumerate(names)}
+        print(f"[etk] activation patching {cfg.model.name} {group}/{desideratum}, {len(heads)} heads: "
+              + ", ".join(f"{n} {v['mean']:.2f} ± {v['sd']:.2f} %" for n, v in summary.items()))
+        payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],
+                   "random_heads": [list(h) for h in rand], "repeats": int(m.repeats), "n": len(bases),
+                   "accuracy_percent": summary, "config": plain_config(cfg)}
+        write_json(output_dir() / "results.json", payload, "etk.activation_patching/v1")
+        if logger is not None:
+            logger.log_metrics({f"ap/{n}": v["mean"] for n, v in summary.items()})
+        return payload
+    finally:
+        finish_logger(logger)

@@ -1,0 +1,107 @@
+"""CMAP and activation patching: self-CMAP is the identity, different models differ only when heads are patched,
+mismatched pairs fail clearly, and activation patching finds the planted head's object value."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from etk.data.boxes import generate_examples
+from etk.data.datasets import task_vocab
+from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.interventions.components import HeadId
+from etk.interventions.hooks import hooked
+from etk.methods.cmap import capture_roles, role_heads, role_patches
+from etk.models.forward import last_logits
+from etk.models.pair import PairMismatchError, check_compatible
+from etk.models.tiny import tiny_llama, tiny_tokenizer
+from tests.helpers import batch_of, planted_model
+from tests.test_eval_cli import compose_run
+
+GROUPS = {"value_fetcher": [HeadId(1, 2), HeadId(0, 1)], "pos_detector": [HeadId(0, 3)], "struct_reader": [HeadId(1, 0)]}
+
+
+def cmap_logits(source, target, batch, groups):
+    roles = role_heads(groups)
+    src = capture_roles(source, batch, roles)
+    with hooked(target, patches=role_patches(roles, src, batch, 4)):
+        return last_logits(target, batch)
+
+
+def test_cmap_of_a_model_with_itself_is_the_identity(tiny, tok):
+    batch, _ = batch_of(tok, n=6, n_boxes=3)
+    assert torch.equal(cmap_logits(tiny, tiny, batch, GROUPS), last_logits(tiny, batch))
+
+
+def test_cmap_between_different_models_changes_outputs_only_when_patching(tiny, tok):
+    other = tiny_llama(len(tok), n_layers=2, n_heads=4, n_kv_heads=2, seed=9)
+    batch, _ = batch_of(tok, n=6, n_boxes=3)
+    plain = last_logits(tiny, batch)
+    assert torch.equal(cmap_logits(other, tiny, batch, {}), plain)
+    assert not torch.allclose(cmap_logits(other, tiny, batch, GROUPS), plain)
+    # one head patched: equals a hand-written pre-hook writing the other model's z of head 2 at `last`
+    roles = role_heads({"value_fetcher": [HeadId(1, 2)]})
+    want = capture_roles(other, batch, roles)[("last", 1)][:, 0, 2]  # [B, D]
+    pos = batch.roles["last"]
+
+    def pre(mod, args):
+        x = args[0].clone()
+        for b in range(x.shape[0]):
+            x[b, pos[b], 32:48] = want[b]
+        return (x,)
+
+    h = tiny.model.layers[1].self_attn.o_proj.register_forward_pre_hook(pre)
+    try:
+        ref = last_logits(tiny, batch)
+    finally:
+        h.remove()
+    assert torch.allclose(cmap_logits(other, tiny, batch, {"value_fetcher": [HeadId(1, 2)]}), ref, atol=1e-6)
+
+
+def test_role_heads_merge_groups_sharing_a_role():
+    r = role_heads({"value_fetcher": [HeadId(1, 2)], "pos_transmitter": [HeadId(1, 2), HeadId(0, 0)]})
+    assert r == {"last": [HeadId(1, 2), HeadId(0, 0)]}
+
+
+def test_mismatched_pairs_give_clear_errors(tiny, tok):
+    deeper = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2)
+    with pytest.raises(PairMismatchError, match="n_layers differs: base has 2, finetuned has 3"):
+        check_compatible(tiny, deeper, tok, tok)
+    other_tok = tiny_tokenizer(extra_words=("zzqxv",))
+    wide = tiny_llama(len(other_tok), n_layers=2, n_heads=4, n_kv_heads=2)
+    with pytest.raises(PairMismatchError, match="vocab_size differs"):
+        check_compatible(tiny, wide, tok, other_tok)
+    with pytest.raises(PairMismatchError, match="tokenizer vocabularies differ"):
+        check_compatible(tiny, copy.deepcopy(tiny), tok, other_tok)
+
+
+def test_activation_patching_finds_the_planted_object_value(tok):
+    from etk.methods.cmap import ActivationPatchingModule
+
+    model = planted_model(tok, head=2)
+    objects, labels = task_vocab(tok, 2)
+    exs = generate_examples(40, 2, objects, labels, seed=0)
+    batch = next(iter(pair_loader(tok, desideratum_pairs("object_value", exs, 0), 40)))
+    module = ActivationPatchingModule({"name": "planted"})
+    module.net, module.tokenizer = model, tok
+    module.head_sets = {"planted": role_heads({"value_fetcher": [HeadId(1, 2)]}),
+                        "wrong": role_heads({"value_fetcher": [HeadId(1, 0)]})}
+    module.on_predict_epoch_start()
+    module.predict_step(batch, 0)
+    unpatched, planted, wrong = module.acc.compute().tolist()
+    assert planted > 0.3 and unpatched < 0.1 and wrong == unpatched  # the head carries the source's objects
+
+
+def test_cmap_and_activation_patching_cli(tmp_path):
+    res = compose_run(tmp_path / "cmap", ["method=cmap", "pair=tiny_self", "data.n_boxes=3", "method.n_examples=8",
+                                          "logger=none", "trainer.enable_progress_bar=false"])
+    r = res["results"]
+    assert r["all"]["accuracy"] == r["target_alone"]["accuracy"] == r["source_alone"]["accuracy"]
+    assert (tmp_path / "cmap" / "cmap_table.md").exists()
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"group": "value_fetcher", "desideratum": "object_value", "heads": [[1, 2]]}))
+    ap = compose_run(tmp_path / "ap", ["method=activation_patching", f"method.heads={heads}", "model=tiny",
+                                       "data.n_boxes=3", "method.n_examples=8", "method.repeats=2", "logger=none",
+                                       "trainer.enable_progress_bar=false"])
+    assert len(ap["accuracy_percent"]["selected_heads"]["per_repeat"]) == 2
