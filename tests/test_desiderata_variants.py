@@ -17,40 +17,47 @@ CTX = Context(0, ("apple", "computer", "book"), ("F", "Q", "A"))
 DEFAULT_TEXT = "The apple is in Box F, the computer is in Box Q, the book is in Box A. Box Q contains the"
 VARIANTS = sorted(POSITIONAL_VARIANTS)
 
-# Source = CTX queried at box 1 (s = 1), rewritten by each variant.
+# Source = CTX queried at box 1 (s = 1), rewritten by each variant; every query reads ". Box Q contains the".
 EXPECTED_S1 = {
-    "random_text_start": "There are a bunch of boxes containing objects, the apple is in Box F, the computer is in Box Q, "
-                         "the book is in Box A. Box Q contains the",
-    "random_text_end": "The apple is in Box F, the computer is in Box Q, the book is in Box A, these are a bunch of boxes "
-                       "containing objects. Box Q contains the",
-    "add_tokens_btw_box_and_obj": "The apple is in Box F, the computer is contained in the Box Q, the book is in Box A. "
-                                  "Box Q contains the",
-    "add_seg_start": "The apple is in Box O, the apple is in Box F, the computer is in Box Q, the book is in Box A. "
-                     "Box Q contains the",
-    "add_seg_end": "The apple is in Box F, the computer is in Box Q, the book is in Box A, the apple is in Box O. "
-                   "Box Q contains the",
-    "add_box_before_correct_segment": "The apple is in Box F, there are three additional boxes, Box PP, Box BB and Box AA, "
-                                      "the computer is in Box Q, the book is in Box A. Box Q contains the",
+    "random_text_start":
+        "There are a bunch of boxes containing objects, the apple is in Box F, the computer is in Box Q, "
+        "the book is in Box A. Box Q contains the",
+    "random_text_end":
+        "The apple is in Box F, the computer is in Box Q, the book is in Box A, "
+        "these are a bunch of boxes containing objects. Box Q contains the",
+    "add_tokens_btw_box_and_obj":
+        "The apple is in Box F, the computer is contained in the Box Q, the book is in Box A. Box Q contains the",
+    "add_seg_start":
+        "The apple is in Box O, the apple is in Box F, the computer is in Box Q, "
+        "the book is in Box A. Box Q contains the",
+    "add_seg_end":
+        "The apple is in Box F, the computer is in Box Q, "
+        "the book is in Box A, the apple is in Box O. Box Q contains the",
+    "add_box_before_correct_segment":
+        "The apple is in Box F, there are three additional boxes, Box PP, Box BB and Box AA, "
+        "the computer is in Box Q, the book is in Box A. Box Q contains the",
     "incorrect_segment": DEFAULT_TEXT,
-    "altered_box_obj_order": "The apple is in Box F, Box Q contains the computer, the book is in Box A. Box Q contains the",
-    "altered_box_obj_association": "The apple is in Box F, the computer is not in Box Q, the book is in Box A. "
-                                   "Box Q contains the",
+    "altered_box_obj_order":
+        "The apple is in Box F, Box Q contains the computer, the book is in Box A. Box Q contains the",
+    "altered_box_obj_association":
+        "The apple is in Box F, the computer is not in Box Q, the book is in Box A. Box Q contains the",
     "no_comma": "The apple is in Box F the computer is in Box Q the book is in Box A. Box Q contains the",
     "add_comma": "The apple, is in Box F, the computer, is in Box Q, the book, is in Box A. Box Q contains the",
 }
 
 # The variants whose edit depends on the queried segment, at s = 0 and s = 2 (first and last segment).
 EXPECTED_EDGES = {
-    ("add_box_before_correct_segment", 0): "There are three additional boxes, Box PP, Box BB and Box AA, the apple is in "
-                                           "Box F, the computer is in Box Q, the book is in Box A. Box F contains the",
-    ("altered_box_obj_order", 0): "Box F contains the apple, the computer is in Box Q, the book is in Box A. "
-                                  "Box F contains the",
-    ("altered_box_obj_order", 2): "The apple is in Box F, the computer is in Box Q, Box A contains the book. "
-                                  "Box A contains the",
-    ("add_tokens_btw_box_and_obj", 2): "The apple is in Box F, the computer is in Box Q, the book is contained in the "
-                                       "Box A. Box A contains the",
-    ("altered_box_obj_association", 0): "The apple is not in Box F, the computer is in Box Q, the book is in Box A. "
-                                        "Box F contains the",
+    ("add_box_before_correct_segment", 0):
+        "There are three additional boxes, Box PP, Box BB and Box AA, "
+        "the apple is in Box F, the computer is in Box Q, the book is in Box A. Box F contains the",
+    ("altered_box_obj_order", 0):
+        "Box F contains the apple, the computer is in Box Q, the book is in Box A. Box F contains the",
+    ("altered_box_obj_order", 2):
+        "The apple is in Box F, the computer is in Box Q, Box A contains the book. Box A contains the",
+    ("add_tokens_btw_box_and_obj", 2):
+        "The apple is in Box F, the computer is in Box Q, the book is contained in the Box A. Box A contains the",
+    ("altered_box_obj_association", 0):
+        "The apple is not in Box F, the computer is in Box Q, the book is in Box A. Box F contains the",
 }
 
 
@@ -168,20 +175,20 @@ def test_roles_decode_in_modified_sources(tok, pool, side):
         assert sorted(r["objects"][b].tolist()) == r["objects"][b].tolist(), name  # context order is kept
 
 
-@pytest.mark.parametrize("name", ["add_seg_start", "add_seg_end", "add_box_before_correct_segment"])
-def test_inserted_words_equal_to_context_words_are_not_roles(tok, name):
-    """The inserted "apple", "Box O" and "Box AA"-like words may coincide with the context's; roles still point at
-    the real segments because they come from spans, not from searching the text."""
+@pytest.mark.parametrize("name,s,role,k,real", [
+    ("add_seg_start", 0, "objects", 0, 1), ("add_seg_start", 0, "labels", 0, 1),  # inserted before: 2nd is real
+    ("add_seg_end", 0, "objects", 0, 0), ("add_seg_end", 0, "labels", 0, 0),  # appended after: 1st is real
+    ("add_box_before_correct_segment", 1, "labels", 1, -1),  # "Box AA" precedes the real "Box A" of segment 1
+])
+def test_inserted_words_equal_to_context_words_are_not_roles(tok, name, s, role, k, real):
+    """Inserted words ("apple", "O", "AA") may coincide with context words; roles still point at the real segment
+    because they come from render spans, not from searching the text."""
     ctx = Context(1, ("apple", "book", "computer"), ("O", "A", "B"))
-    ex = Example(ctx, "O", POSITIONAL_VARIANTS[name].edit(PAPER_TEMPLATE, 0))
+    ex = Example(ctx, ctx.labels[s], POSITIONAL_VARIANTS[name].edit(PAPER_TEMPLATE, s))
     enc = encode_example(tok, ex)
-    text_ids = enc.input_ids
-    apple = tok.encode(" apple", add_special_tokens=False)[0]
-    assert text_ids.count(apple) == (2 if name != "add_box_before_correct_segment" else 1)
-    r = ex.render()
-    inserted_first = name != "add_seg_end"
-    assert (r.objects[0].start > r.text.index("apple")) == (inserted_first and name == "add_seg_start")
-    assert text_ids[enc.roles["objects"][0]] == apple and text_ids[enc.roles["labels"][0]] == text_ids[enc.roles["query_label"]]
-    if name == "add_seg_end":
-        assert enc.roles["objects"][0] < len(text_ids) - 10  # the real first segment, not the appended one
-        assert r.text.rindex("apple") > r.objects[0].start
+    word = (ctx.objects if role == "objects" else ctx.labels)[k]
+    word_id = tok.encode(" " + word, add_special_tokens=False)[0]
+    context = enc.input_ids[: len(enc.input_ids) - 4]  # without "Box <L> contains the"
+    hits = [i for i, t in enumerate(context) if t == word_id]
+    assert len(hits) == 2  # the inserted copy and the real one
+    assert enc.roles[role][k] == hits[real]

@@ -1,7 +1,8 @@
 """Counterfactual pair builders, one small function per method (SPEC §2.1, §3.1, §4.1).
 
 Every builder is seeded through the `random.Random` it receives and returns plain `Example`s; tokenization and
-role positions come later from `etk.data.roles`, so sources carry their own roles.
+role positions come later from `etk.data.roles`, so sources carry their own roles. The paper's 11 additional
+positional desiderata are one table, `POSITIONAL_VARIANTS`: a rewrite of the source's template and a target rule.
 """
 
 from __future__ import annotations
@@ -152,7 +153,9 @@ POSITIONAL_VARIANTS: dict[str, PositionalVariant] = {
 }
 
 
-def positional_variant_pairs(name: str, bases: Sequence[Example], pool: Sequence[Example], rng: random.Random) -> list[Pair]:
+def positional_variant_pairs(
+    name: str, bases: Sequence[Example], pool: Sequence[Example], rng: random.Random
+) -> list[Pair]:
     """The positional pairs (same draws) with each source rewritten by variant `name` and its target rule."""
     variant = POSITIONAL_VARIANTS[name]
     out = []

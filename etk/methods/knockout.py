@@ -25,8 +25,9 @@ class KnockoutModule(ModelHost):
     `self.acc.per_example()` is [K, N] correctness in the order of `self.configs()`."""
 
     def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
-                 rows_per_forward: int = 256, random_seed: int = 5):
+                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1):
         super().__init__(model_cfg)
+        self.every = max(1, int(start_layers_every))
         for e in edges:
             parse_edge(e)
         self.edges = list(edges)
@@ -41,9 +42,9 @@ class KnockoutModule(ModelHost):
         return LlamaFamily(self.net).dims.n_layers
 
     def start_layers(self) -> list[int]:
-        """The swept start layers (default: every layer)."""
+        """The swept start layers (default: every layer, or every `start_layers_every`-th)."""
         L = self.n_layers
-        layers = list(range(L)) if self.requested_start_layers is None else self.requested_start_layers
+        layers = list(range(0, L, self.every)) if self.requested_start_layers is None else self.requested_start_layers
         bad = [s for s in layers if not 0 <= s < L]
         if bad:
             raise ValueError(f"start layers {bad} out of range (model has {L} layers)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,24 @@ def plain_config(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.create(c), resolve=True)  # type: ignore[return-value]
 
 
+_OUT_OVERRIDE: list[Path] = []
+
+
+@contextmanager
+def step_output(path: Path):
+    """Inside the block, `output_dir()` is `path` (a study runs each step in its own folder)."""
+    _OUT_OVERRIDE.append(Path(path))
+    try:
+        yield Path(path)
+    finally:
+        _OUT_OVERRIDE.pop()
+
+
 def output_dir() -> Path:
-    """The Hydra run (or sweep job) directory."""
+    """The Hydra run (or sweep job) directory, or the current study step's folder."""
     from hydra.core.hydra_config import HydraConfig
 
-    out = Path(HydraConfig.get().runtime.output_dir)
+    out = _OUT_OVERRIDE[-1] if _OUT_OVERRIDE else Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 

@@ -45,7 +45,7 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     module = KnockoutModule(OmegaConf.to_container(cfg.model, resolve=True), list(m.edges),
                             None if m.get("start_layers") is None else list(m.start_layers),
-                            int(m.rows_per_forward), int(m.random_seed))
+                            int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)))
     module.configure_model()
     logger = build_logger(cfg)
     try:

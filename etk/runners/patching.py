@@ -9,6 +9,7 @@ from etk.runners.cmap import run_activation_patching, run_cmap
 from etk.runners.eval import run_eval
 from etk.runners.knockout import run_knockout
 from etk.runners.path_patching import run_path_patching
+from etk.runners.study import run_study
 
 METHODS = {
     "eval": run_eval,
@@ -20,6 +21,7 @@ METHODS = {
     "knockout": run_knockout,
     "cmap": run_cmap,
     "activation_patching": run_activation_patching,
+    "study": run_study,
 }
 
 

@@ -57,6 +57,11 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             stage = STAGES[group]
             if stage.receiver_site is not None and prev is None:
                 raise ValueError(f"stage {group!r} needs the previous stage's receivers; list the stages in order")
+            if stage.receiver_site is not None and not prev:
+                print(f"[etk] {SHORT[group]}: skipped, the previous stage scored no sender (no receivers)")
+                groups[group], reports[group] = [], {"skipped": "no receivers"}
+                prev = []
+                continue
             rec = None if stage.receiver_site is None else receivers_from(prev, stage.receiver_site, dims)
             reach = reachable_layers(stage, rec, dims.n_layers)
             senders = [h for h in all_heads(dims) if h.layer in reach]
@@ -83,8 +88,6 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             groups[group] = top_k(chosen, int(m.circuit_top_k[group]), mask)
             if group in m.receivers_top_k:
                 prev = top_k(chosen, int(m.receivers_top_k[group]), mask)
-                if not prev:
-                    raise ValueError(f"stage {group!r} scored no sender, so the next stage has no receivers")
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
                          f"{cfg.model.name}: {SHORT[group]} path-patching scores", groups[group])
             reports[group] = report
