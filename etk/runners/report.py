@@ -36,7 +36,8 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
         lines += ["## 1. Task accuracy (95% Wilson CI)", "", markdown(header, rows)]
         a = {d["model"]: d["accuracy"] for d in acc}
         if base in a and ft in a:
-            headline.append(f"Fine-tuning moves {cfg.data.n_boxes}-box accuracy from {a[base]:.3f} to {a[ft]:.3f}.")
+            headline.append(f"Fine-tuning moves {cfg.data.n_boxes}-box accuracy from {a[base]:.3f} (`{base}`) to "
+                            f"{a[ft]:.3f} (`{ft}`).")
 
     pp = _docs(root, "path_patching")
     if pp:
@@ -62,8 +63,8 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
                   "F(circuit)/F(model) with paired-bootstrap 95% CI; random circuits of the same sizes in parentheses.", "",
                   markdown(header, rows)]
         by = {(d["circuit"], d["model"]): d for d in fa}
-        if ("base_circuit", ft) in by:
-            f = by[("base_circuit", ft)]["faithfulness"]
+        f = by.get(("base_circuit", ft), {}).get("faithfulness")
+        if f is not None and f == f:  # not NaN (NaN when the model's accuracy is 0)
             headline.append(f"The base model's circuit recovers {f:.2f} of the fine-tuned model's accuracy "
                             f"({'it explains most of it' if f >= 0.8 else 'only part of it'}).")
 

@@ -1,0 +1,53 @@
+"""The study report end to end on the tiny pair (small sizes), resumability, and cluster/multi-GPU config
+composition."""
+
+import json
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from tests.conftest import CONF
+from tests.test_eval_cli import compose_run
+
+SMALL = ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetuned.tiny.n_layers=3", "data.n_boxes=3",
+         "data.n_examples=20", "logger=none", "trainer.enable_progress_bar=false", "method.accuracy.box_counts=[3]",
+         "method.path_patching.n_examples=6", "method.path_patching.batch_size=6", "method.faithfulness.n_examples=8",
+         "method.faithfulness.n_random=2", "method.ablation_prompts=8", "method.dcm.groups=[value_fetcher]",
+         "method.dcm.desiderata=[object,position]", "method.dcm.sizes.n_train=16", "method.dcm.sizes.n_eval=8",
+         "method.dcm.sizes.n_test=8", "method.dcm.sizes.batch_size=8", "method.activation_patching.n_examples=8",
+         "method.activation_patching.repeats=1", "method.cmap.n_examples=8", "method.knockout.n_examples=4",
+         "method.knockout.batch_size=4"]
+
+
+def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
+    res = compose_run(tmp_path, SMALL)
+    report = (tmp_path / "report.md").read_text()
+    for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Faithfulness",
+                    "## 4. DCM", "## 5. Activation patching", "## 6. Cross-model activation patching",
+                    "## 7. Attention knockout", "## Headline"):
+        assert section in report, section
+    assert (tmp_path / "faithfulness_matrix.md").exists()
+    assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"
+    assert json.loads((tmp_path / "cmap" / "reverse" / "results.json").read_text())["target_model"] == "tiny_other"
+    assert not any("skipped" in line for line in res["log"])
+    # a rerun skips every finished job; a corrupt result is recomputed
+    (tmp_path / "knockout" / "base" / "results.json").write_text(json.dumps({"schema": "something/else"}))
+    again = compose_run(tmp_path, SMALL)
+    skipped = [line for line in again["log"] if "skipped" in line]
+    assert len(skipped) == len(again["log"]) - 1
+    assert any(line.startswith("knockout/base:") and "skipped" not in line for line in again["log"])
+
+
+def test_unknown_study_step(tmp_path):
+    with pytest.raises(ValueError, match="unknown study steps"):
+        compose_run(tmp_path, ["method=study", "pair=tiny", "method.steps=[accuracy,telepathy]", "logger=none"])
+
+
+@pytest.mark.parametrize("primary", ["patching", "dcm", "finetune"])
+def test_cluster_launcher_and_multi_gpu_options_compose(primary):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(primary, overrides=["hydra/launcher=etk_slurm", "hydra.launcher.partition=gpu", "trainer.devices=4",
+                                          "trainer.strategy=ddp"], return_hydra_config=True)
+    assert "submitit" in cfg.hydra.launcher._target_.lower()
+    assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.partition == "gpu"
+    assert cfg.trainer.devices == 4 and cfg.trainer.strategy == "ddp"
