@@ -12,6 +12,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def head_heatmap(scores: torch.Tensor, path: str | Path, title: str, highlight: Sequence[tuple[int, int]] = ()) -> Path:
     """[layer, head] scores; diverging colours centred at 0 (negative = important); highlighted heads boxed."""
     s = scores.detach().float().cpu()
@@ -25,12 +34,7 @@ def head_heatmap(scores: torch.Tensor, path: str | Path, title: str, highlight: 
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="score")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str | Path, title: str,
@@ -42,12 +46,7 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def matrix_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: str | Path,
@@ -63,12 +62,7 @@ def matrix_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols:
             ax.text(j, i, f"{float(v[i, j]):.2f}", ha="center", va="center", color="white")
     ax.set_title(title)
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def mask_plot(values: torch.Tensor, names: Sequence[str], path: str | Path, title: str) -> Path:
@@ -80,9 +74,4 @@ def mask_plot(values: torch.Tensor, names: Sequence[str], path: str | Path, titl
     ax.axvline(0.5, color="black", lw=0.8, ls="--")
     ax.set_xlabel("mask (1 = keep base, 0 = patch source)")
     ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

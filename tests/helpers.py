@@ -66,3 +66,18 @@ def planted_model(tok, head=2):
         arch.lm_head.weight[~is_obj] = 0
         arch.lm_head.weight[~is_obj, 0] = -100.0  # non-objects never win
     return m.eval()
+
+
+def compose_cfg(primary: str, run_dir, overrides: list[str]):
+    """Compose a primary config with a run directory, registered as the current Hydra config (so
+    `${hydra:...}` and `output_dir()` resolve as under the real CLI)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose(primary, overrides=overrides + [f"hydra.run.dir={run_dir}"], return_hydra_config=True)
+    cfg.hydra.runtime.output_dir = str(run_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg

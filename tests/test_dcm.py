@@ -9,8 +9,6 @@ import sys
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
 from etk.data.boxes import generate_examples
 from etk.data.datasets import task_vocab
@@ -20,8 +18,8 @@ from etk.methods.dcm import DCMModule
 from etk.methods.head_patching import HeadSet, patched_last_logits, source_z
 from etk.models.forward import last_logits
 from etk.runners.dcm import run_dcm
-from tests.conftest import CONF, ROOT
-from tests.helpers import planted_model
+from tests.conftest import ROOT
+from tests.helpers import compose_cfg, planted_model
 
 TINY_CFG = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2}, "dtype": "float32"}
 
@@ -55,11 +53,7 @@ def test_mask_endpoints(tiny, tok):
 
 
 def compose_dcm(tmp_path, overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("dcm", overrides=overrides + [f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_cfg("dcm", tmp_path, overrides)
 
 
 SMALL = ["logger=none", "dcm.n_train=48", "dcm.n_eval=24", "dcm.n_test=24", "dcm.batch_size=8", "data.n_boxes=3",

@@ -6,19 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
 from etk.runners.patching import run
-from tests.conftest import CONF, ROOT
+from tests.conftest import ROOT
+from tests.helpers import compose_cfg
 
 
 def compose_run(tmp_path, overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("patching", overrides=overrides + [f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
-    return run(cfg)
+    return run(compose_cfg("patching", tmp_path, overrides))
 
 
 @pytest.mark.parametrize("logger", ["csv", "wandb", "none"])

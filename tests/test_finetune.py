@@ -2,20 +2,15 @@
 exported adapter round-trips through the model loader and changes the logits."""
 
 import json
-import random
 
-import lightning as L
-import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 
 from etk.data.finetune_data import TRAIN_TEMPLATES, arithmetic_items, boxes_items
 from etk.data.vocab import load_objects
 from etk.methods.finetune import IGNORE, collate_lm, encode_items
 from etk.models.loading import load_model
 from etk.runners.finetune import run_finetune
-from tests.conftest import CONF
+from tests.helpers import compose_cfg
 
 
 def test_boxes_training_text_is_disjoint_from_evaluation(tok):
@@ -48,11 +43,7 @@ def test_loss_only_on_answer_tokens(tok):
 
 
 def compose_finetune(tmp_path, overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("finetune", overrides=overrides + [f"hydra.run.dir={tmp_path}"], return_hydra_config=True)
-    cfg.hydra.runtime.output_dir = str(tmp_path)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    return compose_cfg("finetune", tmp_path, overrides)
 
 
 def test_finetune_tiny_end_to_end(tmp_path, tiny):

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-import etk.runners.patching
 from etk.data.roles import PromptBatch
 from etk.interventions.knockout import (
     KNOCKOUT_ATTN, STATE_ATTR, config_rows, edge_positions, knockout, parse_edge, random_context_positions,
@@ -16,7 +15,6 @@ from etk.methods.knockout import KnockoutModule
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.tiny import tiny_llama
-from etk.runners.knockout import run_knockout
 from tests.helpers import batch_of, mixed_length_examples, planted_model
 
 EDGES = ["last->correct_object", "last->query_label", "last->random", "query_label->prev_query_label",

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from etk.circuits import GROUP_ROLE
 from etk.data.roles import PairBatch

@@ -6,7 +6,7 @@ import random
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_json
 from etk.circuits import Circuit, circuit_label, load_circuit, overlap
@@ -19,7 +19,7 @@ from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
 from etk.methods.circuit_eval.module import AblationEval
 from etk.models.arch import LlamaFamily
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 
 
 class Evaluator:
@@ -42,9 +42,7 @@ class Evaluator:
                              return_predictions=False)
         self.module.finish_means()
         self.module.mode = "eval"
-        data_cfg = cfg.data.copy()
-        with open_dict(data_cfg):
-            data_cfg.n_examples = int(m.n_examples)
+        data_cfg = data_config(cfg, m.n_examples)
         self.loader = prompt_loader(tok, task_examples(data_cfg, tok), int(m.batch_size), cfg.data.padding_side)
         self.evaluations = 0
 

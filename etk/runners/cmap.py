@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json, write_json
 from etk.circuits import GROUPS, SHORT, circuit_label, load_circuit
@@ -20,7 +20,7 @@ from etk.metrics import wilson_interval
 from etk.models.arch import LlamaFamily
 from etk.models.pair import check_compatible
 from etk.runners.collect import markdown
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
 
 
 def _acc(correct: torch.Tensor) -> dict[str, float]:
@@ -56,9 +56,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
             check_heads(hs, dims)
         sets[name] = role_heads(chosen)
     module.head_sets = sets
-    data_cfg = cfg.data.copy()
-    with open_dict(data_cfg):
-        data_cfg.n_examples = int(m.n_examples)
+    data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
     check_compatible(module.base_net, module.ft_net, module.tokenizer, module.tokenizer,
                      texts=[e.render().text for e in examples[:50]])
@@ -108,9 +106,7 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     n_all = dims.n_layers * dims.n_heads
     rand = [HeadId(i // dims.n_heads, i % dims.n_heads) for i in rng.sample(range(n_all), len(heads))]
     module.head_sets = {"selected": role_heads({group: heads}), "random": role_heads({group: rand})}
-    data_cfg = cfg.data.copy()
-    with open_dict(data_cfg):
-        data_cfg.n_examples = int(m.n_examples)
+    data_cfg = data_config(cfg, m.n_examples)
     bases = task_examples(data_cfg, module.tokenizer)
     logger = build_logger(cfg)
     try:

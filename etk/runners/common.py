@@ -89,3 +89,13 @@ def require_circuit(cfg: DictConfig):
     if not cfg.get("circuit"):
         raise ValueError("this method needs circuit=<llama_7b|goat_7b|float_7b|path/to/circuit.json>")
     return str(cfg.circuit), load_circuit(str(cfg.circuit))
+
+
+def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:
+    """The run's `data` block with another number of prompts."""
+    from omegaconf import open_dict
+
+    d = cfg.data.copy()
+    with open_dict(d):
+        d.n_examples = int(n_examples)
+    return d

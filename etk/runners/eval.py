@@ -23,6 +23,24 @@ def evaluate(module: AccuracyModule, data_cfg: DictConfig, trainer: L.Trainer) -
     return module.acc.compute()
 
 
+def evaluate_box_counts(module: AccuracyModule, data_cfg: DictConfig, counts: list[int], trainer: L.Trainer,
+                        label: str, logger=None) -> list[dict[str, Any]]:
+    """Accuracy with a 95% interval at each box count (the model is loaded once); prints one line each."""
+    rows = []
+    for n in counts:
+        d = data_cfg.copy()
+        with open_dict(d):
+            d.n_boxes = int(n)
+        res = {"n_boxes": int(n), **evaluate(module, d, trainer)}
+        rows.append(res)
+        print(f"[etk] {label} n_boxes={n}: accuracy={res['accuracy']:.3f} "
+              f"(95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}, n={res['n']})")
+        if logger is not None:
+            logger.log_metrics({f"accuracy/{n}_boxes": res["accuracy"], f"ci_low/{n}_boxes": res["ci_low"],
+                                f"ci_high/{n}_boxes": res["ci_high"]})
+    return rows
+
+
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     module = AccuracyModule(OmegaConf.to_container(cfg.model, resolve=True))
@@ -31,18 +49,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         counts = list(cfg.method.get("box_counts") or [cfg.data.n_boxes])
-        rows = []
-        for n in counts:
-            data_cfg = cfg.data.copy()
-            with open_dict(data_cfg):
-                data_cfg.n_boxes = int(n)
-            res = {"n_boxes": int(n), **evaluate(module, data_cfg, trainer)}
-            rows.append(res)
-            print(f"[etk] {cfg.model.name} n_boxes={n}: accuracy={res['accuracy']:.3f} "
-                  f"(95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}, n={res['n']})")
-            if logger is not None:
-                logger.log_metrics({f"accuracy/{n}_boxes": res["accuracy"], f"ci_low/{n}_boxes": res["ci_low"],
-                                    f"ci_high/{n}_boxes": res["ci_high"]})
+        rows = evaluate_box_counts(module, cfg.data, counts, trainer, cfg.model.name, logger)
         main = rows[-1] if len(rows) == 1 else next((r for r in rows if r["n_boxes"] == cfg.data.n_boxes), rows[-1])
         payload = {"model": cfg.model.name, **main, "by_n_boxes": rows, "config": plain_config(cfg)}
         write_json(output_dir() / "results.json", payload, SCHEMA)

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from etk.artifacts import write_json
@@ -24,7 +24,7 @@ from etk.methods.accuracy import AccuracyModule
 from etk.methods.finetune import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import resolve_path
 from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
-from etk.runners.eval import evaluate
+from etk.runners.eval import evaluate_box_counts
 
 SCHEMA = "etk.finetune/v1"
 
@@ -43,18 +43,8 @@ def evaluate_model(module: FineTuneModule, cfg: DictConfig, logger) -> list[dict
     acc = AccuracyModule(module.hparams.model_cfg)
     acc.net, acc.tokenizer = module.merged(), module.tokenizer
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
-    rows = []
-    for n in cfg.eval.box_counts:
-        data_cfg = cfg.data.copy()
-        with open_dict(data_cfg):
-            data_cfg.n_boxes = int(n)
-        res = {"n_boxes": int(n), **evaluate(acc, data_cfg, trainer)}
-        rows.append(res)
-        print(f"[etk] fine-tuned {cfg.model.name}+{cfg.finetune_data.kind} n_boxes={n}: accuracy={res['accuracy']:.3f} "
-              f"(95% CI {res['ci_low']:.3f}-{res['ci_high']:.3f}, n={res['n']})")
-        if logger is not None:
-            logger.log_metrics({f"eval/accuracy_{n}_boxes": res["accuracy"]})
-    return rows
+    return evaluate_box_counts(acc, cfg.data, list(cfg.eval.box_counts), trainer,
+                               f"fine-tuned {cfg.model.name}+{cfg.finetune_data.kind}", logger)
 
 
 def export_adapter(adapter_dir: Path, target: Path, card: dict[str, Any]) -> None:

@@ -7,14 +7,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_json
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.knockout import KnockoutModule
 from etk.metrics import wilson_interval
 from etk.plots import line_plot
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.knockout/v1"
 PLOT = "knockout.png"
@@ -50,9 +50,7 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
     logger = build_logger(cfg)
     try:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
-        data_cfg = cfg.data.copy()
-        with open_dict(data_cfg):
-            data_cfg.n_examples = int(m.n_examples)
+        data_cfg = data_config(cfg, m.n_examples)
         tok = module.tokenizer
         loader = prompt_loader(tok, task_examples(data_cfg, tok), int(m.batch_size), cfg.data.padding_side)
         trainer.predict(module, loader, return_predictions=False)

@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_json
 from etk.circuits import SHORT, Circuit, save_score_map, top_k
@@ -17,7 +17,7 @@ from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from
 from etk.models.arch import LlamaFamily
 from etk.plots import head_heatmap
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.path_patching/v1"
 
@@ -41,9 +41,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                                 m.suffix_chunk_rows)
     module.configure_model()
     dims = LlamaFamily(module.net).dims
-    data_cfg = cfg.data.copy()
-    with open_dict(data_cfg):
-        data_cfg.n_examples = int(m.n_examples)
+    data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
     loader = pp_loader(module.tokenizer, examples, int(m.seed), int(m.batch_size), data_cfg.padding_side)
     logger = build_logger(cfg)

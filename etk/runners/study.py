@@ -13,7 +13,7 @@ from typing import Any, Callable
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from etk.artifacts import read_json
-from etk.circuits import GROUPS, load_circuit, overlap
+from etk.circuits import load_circuit, overlap
 from etk.runners.circuit_eval import run_faithfulness
 from etk.runners.cmap import run_activation_patching, run_cmap
 from etk.runners.common import free_model, output_dir, step_output
