@@ -95,6 +95,10 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 logger.log_metrics({f"path_patching/{group}/{a}_wall_s": report[a]["wall_s"] for a in runs})
                 if hasattr(logger, "log_image"):
                     logger.log_image(key=f"path_patching/{group}", images=[str(out / "heatmaps" / f"{group}.png")])
+                if hasattr(logger, "log_table"):  # long format: one row per head
+                    logger.log_table(key=f"path_patching/{group}_scores", columns=["layer", "head", "score"],
+                                     data=[[lay, h, float(chosen[lay, h])] for lay in range(dims.n_layers)
+                                           for h in range(dims.n_heads)])
         meta = {"model": cfg.model.name, "seed": int(m.seed), "n_examples": len(examples), "algorithm": m.algorithm,
                 "exact": m.algorithm != "attribution" or bool(m.compare_exact),
                 "schedule": {"receivers_top_k": OmegaConf.to_container(m.receivers_top_k),
