@@ -19,7 +19,7 @@ from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
 from etk.methods.circuit_eval.module import AblationEval
 from etk.models.arch import LlamaFamily
-from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.runners.common import data_config, emit, build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 
 
 class Evaluator:
@@ -63,10 +63,7 @@ def _run(cfg: DictConfig, schema: str, body) -> dict[str, Any]:
         res = body(ev, circuit)
         payload = {"model": cfg.model.name, "circuit": circuit_label(spec, circuit), "circuit_spec": spec,
                    "circuit_sizes": circuit.sizes(), **res, "evaluations": ev.evaluations, "config": plain_config(cfg)}
-        write_json(output_dir() / "results.json", payload, schema)
-        if logger is not None:
-            logger.log_metrics({k: v for k, v in res.items() if isinstance(v, (int, float))})
-        return payload
+        return emit(payload, schema, logger, {k: v for k, v in res.items() if isinstance(v, (int, float))})
     finally:
         finish_logger(logger)
 

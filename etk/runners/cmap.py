@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import read_json, write_json
+from etk.artifacts import read_json
 from etk.circuits import GROUPS, SHORT, circuit_label, load_circuit
 from etk.data.datasets import prompt_loader, task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader
@@ -20,7 +20,7 @@ from etk.metrics import wilson_interval
 from etk.models.arch import LlamaFamily
 from etk.models.pair import check_compatible
 from etk.runners.collect import markdown
-from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import data_config, emit, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
 
 
 def _acc(correct: torch.Tensor) -> dict[str, float]:
@@ -81,10 +81,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")
         payload = {"pair": cfg.pair.name, "direction": m.direction, "source_model": src_name, "target_model": tgt_name,
                    "circuit": circuit_label(spec, circuit), "results": rows, "config": plain_config(cfg)}
-        write_json(output_dir() / "results.json", payload, "etk.cmap/v1")
-        if logger is not None:
-            logger.log_metrics({f"cmap/{k}": v["accuracy"] for k, v in rows.items()})
-        return payload
+        return emit(payload, "etk.cmap/v1", logger, {f"cmap/{k}": v["accuracy"] for k, v in rows.items()})
     finally:
         finish_logger(logger)
 
@@ -126,9 +123,6 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
         payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],
                    "random_heads": [list(h) for h in rand], "repeats": int(m.repeats), "n": len(bases),
                    "accuracy_percent": summary, "config": plain_config(cfg)}
-        write_json(output_dir() / "results.json", payload, "etk.activation_patching/v1")
-        if logger is not None:
-            logger.log_metrics({f"ap/{n}": v["mean"] for n, v in summary.items()})
-        return payload
+        return emit(payload, "etk.activation_patching/v1", logger, {f"ap/{n}": v["mean"] for n, v in summary.items()})
     finally:
         finish_logger(logger)

@@ -99,3 +99,13 @@ def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:
     with open_dict(d):
         d.n_examples = int(n_examples)
     return d
+
+
+def emit(payload: dict[str, Any], schema: str, logger=None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write the run's typed results.json and push scalar metrics to the logger."""
+    from etk.artifacts import write_json
+
+    write_json(output_dir() / "results.json", payload, schema)
+    if logger is not None and metrics:
+        logger.log_metrics(metrics)
+    return payload
