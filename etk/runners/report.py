@@ -76,6 +76,9 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
                   "accuracy on the same targets is the chance floor.", "", markdown(header, rows)]
 
     ap = _docs(root, "activation_patching")
+    if dc and not ap:
+        lines += ["## 5. Activation patching of the DCM heads", "",
+                  "No DCM run selected any head, so there is nothing to patch (see section 4).", ""]
     if ap:
         header = ["DCM heads", "patched in", "selected heads %", "random heads %", "unpatched floor %"]
         rows = []

@@ -111,6 +111,9 @@ class Study:
 
     def activation_patching(self) -> None:
         for run in self.dcm_runs():
+            if not read_json(run).get("selected_heads"):
+                self.log.append(f"activation_patching/{run.parent.name}: DCM selected no heads, nothing to patch")
+                continue
             for name, member in self.members.items():
                 self.job("activation_patching", f"{run.parent.name}-in-{name}", "etk.activation_patching/v1",
                          run_activation_patching,
