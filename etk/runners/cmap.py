@@ -44,7 +44,11 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     groups = {g: list(hs) for g, hs in circuit.groups.items()}
     for path in m.get("dcm_runs") or []:
         doc = read_json(path)
-        groups[doc["group"]] = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
+        sel = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
+        if sel:  # an empty DCM selection keeps the circuit's whole group (patching nothing would test nothing)
+            groups[doc["group"]] = sel
+        else:
+            print(f"[etk] CMAP: DCM run {path} selected no {doc['group']} heads; using the circuit's group")
     module = CMAPModule(OmegaConf.to_container(cfg.pair.base, resolve=True),
                         OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction)
     module.configure_model()
