@@ -3,8 +3,7 @@ vocabulary, and identical token ids for the prompts that will be run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 from etk.models.arch import LlamaFamily
 
@@ -28,11 +27,3 @@ def check_compatible(a, b, tok_a, tok_b, names: tuple[str, str] = ("base", "fine
     for t in texts:
         if tok_a(t)["input_ids"] != tok_b(t)["input_ids"]:
             raise PairMismatchError(f"the tokenizers encode {t!r} differently")
-
-
-@dataclass
-class ModelPair:
-    base: Any
-    finetuned: Any
-    tokenizer: Any
-    names: tuple[str, str]

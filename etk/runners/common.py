@@ -69,10 +69,8 @@ def finish_logger(logger) -> None:
             wandb.finish()
 
 
-def free_model(*objs) -> None:
-    """Release model memory between multirun jobs (the basic launcher runs them in one process)."""
-    for o in objs:
-        del o
+def free_model() -> None:
+    """Release model memory between jobs run in one process (after the caller dropped its references)."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
