@@ -5,6 +5,7 @@ import copy
 import json
 
 import pytest
+from omegaconf import OmegaConf
 import torch
 
 from etk.data.boxes import generate_examples
@@ -12,7 +13,7 @@ from etk.data.datasets import task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.interventions.components import HeadId
 from etk.interventions.hooks import hooked
-from etk.methods.cmap import capture_roles, role_heads, role_patches
+from etk.methods.cmap import capture_roles, role_heads, role_patches, source_run, union_roles
 from etk.models.forward import last_logits
 from etk.models.pair import PairMismatchError, check_compatible
 from etk.models.tiny import tiny_llama, tiny_tokenizer
@@ -105,3 +106,75 @@ def test_cmap_and_activation_patching_cli(tmp_path):
                                        "data.n_boxes=3", "method.n_examples=8", "method.repeats=2", "logger=none",
                                        "trainer.enable_progress_bar=false"])
     assert len(ap["accuracy_percent"]["selected_heads"]["per_repeat"]) == 2
+
+
+def test_one_source_run_serves_every_head_set(tiny, tok):
+    """capture_roles (cut after its deepest layer) and source_run (full forward + logits) equal o_proj inputs
+    captured by a hand-written hook on a plain forward; the union of head sets covers each set."""
+    batch, _ = batch_of(tok, n=6, n_boxes=3)
+    seen = {}
+    hooks = [tiny.model.layers[j].self_attn.o_proj.register_forward_pre_hook(
+        lambda mod, args, j=j: seen.__setitem__(j, args[0].detach().clone())) for j in range(2)]
+    with torch.no_grad():
+        plain = tiny(**batch.model_inputs()).logits
+    for h in hooks:
+        h.remove()
+    sets = [role_heads({"value_fetcher": [HeadId(1, 2)]}), role_heads({"pos_detector": [HeadId(0, 3)]})]
+    union = union_roles(sets)
+    assert union == {"last": [HeadId(1, 2)], "query_label": [HeadId(0, 3)]}
+    b = torch.arange(6)
+    early = capture_roles(tiny, batch, {"query_label": [HeadId(0, 3)]})
+    assert set(early) == {("query_label", 0)}
+    full, logits = source_run(tiny, batch, union)
+    assert torch.equal(logits, plain[b, batch.roles["last"]])
+    for (role, j), z in list(full.items()) + list(early.items()):
+        assert torch.equal(z[:, 0], seen[j][b, batch.roles[role]].unflatten(-1, (4, 16)))
+    assert capture_roles(tiny, batch, {}) == {}
+
+
+def _lora_pair(tiny, tiny_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    peft.save_pretrained(tmp_path / "lora")
+    base = {"name": "b", "source": "local", "path": str(tiny_dir), "adapters": [], "dtype": "float32"}
+    return base, {**base, "name": "f", "adapters": [str(tmp_path / "lora")]}
+
+
+def _storage(models) -> int:
+    """Parameters held in memory by these models, counting shared tensors once."""
+    seen = {}
+    for m in models:
+        for p in m.parameters():
+            seen[p.data_ptr()] = p.numel()
+    return sum(seen.values())
+
+
+def test_lora_pair_toggles_one_copy_of_the_weights(tiny, tiny_dir, tok, tmp_path):
+    from etk.models.loading import load_model
+    from etk.models.pair import load_pair, toggled_adapter
+
+    base_cfg, ft_cfg = _lora_pair(tiny, tiny_dir, tmp_path)
+    assert toggled_adapter(base_cfg, ft_cfg) == ft_cfg["adapters"][0]
+    assert toggled_adapter(ft_cfg, base_cfg) is None and toggled_adapter(base_cfg, {**ft_cfg, "dtype": "bf16"}) is None
+    toggled, merged = load_pair(base_cfg, ft_cfg), load_pair(base_cfg, ft_cfg, toggle=False)
+    assert toggled.toggled and toggled.base is toggled.finetuned and not merged.toggled
+    n_base = sum(p.numel() for p in tiny.parameters())
+    assert _storage([toggled.base]) < 1.2 * n_base < 1.8 * n_base < _storage([merged.base, merged.finetuned])
+    batch, _ = batch_of(tok, n=6, n_boxes=3)
+    plain_base = last_logits(load_model(OmegaConf.create(base_cfg))[0], batch)
+    with toggled.use("base") as m:
+        assert torch.equal(last_logits(m, batch), plain_base)  # adapter off = the base weights, bit for bit
+    with toggled.use("finetuned") as m:
+        ft = last_logits(m, batch)
+    assert torch.allclose(ft, last_logits(merged.finetuned, batch), atol=1e-5)
+    assert not torch.allclose(ft, plain_base, atol=1e-4)
+    # CMAP through the toggled pair equals CMAP between the two merged models
+    roles = role_heads(GROUPS)
+    with toggled.use("finetuned") as m:
+        src = capture_roles(m, batch, roles)
+    with toggled.use("base") as m, hooked(m, patches=role_patches(roles, src, batch, 4)):
+        got = last_logits(m, batch)
+    assert torch.allclose(got, cmap_logits(merged.finetuned, merged.base, batch, GROUPS), atol=1e-5)
+    assert not torch.allclose(got, plain_base, atol=1e-4)

@@ -52,6 +52,29 @@ def test_mask_endpoints(tiny, tok):
     assert z.shape == (len(batch), 1, 4, 16)
 
 
+def test_source_z_stops_early_and_matches_a_plain_forward(tiny, tok):
+    """source_z (forward cut after its last layer) equals o_proj inputs captured by a hand-written hook on a full
+    HF forward, and the layers after the last requested one never run."""
+    batch = pair_batch(tok)
+    layers = tiny.model.layers
+    seen, ran = {}, []
+    hooks = [layers[j].self_attn.o_proj.register_forward_pre_hook(
+        lambda mod, args, j=j: seen.__setitem__(j, args[0].detach().clone())) for j in range(len(layers))]
+    with torch.no_grad():
+        tiny(**batch.source.model_inputs())
+    for h in hooks:
+        h.remove()
+    probe = layers[1].register_forward_hook(lambda *a: ran.append(1))
+    try:
+        z = source_z(tiny, batch.source, "last", [0])
+    finally:
+        probe.remove()
+    assert not ran  # layer 1 skipped
+    b = torch.arange(len(batch))
+    want = seen[0][b, batch.source.roles["last"]].unflatten(-1, (4, 16))  # [B, H, D]
+    assert torch.equal(z[0][:, 0], want)
+
+
 def compose_dcm(tmp_path, overrides):
     return compose_cfg("dcm", tmp_path, overrides)
 

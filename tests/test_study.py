@@ -24,16 +24,18 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Faithfulness",
                     "## 4. DCM", "## 5. Activation patching", "## 6. Cross-model activation patching",
-                    "## 7. Attention knockout", "## Headline"):
+                    "## 7. Attention knockout", "## Findings", "**Accuracy.**", "**Circuit reuse.**", "**CMAP",
+                    "**Knockout last->correct_object.**"):
         assert section in report, section
     assert (tmp_path / "faithfulness_matrix.md").exists()
     assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"
     assert json.loads((tmp_path / "cmap" / "reverse" / "results.json").read_text())["target_model"] == "tiny_other"
     assert not any("skipped" in line for line in res["log"])
+    assert res["log"][-1].startswith("total compute time")
     # a rerun skips every finished job; a corrupt result is recomputed
     (tmp_path / "knockout" / "base" / "results.json").write_text(json.dumps({"schema": "something/else"}))
     again = compose_run(tmp_path, SMALL)
-    jobs = [line for line in again["log"] if "nothing to patch" not in line]
+    jobs = [line for line in again["log"] if "nothing to patch" not in line and not line.startswith("total")]
     skipped = [line for line in jobs if "skipped" in line]
     assert len(skipped) == len(jobs) - 1
     assert any(line.startswith("knockout/base:") and "skipped" not in line for line in again["log"])
@@ -52,3 +54,12 @@ def test_cluster_launcher_and_multi_gpu_options_compose(primary):
     assert "submitit" in cfg.hydra.launcher._target_.lower()
     assert cfg.hydra.launcher.gpus_per_node == 1 and cfg.hydra.launcher.partition == "gpu"
     assert cfg.trainer.devices == 4 and cfg.trainer.strategy == "ddp"
+
+
+def test_mismatched_pair_fails_before_any_work(tmp_path):
+    from etk.models.pair import PairMismatchError
+
+    with pytest.raises(PairMismatchError, match="n_layers differs: tiny has 3, tiny_other has 2"):
+        compose_run(tmp_path, ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetuned.tiny.n_layers=2",
+                               "logger=none"])
+    assert not (tmp_path / "accuracy").exists()

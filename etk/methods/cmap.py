@@ -10,7 +10,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import OmegaConf
 
 from etk.circuits import GROUP_ROLE
 from etk.data.roles import PairBatch, PromptBatch
@@ -19,9 +18,8 @@ from etk.interventions.hooks import Capture, Patch, hooked
 from etk.methods.accuracy import ModelHost
 from etk.methods.circuit_eval.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
-from etk.models.forward import assert_eval, last_logits
-from etk.models.loading import load_model
-from etk.models.pair import check_compatible
+from etk.models.forward import assert_eval, last_logits, run_through
+from etk.models.pair import PairModels, load_pair
 
 HeadSets = dict[str, dict[str, list[HeadId]]]  # config name -> {role: heads}
 
@@ -35,17 +33,48 @@ def role_heads(groups: dict[str, list[HeadId]]) -> dict[str, list[HeadId]]:
     return out
 
 
-@torch.no_grad()
-def capture_roles(model, batch: PromptBatch, roles: dict[str, list[HeadId]]) -> dict[tuple[str, int], torch.Tensor]:
-    """z at each role's position for the layers that role needs, in one forward: {(role, layer): [B, 1, H, D]}."""
+def union_roles(sets) -> dict[str, list[HeadId]]:
+    """The union of several {role: heads} head sets: one source run then serves all of them."""
+    out: dict[str, list[HeadId]] = {}
+    for roles in sets:
+        for role, heads in roles.items():
+            lst = out.setdefault(role, [])
+            lst += [h for h in heads if h not in lst]
+    return out
+
+
+def _role_captures(batch: PromptBatch, roles: dict[str, list[HeadId]]) -> tuple[dict[int, list[str]], list[Capture]]:
     need: dict[int, list[str]] = {}
     for role, heads in roles.items():
         for j in sorted({h.layer for h in heads}):
             need.setdefault(j, []).append(role)
     caps = [Capture("z", j, torch.stack([batch.roles[r] for r in rs], 1)) for j, rs in need.items()]  # pos [B, R_j]
-    with hooked(model, captures=caps) as cache:
-        LlamaFamily(model).base.model(**batch.model_inputs(), use_cache=False)
+    return need, caps
+
+
+def _split(cache, need: dict[int, list[str]]) -> dict[tuple[str, int], torch.Tensor]:
     return {(r, j): cache[("z", j)][:, i:i + 1] for j, rs in need.items() for i, r in enumerate(rs)}
+
+
+@torch.no_grad()
+def capture_roles(model, batch: PromptBatch, roles: dict[str, list[HeadId]]) -> dict[tuple[str, int], torch.Tensor]:
+    """z of every head at each role's position for the layers that role needs: {(role, layer): [B, 1, H, D]}.
+    One forward, cut after the deepest needed layer; none when no head is listed."""
+    need, caps = _role_captures(batch, roles)
+    if not need:
+        return {}
+    with hooked(model, captures=caps) as cache:
+        run_through(model, batch, max(need))
+    return _split(cache, need)
+
+
+@torch.no_grad()
+def source_run(model, batch: PromptBatch, roles: dict[str, list[HeadId]]):
+    """capture_roles and the model's own last-position logits [B, V] from the same (full) forward."""
+    need, caps = _role_captures(batch, roles)
+    with hooked(model, captures=caps) as cache:
+        logits = last_logits(model, batch)
+    return _split(cache, need), logits
 
 
 def role_patches(roles: dict[str, list[HeadId]], src: dict[tuple[str, int], torch.Tensor], target: PromptBatch,
@@ -62,28 +91,35 @@ def role_patches(roles: dict[str, list[HeadId]], src: dict[tuple[str, int], torc
 
 
 class CMAPModule(L.LightningModule):
-    """Two frozen models; per batch, the target model alone and with each head set patched from the source model."""
+    """Two frozen models; per batch, the target model alone and with each head set patched from the source model.
+    A LoRA pair runs on one copy of the base weights, toggling the adapter (see `load_pair`)."""
 
-    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], direction: str = "forward"):
+    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], direction: str = "forward",
+                 toggle_adapter: bool = True):
         super().__init__()
         if direction not in ("forward", "reverse"):
             raise ValueError(f"direction must be 'forward' (fine-tuned -> base) or 'reverse', got {direction!r}")
         self.save_hyperparameters()
-        self.base_net = self.ft_net = None
+        self.pair: PairModels | None = None
         self.head_sets: HeadSets = {}
         self.acc = AblationAccuracy()
 
     def configure_model(self) -> None:
-        if self.base_net is not None:
-            return
-        self.base_net, self.tokenizer = load_model(OmegaConf.create(self.hparams.base_cfg))
-        self.ft_net, ft_tok = load_model(OmegaConf.create(self.hparams.finetuned_cfg))
-        check_compatible(self.base_net, self.ft_net, self.tokenizer, ft_tok,
-                         (self.hparams.base_cfg["name"], self.hparams.finetuned_cfg["name"]))
+        if self.pair is None:
+            self.pair = load_pair(self.hparams.base_cfg, self.hparams.finetuned_cfg, self.hparams.toggle_adapter)
+            self.tokenizer = self.pair.tokenizer
 
     @property
-    def source_target(self):
-        return (self.ft_net, self.base_net) if self.hparams.direction == "forward" else (self.base_net, self.ft_net)
+    def base_net(self):
+        return self.pair.base
+
+    @property
+    def ft_net(self):
+        return self.pair.finetuned
+
+    @property
+    def source_target(self) -> tuple[str, str]:
+        return ("finetuned", "base") if self.hparams.direction == "forward" else ("base", "finetuned")
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch.to(device)
@@ -95,12 +131,15 @@ class CMAPModule(L.LightningModule):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
         source, target = self.source_target
-        n_heads = LlamaFamily(target).dims.n_heads
-        rows = [last_logits(source, batch), last_logits(target, batch)]  # the two models alone
-        for roles in self.head_sets.values():
-            src = capture_roles(source, batch, roles)
-            with hooked(target, patches=role_patches(roles, src, batch, n_heads)):
-                rows.append(last_logits(target, batch))
+        with self.pair.use(source) as model:
+            # one source forward serves every head set (and gives the source model's own prediction)
+            src, source_logits = source_run(model, batch, union_roles(self.head_sets.values()))
+        with self.pair.use(target) as model:
+            n_heads = LlamaFamily(model).dims.n_heads
+            rows = [source_logits, last_logits(model, batch)]  # the two models alone
+            for roles in self.head_sets.values():
+                with hooked(model, patches=role_patches(roles, src, batch, n_heads)):
+                    rows.append(last_logits(model, batch))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]))
 
 
@@ -120,8 +159,8 @@ class ActivationPatchingModule(ModelHost):
     def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
         n_heads = LlamaFamily(self.net).dims.n_heads
         rows = [last_logits(self.net, batch.base)]
+        src = capture_roles(self.net, batch.source, union_roles(self.head_sets.values()))  # one source run for all sets
         for roles in self.head_sets.values():
-            src = capture_roles(self.net, batch.source, roles)
             with hooked(self.net, patches=role_patches(roles, src, batch.base, n_heads)):
                 rows.append(last_logits(self.net, batch.base))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]))

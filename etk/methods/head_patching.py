@@ -11,7 +11,7 @@ from etk.data.roles import PromptBatch
 from etk.interventions.components import HeadId
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.models.arch import LlamaFamily
-from etk.models.forward import last_logits
+from etk.models.forward import last_logits, run_through
 
 
 class HeadSet:
@@ -28,10 +28,11 @@ class HeadSet:
 
 @torch.no_grad()
 def source_z(model, source: PromptBatch, role: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-    """z of every head at the source's own `role` position, for the given layers: {layer: [B, 1, H, D]}."""
+    """z of every head at the source's own `role` position, for the given layers: {layer: [B, 1, H, D]}.
+    The forward stops after the last of those layers."""
     pos = source.roles[role][:, None]
     with hooked(model, captures=[Capture("z", j, pos) for j in layers]) as cache:
-        LlamaFamily(model).base.model(**source.model_inputs(), use_cache=False)
+        run_through(model, source, max(layers))
     return {j: cache[("z", j)] for j in layers}
 
 

@@ -16,6 +16,27 @@ def last_logits(model, batch: PromptBatch) -> torch.Tensor:
     return arch.lm_head(hidden[b, batch.roles["last"]])  # [B, V]
 
 
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass whose remaining layers nothing reads."""
+
+
+def run_through(model, batch: PromptBatch, last_layer: int) -> None:
+    """Run the decoder on `batch` through layer `last_layer` only, for the hooks the caller installed; the layers
+    after it (and the LM head) are skipped, since no capture there is wanted."""
+    arch = LlamaFamily(model)
+
+    def stop(module, args, output):
+        raise _StopForward
+
+    handle = arch.layers[last_layer].register_forward_hook(stop)
+    try:
+        arch.base.model(**batch.model_inputs(), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+
 def cache_kwargs(model, cache) -> dict:
     """The KV-cache argument under its name in the installed transformers (`cache` since 5.x, was
     `past_key_values`)."""

@@ -81,6 +81,17 @@ def merge_adapters(model, adapters: list) -> Any:
     return model
 
 
+def attach_adapter(model, spec: str):
+    """Wrap `model` in a PeftModel with the LoRA adapter `spec`, NOT merged: `with model.disable_adapter():` runs
+    the original weights, so one copy of them serves both members of a pair."""
+    from peft import PeftModel
+
+    path = resolve_path(str(spec))
+    if not (path / "adapter_config.json").exists():
+        raise ModelNotFoundError(f"adapter {spec!r}: no adapter_config.json in {path}")
+    return PeftModel.from_pretrained(model, str(path), local_files_only=True).eval().requires_grad_(False)
+
+
 def load_model(cfg: Any, device: str | torch.device | None = None):
     """(model, tokenizer) for a `model` config, in eval mode with gradients off, on `device` (default: CPU).
 

@@ -3,9 +3,15 @@ vocabulary, and identical token ids for the prompts that will be run."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from omegaconf import OmegaConf
 
 from etk.models.arch import LlamaFamily
+
+WEIGHT_KEYS = ("source", "path", "root_subdir", "package", "gguf_file", "tiny", "dtype", "attn_implementation")
 
 
 class PairMismatchError(ValueError):
@@ -27,3 +33,50 @@ def check_compatible(a, b, tok_a, tok_b, names: tuple[str, str] = ("base", "fine
     for t in texts:
         if tok_a(t)["input_ids"] != tok_b(t)["input_ids"]:
             raise PairMismatchError(f"the tokenizers encode {t!r} differently")
+
+
+def toggled_adapter(base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any]) -> str | None:
+    """The one LoRA adapter that turns the base member into the fine-tuned one, when both load the same weights
+    and the fine-tuned adapter stack is the base stack plus that adapter; else None (two models are loaded)."""
+    if any(base_cfg.get(k) != finetuned_cfg.get(k) for k in WEIGHT_KEYS):
+        return None
+    a, b = list(base_cfg.get("adapters") or []), list(finetuned_cfg.get("adapters") or [])
+    return b[-1] if len(b) == len(a) + 1 and b[:len(a)] == a else None
+
+
+@dataclass
+class PairModels:
+    """The two members of a pair. With `toggled`, `base` and `finetuned` are one PeftModel whose adapter is
+    switched off to run the base member: a single copy of the base weights is in memory."""
+
+    base: Any
+    finetuned: Any
+    tokenizer: Any
+    finetuned_tokenizer: Any
+    toggled: bool = False
+
+    @contextmanager
+    def use(self, member: str) -> Iterator[Any]:
+        """The member's model, ready to run (adapter off for the base member of a toggled pair)."""
+        if member not in ("base", "finetuned"):
+            raise ValueError(f"pair member must be 'base' or 'finetuned', got {member!r}")
+        model = self.base if member == "base" else self.finetuned
+        with model.disable_adapter() if self.toggled and member == "base" else nullcontext():
+            yield model
+
+
+def load_pair(base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle: bool = True) -> PairModels:
+    """Load and validate a pair. A LoRA fine-tune of the base member (same weights + one adapter) is run by
+    toggling that adapter (`toggle=True`); otherwise each member is loaded (adapters merged at load)."""
+    from etk.models.loading import attach_adapter, load_model
+
+    names = (base_cfg["name"], finetuned_cfg["name"])
+    extra = toggled_adapter(base_cfg, finetuned_cfg) if toggle else None
+    if extra is not None:
+        base, tok = load_model(OmegaConf.create(base_cfg))
+        shared = attach_adapter(base, extra)
+        return PairModels(shared, shared, tok, tok, toggled=True)
+    base, tok = load_model(OmegaConf.create(base_cfg))
+    ft, ft_tok = load_model(OmegaConf.create(finetuned_cfg))
+    check_compatible(base, ft, tok, ft_tok, names)
+    return PairModels(base, ft, tok, ft_tok)

@@ -50,7 +50,8 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         else:
             print(f"[etk] CMAP: DCM run {path} selected no {doc['group']} heads; using the circuit's group")
     module = CMAPModule(OmegaConf.to_container(cfg.pair.base, resolve=True),
-                        OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction)
+                        OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction,
+                        bool(m.get("toggle_adapter", True)))
     module.configure_model()
     dims = LlamaFamily(module.base_net).dims
     sets = {}
@@ -62,8 +63,8 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     module.head_sets = sets
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
-    check_compatible(module.base_net, module.ft_net, module.tokenizer, module.tokenizer,
-                     texts=[e.render().text for e in examples[:50]])
+    check_compatible(module.base_net, module.ft_net, module.tokenizer, module.pair.finetuned_tokenizer,
+                     (cfg.pair.base.name, cfg.pair.finetuned.name), texts=[e.render().text for e in examples[:50]])
     logger = build_logger(cfg)
     try:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
@@ -84,6 +85,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         (output_dir() / "cmap_table.md").write_text(md)
         print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")
         payload = {"pair": cfg.pair.name, "direction": m.direction, "source_model": src_name, "target_model": tgt_name,
+                   "adapter_toggled": module.pair.toggled,
                    "circuit": circuit_label(spec, circuit), "results": rows, "config": plain_config(cfg)}
         return emit(payload, "etk.cmap/v1", logger, {f"cmap/{k}": v["accuracy"] for k, v in rows.items()})
     finally:

@@ -52,7 +52,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
     try:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/select", mode="max", save_top_k=1,
                                filename="best", save_weights_only=True)
-        trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=int(d.epochs), val_check_interval=int(d.val_every),
+        trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=int(d.epochs), val_check_interval=min(int(d.val_every), len(train)),
                             logger=logger or False, callbacks=[ckpt])
         t0 = time.time()
         trainer.fit(module, train, val)

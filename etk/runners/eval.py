@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from etk.artifacts import write_json
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.accuracy import AccuracyModule
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import build_logger, data_config, finish_logger, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.eval/v1"
 
@@ -49,7 +49,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     try:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         counts = list(cfg.method.get("box_counts") or [cfg.data.n_boxes])
-        rows = evaluate_box_counts(module, cfg.data, counts, trainer, cfg.model.name, logger)
+        n = cfg.method.get("n_examples")
+        data = data_config(cfg, n) if n else cfg.data
+        rows = evaluate_box_counts(module, data, counts, trainer, cfg.model.name, logger)
         main = rows[-1] if len(rows) == 1 else next((r for r in rows if r["n_boxes"] == cfg.data.n_boxes), rows[-1])
         payload = {"model": cfg.model.name, **main, "by_n_boxes": rows, "config": plain_config(cfg)}
         write_json(output_dir() / "results.json", payload, SCHEMA)

@@ -8,6 +8,8 @@ from typing import Any
 
 from etk.circuits import GROUPS, SHORT
 from etk.runners.collect import accuracy_table, dcm_table, faithfulness_matrix, markdown, write_table
+from etk.runners.findings import (accuracy_finding, activation_findings, circuit_findings, cmap_findings, dcm_findings,
+                                  knockout_findings)
 
 
 def _docs(root: Path, step: str) -> list[dict[str, Any]]:
@@ -23,7 +25,7 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
+def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, int] | None = None) -> Path:
     base, ft = cfg.pair.base.name, cfg.pair.finetuned.name
     lines = [f"# Entity-tracking study: `{base}` → `{ft}` (pair `{cfg.pair.name}`)", "",
              f"{cfg.data.n_boxes}-box prompts, paper template, objects from `{cfg.data.objects}`. Every number below "
@@ -34,10 +36,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
     if acc:
         header, rows = accuracy_table(acc)
         lines += ["## 1. Task accuracy (95% Wilson CI)", "", markdown(header, rows)]
-        a = {d["model"]: d["accuracy"] for d in acc}
-        if base in a and ft in a:
-            headline.append(f"Fine-tuning moves {cfg.data.n_boxes}-box accuracy from {a[base]:.3f} (`{base}`) to "
-                            f"{a[ft]:.3f} (`{ft}`).")
+        headline += [f for f in [accuracy_finding({d["model"]: d for d in acc}, base, ft, cfg.data.n_boxes)] if f]
 
     pp = _docs(root, "path_patching")
     if pp:
@@ -62,11 +61,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
         lines += ["## 3. Faithfulness under mean ablation (circuit × model)", "",
                   "F(circuit)/F(model) with paired-bootstrap 95% CI; random circuits of the same sizes in parentheses.", "",
                   markdown(header, rows)]
-        by = {(d["circuit"], d["model"]): d for d in fa}
-        f = by.get(("base_circuit", ft), {}).get("faithfulness")
-        if f is not None and f == f:  # not NaN (NaN when the model's accuracy is 0)
-            headline.append(f"The base model's circuit recovers {f:.2f} of the fine-tuned model's accuracy "
-                            f"({'it explains most of it' if f >= 0.8 else 'only part of it'}).")
+        headline += circuit_findings({(d["circuit"], d["model"]): d for d in fa}, ov, ft, ft_sizes or {})
 
     dc = _docs(root, "dcm")
     if dc:
@@ -74,6 +69,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
         lines += ["## 4. DCM: what each group's heads encode", "",
                   "Heads selected (mask rounded to 0) / group size; test accuracy of patching them; the unpatched model's "
                   "accuracy on the same targets is the chance floor.", "", markdown(header, rows)]
+        headline += dcm_findings(dc)
 
     ap = _docs(root, "activation_patching")
     if dc and not ap:
@@ -87,7 +83,11 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
             rows.append([d["_dir"].name.split("-in-")[0], d["model"], f"{s['selected_heads']['mean']:.1f} ± {s['selected_heads']['sd']:.1f}",
                          f"{s['random_heads']['mean']:.1f} ± {s['random_heads']['sd']:.1f}",
                          f"{s['unpatched_floor']['mean']:.1f} ± {s['unpatched_floor']['sd']:.1f}"])
-        lines += ["## 5. Activation patching of the DCM heads (mean ± sd over resampled sources)", "", markdown(header, rows)]
+        lines += ["## 5. Activation patching of the DCM heads (mean ± sd over resampled sources)", "",
+                  "The fine-tuned circuit's DCM head sets patched (fully, binary) inside each model: do the same heads "
+                  "carry the same information there? A random head set of the same size and the unpatched model give "
+                  "the floors.", "", markdown(header, rows)]
+        headline += activation_findings(ap, base)
 
     cm = _docs(root, "cmap")
     if cm:
@@ -95,16 +95,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
         for d in cm:
             lines += [f"**{d['direction']}**: heads of the fine-tuned circuit patched from `{d['source_model']}` into "
                       f"`{d['target_model']}`.", "", (d["_dir"] / "cmap_table.md").read_text()]
-            if d["direction"] == "forward":
-                r = d["results"]
-                lo, hi = r["target_alone"]["accuracy"], r["source_alone"]["accuracy"]
-                gains = {g: r[g]["accuracy"] for g in GROUPS if g in r}
-                if gains and hi != lo:
-                    best = max(gains, key=gains.get)
-                    rec = (gains[best] - lo) / (hi - lo)
-                    headline.append(f"Patching the fine-tuned model's {SHORT[best]} heads into the base model recovers "
-                                    f"{rec:.0%} of the accuracy gap ({lo:.3f} → {gains[best]:.3f}, fine-tuned {hi:.3f}); "
-                                    "the gain comes mostly from there.")
+        headline += cmap_findings(cm)
 
     ko = _docs(root, "knockout")
     if ko:
@@ -116,8 +107,10 @@ def write_report(root: Path, cfg, ov: dict, log: list[str]) -> Path:
             rows = [[e] + [f"{a:.2f}" for a in c["accuracy"]] for e, c in d["edges"].items()]
             lines += [f"`{d['model']}` (baseline {d['baseline']['accuracy']:.3f}):", "", markdown(header, rows),
                       f"![knockout]({rel}/knockout.png)", ""]
+        headline += knockout_findings(ko)
 
-    lines[4:4] = ["## Headline", ""] + [f"- {h}" for h in headline] + [""] if headline else []
+    if headline:
+        lines[4:4] = ["## Findings", ""] + [f"- {h}" for h in headline] + [""]
     lines += ["## Run log", ""] + [f"- {x}" for x in log] + [""]
     out = root / "report.md"
     out.write_text("\n".join(lines))

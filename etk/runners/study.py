@@ -6,6 +6,7 @@ Every step writes its typed results into `<run dir>/<step>/<member or job>/`; a 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -16,7 +17,9 @@ from etk.artifacts import read_json
 from etk.circuits import load_circuit, overlap
 from etk.runners.circuit_eval import run_faithfulness
 from etk.runners.cmap import run_activation_patching, run_cmap
-from etk.runners.common import free_model, output_dir, step_output
+from etk.data.datasets import task_examples
+from etk.models.pair import check_compatible, load_pair
+from etk.runners.common import data_config, free_model, output_dir, step_output
 from etk.runners.dcm import run_dcm
 from etk.runners.eval import run_eval
 from etk.runners.knockout import run_knockout
@@ -53,15 +56,19 @@ class Study:
         self.cfg, self.m, self.root = cfg, cfg.method, output_dir()
         self.members = {"base": cfg.pair.base, "finetuned": cfg.pair.finetuned}
         self.log: list[str] = []
+        self.seconds = 0.0  # compute time of all jobs, including those finished by an earlier run
 
     def job(self, step: str, name: str, schema: str, fn: Callable[[DictConfig], Any], sub: DictConfig) -> dict:
         """Run one job in its folder unless a valid result is already there."""
         folder = self.root / step / name
         res = folder / "results.json"
+        timing = folder / "job_seconds.json"
         if res.exists():
             try:
                 doc = read_json(res, schema)
-                self.log.append(f"{step}/{name}: done earlier, skipped")
+                earlier = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+                self.log.append(f"{step}/{name}: done earlier" + (f" ({earlier:.0f} s), skipped" if earlier else ", skipped"))
+                self.seconds += earlier or 0.0
                 return doc
             except ValueError:
                 pass
@@ -69,8 +76,21 @@ class Study:
         with step_output(folder):
             fn(sub)
         free_model()
-        self.log.append(f"{step}/{name}: {time.time() - t0:.0f} s")
+        dt = time.time() - t0
+        timing.write_text(json.dumps({"seconds": round(dt, 1)}))
+        self.seconds += dt
+        self.log.append(f"{step}/{name}: {dt:.0f} s")
         return read_json(res, schema)
+
+    def validate(self) -> None:
+        """Before any work: the two members must be comparable head by head (architecture, dims, tokenizer
+        vocabulary, the ids of the study's prompts); a mismatch raises PairMismatchError naming the first one."""
+        b, f = (OmegaConf.to_container(m, resolve=True) for m in (self.cfg.pair.base, self.cfg.pair.finetuned))
+        pair = load_pair(b, f)
+        texts = [e.render().text for e in task_examples(data_config(self.cfg, 50), pair.tokenizer)]
+        check_compatible(pair.base, pair.finetuned, pair.tokenizer, pair.finetuned_tokenizer, (b["name"], f["name"]), texts)
+        del pair
+        free_model()
 
     def accuracy(self) -> None:
         for name, member in self.members.items():
@@ -110,20 +130,25 @@ class Study:
         return sorted((self.root / "dcm").glob("*/results.json"))
 
     def activation_patching(self) -> None:
+        ap = self.m.activation_patching
+        sizes = {k: v for k, v in ap.items() if k not in ("members", "desiderata")}
+        wanted = set(ap.get("desiderata") or self.m.dcm.desiderata)
         for run in self.dcm_runs():
+            if run.parent.name.rsplit("-", 1)[-1] not in wanted:
+                continue
             if not read_json(run).get("selected_heads"):
                 self.log.append(f"activation_patching/{run.parent.name}: DCM selected no heads, nothing to patch")
                 continue
-            for name, member in self.members.items():
+            for name in ap.get("members") or self.members:
                 self.job("activation_patching", f"{run.parent.name}-in-{name}", "etk.activation_patching/v1",
                          run_activation_patching,
-                         sub_config(self.cfg, member, method_cfg("activation_patching", {**self.m.activation_patching, "heads": str(run)})))
+                         sub_config(self.cfg, self.members[name], method_cfg("activation_patching", {**sizes, "heads": str(run)})))
 
     def cmap(self) -> None:
         # the paper's head choice: DCM selections for VF (object value), PT and PD (positional); all SR heads
         chosen = [str(p) for p in self.dcm_runs()
-                  if any(p.parent.name.endswith(s) for s in ("value_fetcher-object", "pos_transmitter-position",
-                                                               "pos_detector-position"))]
+                  if p.parent.name in ("finetuned-value_fetcher-object", "finetuned-pos_transmitter-position",
+                                       "finetuned-pos_detector-position")]
         for direction in self.m.cmap.directions:
             mc = method_cfg("cmap", {k: v for k, v in self.m.cmap.items() if k != "directions"})
             with open_dict(mc):
@@ -140,12 +165,15 @@ class Study:
             self.job("knockout", name, "etk.knockout/v1", run_knockout, sub_config(self.cfg, member, mc))
 
     def run(self) -> dict[str, Any]:
+        self.validate()
         for step in self.m.steps:
             getattr(self, step)()
         circuits = {n: load_circuit(self.circuit_path(n)) for n in self.members
                     if Path(self.circuit_path(n)).exists()}
         ov = overlap(circuits["base"], circuits["finetuned"]) if len(circuits) == 2 else {}
-        report = write_report(self.root, self.cfg, ov, self.log)
+        self.log.append(f"total compute time of the study's jobs: {self.seconds / 60:.1f} min")
+        report = write_report(self.root, self.cfg, ov, self.log,
+                              circuits["finetuned"].sizes() if "finetuned" in circuits else None)
         print(f"[etk] study of pair {self.cfg.pair.name}: {report}")
         for line in self.log:
             print(f"[etk]   {line}")

@@ -1,0 +1,154 @@
+"""The study's reading: each step's typed results turned into one sentence that answers the paper's questions
+(does the fine-tuned model use the base circuit? what do its groups encode? where does the gain come from?).
+
+Every judgement is made on 95% intervals, never on point estimates alone; a finding that the data cannot support
+says so instead of guessing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from etk.circuits import GROUPS, SHORT
+
+Doc = dict[str, Any]
+DES_SHORT = {"object_value": "object value", "positional": "position", "box_label_value": "box-label value"}
+
+
+def _ci(d: Doc) -> str:
+    return f"{d['accuracy']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+
+def differ(a: Doc, b: Doc) -> bool:
+    """True when two accuracies' 95% intervals do not overlap."""
+    return a["ci_high"] < b["ci_low"] or b["ci_high"] < a["ci_low"]
+
+
+def accuracy_finding(acc: dict[str, Doc], base: str, ft: str, n_boxes: int) -> str | None:
+    if base not in acc or ft not in acc:
+        return None
+    a, b = acc[base], acc[ft]
+    verdict = (f"a significant change of {b['accuracy'] - a['accuracy']:+.3f}" if differ(a, b)
+               else "no significant change: the intervals overlap")
+    return f"**Accuracy.** Fine-tuning takes {n_boxes}-box accuracy from {_ci(a)} (`{base}`) to {_ci(b)} (`{ft}`), {verdict}."
+
+
+def circuit_findings(fa: dict[tuple[str, str], Doc], ov: dict[str, Doc], ft: str, ft_sizes: dict[str, int]) -> list[str]:
+    out = []
+    own, borrowed = fa.get(("finetuned_circuit", ft)), fa.get(("base_circuit", ft))
+    if own and own["faithfulness"] != own["faithfulness"]:  # NaN: F(model) = 0
+        out.append(f"**Circuit reuse.** Undefined: `{ft}` answers no prompt correctly, so faithfulness (a ratio to its "
+                   "accuracy) is not defined.")
+    elif own and borrowed:
+        rb, ro = borrowed["random"], own["random"]
+        reuse = ("explains the fine-tuned model as well as its own circuit does (intervals overlap)"
+                 if borrowed["ci_low"] <= own["ci_high"] and own["ci_low"] <= borrowed["ci_high"]
+                 else "explains less of it than the fine-tuned model's own circuit"
+                 if borrowed["ci_high"] < own["ci_low"] else "explains more of it than its own circuit")
+        above = "well above" if borrowed["ci_low"] > rb["ci_high"] else "not clearly above"
+        out.append(f"**Circuit reuse.** On the fine-tuned model, the base model's circuit has faithfulness "
+                   f"{borrowed['faithfulness']:.2f} [{borrowed['ci_low']:.2f}, {borrowed['ci_high']:.2f}] ({above} random "
+                   f"circuits of the same sizes, {rb['faithfulness_mean']:.2f}); the fine-tuned model's own circuit has "
+                   f"{own['faithfulness']:.2f} [{own['ci_low']:.2f}, {own['ci_high']:.2f}] (random {ro['faithfulness_mean']:.2f}). "
+                   f"The base circuit {reuse}.")
+        if max(own["faithfulness"], borrowed["faithfulness"]) < 0.5:
+            out.append("**Caveat.** Both circuits keep under half of the model's accuracy when everything else is "
+                       "mean-ablated: at these sizes the mechanism is more distributed than the circuit's heads "
+                       "(raise `method.path_patching.n_examples` or the circuit sizes before reading group-level "
+                       "results as the whole mechanism).")
+    if ov:
+        shared = sum(v["shared"] for v in ov.values())
+        total = sum(ft_sizes.values())
+        per = ", ".join(f"{SHORT[g]} {v['shared']}/{ft_sizes.get(g, 0)}" for g, v in ov.items())
+        out.append(f"**Overlap.** {shared} of the fine-tuned circuit's {total} heads are also in the base circuit ({per}).")
+    return out
+
+
+def dcm_findings(dc: list[Doc]) -> list[str]:
+    """Per group: the desiderata whose selected heads beat the unpatched floor (test interval above it)."""
+    out = []
+    for g in GROUPS:
+        runs = [d for d in dc if d["group"] == g]
+        if not runs:
+            continue
+        wins = [d for d in runs if d["n_selected"] and d["test"]["ci_low"] > d["chance_floor_unpatched"]["accuracy"]]
+        if wins:
+            parts = [f"{DES_SHORT.get(d['desideratum'], d['desideratum'])} ({d['n_selected']}/{d['group_size']} heads, "
+                     f"{d['test']['accuracy']:.2f} vs floor {d['chance_floor_unpatched']['accuracy']:.2f})"
+                     for d in sorted(wins, key=lambda d: -d["test"]["accuracy"])]
+            out.append(f"**DCM, {SHORT[g]}.** Heads encode " + "; ".join(parts) + ".")
+        else:
+            out.append(f"**DCM, {SHORT[g]}.** No desideratum tested is encoded above its floor by a selected head set.")
+    return out
+
+
+def activation_findings(ap: list[Doc], base: str) -> list[str]:
+    """The fine-tuned circuit's DCM heads patched inside the base model: same heads, same information?"""
+    rows = [d for d in ap if d["model"] == base and Path(d.get("_dir", "finetuned-")).name.startswith("finetuned-")]
+    if not rows:
+        return []
+    parts = []
+    for d in rows:
+        s = d["accuracy_percent"]
+        parts.append(f"{SHORT.get(d['group'], d['group'])} {DES_SHORT.get(d['desideratum'], d['desideratum'])} "
+                     f"{s['selected_heads']['mean']:.0f}% (random {s['random_heads']['mean']:.0f}%, floor "
+                     f"{s['unpatched_floor']['mean']:.0f}%)")
+    return [f"**Same heads, same information.** The fine-tuned model's DCM heads patched inside `{base}`: " + "; ".join(parts) + "."]
+
+
+def cmap_findings(cm: list[Doc]) -> list[str]:
+    out = []
+    for d in cm:
+        r = d["results"]
+        src, tgt = r["source_alone"], r["target_alone"]
+        groups = {g: r[g] for g in [*GROUPS, "all"] if g in r}
+        if not groups:
+            continue
+        if d["direction"] == "forward":
+            if not differ(src, tgt):
+                moved = [SHORT.get(g, g) for g, v in groups.items() if differ(v, tgt)]
+                out.append(f"**CMAP.** `{d['source_model']}` and `{d['target_model']}` are equally accurate "
+                           f"({src['accuracy']:.3f} vs {tgt['accuracy']:.3f}): there is no gain to locate. Patching the "
+                           "fine-tuned heads into the base model " + (f"changes accuracy significantly for {', '.join(moved)}"
+                           if moved else "leaves accuracy unchanged for every group: the two models' head outputs are "
+                           "interchangeable (compatible representations)") + ".")
+                continue
+            gap = src["accuracy"] - tgt["accuracy"]
+            rec = {g: (v["accuracy"] - tgt["accuracy"]) / gap for g, v in groups.items()}
+            order = sorted((g for g in rec if g != "all"), key=lambda g: -rec[g])
+            parts = ", ".join(f"{SHORT[g]} {rec[g]:.0%}" for g in order)
+            whole = f"; all groups together {rec['all']:.0%}" if "all" in rec else ""
+            out.append(f"**Where the gain comes from (CMAP).** Of the accuracy gap {tgt['accuracy']:.3f} → {src['accuracy']:.3f}, "
+                       f"patching the fine-tuned model's heads into the base model recovers: {parts}{whole}. "
+                       f"The largest share comes through the {SHORT[order[0]]} heads.")
+        else:
+            drops = {g: v for g, v in groups.items() if differ(v, tgt)}
+            tail = (", ".join(f"{SHORT.get(g, g)} {v['accuracy']:.3f}" for g, v in drops.items())
+                    if drops else "no group changes it significantly")
+            out.append(f"**Reverse CMAP.** Giving `{d['target_model']}` ({tgt['accuracy']:.3f}) the base model's head "
+                       f"outputs: {tail}.")
+    return out
+
+
+def knockout_findings(ko: list[Doc], tol: float = 0.1) -> list[str]:
+    """Per edge, the first start layer from which knocking it out costs less than `tol` accuracy: information
+    along that edge is moved before that layer."""
+    out = []
+    for edge in ("last->correct_object", "last->query_label", "query_label->prev_query_label"):
+        parts = []
+        for d in ko:
+            c = d["edges"].get(edge)
+            if not c:
+                continue
+            base = d["baseline"]["accuracy"]
+            hurt = [s for s, a in zip(c["start_layer"], c["accuracy"]) if a < base - tol]
+            if not hurt:
+                parts.append(f"`{d['model']}`: never needed")
+            else:
+                after = [s for s in c["start_layer"] if s > max(hurt)]
+                worst = min(c["accuracy"])
+                parts.append(f"`{d['model']}`: needed up to layer {max(hurt)}"
+                             + (f", free from layer {after[0]}" if after else "") + f" (worst {worst:.2f} vs {base:.2f})")
+        if parts:
+            out.append(f"**Knockout {edge}.** " + "; ".join(parts) + ".")
+    return out

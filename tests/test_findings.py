@@ -1,0 +1,57 @@
+"""The study's reading is derived from intervals: a gap is only located when it is significant, and knockout
+reports the layer range each edge is needed in."""
+
+from etk.runners.findings import accuracy_finding, cmap_findings, dcm_findings, differ, knockout_findings
+
+
+def acc(a: float, lo: float, hi: float) -> dict:
+    return {"accuracy": a, "ci_low": lo, "ci_high": hi}
+
+
+def test_differ_uses_interval_overlap():
+    assert differ(acc(0.1, 0.05, 0.15), acc(0.9, 0.85, 0.95))
+    assert not differ(acc(0.5, 0.4, 0.6), acc(0.55, 0.45, 0.65))
+
+
+def test_accuracy_finding_states_significance():
+    docs = {"b": acc(0.1, 0.05, 0.15), "f": acc(0.9, 0.85, 0.95), "g": acc(0.12, 0.06, 0.18)}
+    assert "significant change of +0.800" in accuracy_finding(docs, "b", "f", 7)
+    assert "no significant change" in accuracy_finding(docs, "b", "g", 7)
+    assert accuracy_finding(docs, "b", "missing", 7) is None
+
+
+def cmap_doc(direction: str, src: dict, tgt: dict, **groups: dict) -> dict:
+    return {"direction": direction, "source_model": "ft", "target_model": "base",
+            "results": {"source_alone": src, "target_alone": tgt, **groups}}
+
+
+def test_cmap_locates_a_significant_gap_per_group():
+    d = cmap_doc("forward", acc(0.8, 0.76, 0.84), acc(0.6, 0.56, 0.64), value_fetcher=acc(0.8, 0.76, 0.84),
+                 pos_transmitter=acc(0.7, 0.66, 0.74), all=acc(0.8, 0.76, 0.84))
+    (text,) = cmap_findings([d])
+    assert "VF 100%, PT 50%" in text and "all groups together 100%" in text and "through the VF heads" in text
+
+
+def test_cmap_without_a_gap_does_not_invent_one():
+    d = cmap_doc("forward", acc(0.98, 0.95, 0.99), acc(0.99, 0.97, 1.0), value_fetcher=acc(0.99, 0.97, 1.0))
+    (text,) = cmap_findings([d])
+    assert "no gain to locate" in text and "interchangeable" in text
+
+
+def test_dcm_findings_need_the_interval_above_the_floor():
+    base = {"group": "value_fetcher", "group_size": 20, "chance_floor_unpatched": {"accuracy": 0.05}}
+    win = {**base, "desideratum": "object_value", "n_selected": 12, "test": acc(0.9, 0.8, 0.95)}
+    lose = {**base, "desideratum": "positional", "n_selected": 3, "test": acc(0.07, 0.02, 0.15)}
+    (text,) = dcm_findings([win, lose])
+    assert "object value (12/20 heads" in text and "position" not in text
+    (none,) = dcm_findings([lose])
+    assert "No desideratum" in none
+
+
+def test_knockout_finding_reports_where_the_edge_is_needed():
+    ko = {"model": "m", "baseline": {"accuracy": 0.9},
+          "edges": {"last->correct_object": {"start_layer": [0, 2, 4, 6], "accuracy": [0.0, 0.1, 0.88, 0.9]},
+                    "last->query_label": {"start_layer": [0, 2, 4, 6], "accuracy": [0.9, 0.9, 0.9, 0.9]}}}
+    texts = knockout_findings([ko])
+    assert "needed up to layer 2, free from layer 4 (worst 0.00 vs 0.90)" in texts[0]
+    assert "never needed" in texts[1]
