@@ -163,9 +163,43 @@ def test_module_sweep_chunks_agree_and_baseline_is_the_plain_model(tok, pair):
     one, c_one = sweep(rows_per_forward=4)  # one configuration per forward
     many, c_many = sweep(rows_per_forward=64)  # 16 configurations per forward
     K = 1 + len(EDGES) * 3
-    assert c_one.shape == (K, 4) and one.forwards == K and many.forwards == 1
+    # one clean forward (baseline + residuals), then per start layer its configurations' rows
+    assert c_one.shape == (K, 4) and one.forwards == K and many.forwards == 1 + 3
     assert torch.equal(c_one, c_many)
     assert torch.equal(c_many[0], plain) and one.configs()[0] == ("baseline", 3)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_prefix_reuse_equals_full_knockout_forwards(tok, pair, padding_side):
+    """Rows start at their start layer from the clean residual: same logits as knocking out in a full forward, and
+    the module's sweep agrees configuration by configuration."""
+    from etk.methods.circuit_eval.ablation import repeat_batch
+    from etk.models.partial import LayerInputs, forward_from_layer
+
+    model = pair[0]
+    arch = LlamaFamily(model)
+    batch, _ = batch_of(tok, n=4, padding_side=padding_side, examples=mixed_length_examples(tok, 4))
+    rand = random_context_positions(batch, torch.Generator().manual_seed(5))
+    with LayerInputs(arch, None) as h:
+        last_logits(model, batch)
+    b = torch.arange(8)
+    for start in range(3):
+        pos = [edge_positions(batch, e, rand) for e in EDGES[:2]]
+        q, k = torch.stack([p[0] for p in pos]), torch.stack([p[1] for p in pos])
+        rows = repeat_batch(batch, 2)
+        with knockout(model, *config_rows(q, k, torch.full((2,), start))):
+            hid = forward_from_layer(model, h[start].repeat(2, 1, 1), start, rows.attention_mask, rows.position_ids, None)
+        got = arch.lm_head(hid[b, rows.roles["last"]]).view(2, 4, -1)
+        for i, e in enumerate(EDGES[:2]):
+            torch.testing.assert_close(got[i], knocked(model, batch, e, start, rand), atol=1e-5, rtol=1e-5)
+    mod = KnockoutModule({}, EDGES, None, rows_per_forward=8, random_seed=5)
+    mod.net, mod.tokenizer = model, tok
+    mod.on_predict_epoch_start()
+    mod.predict_step(batch, 0)
+    per = mod.acc.per_example()
+    for i, (e, st) in enumerate(mod.configs()):
+        want = last_logits(model, batch) if e == "baseline" else knocked(model, batch, e, st, rand)
+        assert torch.equal(per[i], (want.argmax(-1) == batch.answer).float()), (e, st)
 
 
 # (f) restoration -----------------------------------------------------------------------------------------------------

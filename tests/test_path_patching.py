@@ -144,7 +144,7 @@ def test_partial_depth_forward_equals_plain(deep_gqa, tok, start):
     """The suffix-only, partial-depth forward used by the receiver step reproduces the plain forward."""
     from transformers import DynamicCache
 
-    from etk.methods.path_patching.fast import _LayerInputs
+    from etk.models.partial import LayerInputs
     from etk.models.forward import output_cache
     from etk.models.partial import forward_from_layer
 
@@ -152,7 +152,7 @@ def test_partial_depth_forward_equals_plain(deep_gqa, tok, start):
     arch = LlamaFamily(deep_gqa)
     T, ps = batch.input_ids.shape[1], batch.input_ids.shape[1] - 4
     suffix = torch.arange(ps, T)[None].expand(len(batch), -1)
-    with _LayerInputs(arch, suffix) as h:
+    with LayerInputs(arch, suffix) as h:
         out = arch.base.model(**batch.model_inputs(), use_cache=True)
     full = output_cache(out)
     cache = DynamicCache([(lay.keys[:, :, :ps], lay.values[:, :, :ps]) for lay in full.layers], config=arch.base.config)

@@ -16,6 +16,7 @@ from etk.methods.circuit_eval.ablation import repeat_batch
 from etk.methods.circuit_eval.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
+from etk.models.partial import LayerInputs, forward_from_layer
 
 BASELINE = "baseline"
 
@@ -73,18 +74,30 @@ class KnockoutModule(ModelHost):
         return q, k, s
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
-        N = len(batch)
-        q, k, s = self._positions(batch)
+        """Layers below a configuration's start layer compute exactly the clean run, so they are run once: one
+        clean forward gives the baseline and the residual entering every start layer; each configuration then
+        runs only layers s..L-1 of its rows (many configurations per forward)."""
+        N, L = len(batch), self.n_layers
+        arch = LlamaFamily(self.net)
+        q, k, s = self._positions(batch)  # [K, N], [K, N], [K]
+        starts = sorted(set(s.tolist()) - {L})
+        with LayerInputs(arch, None, starts) as h:  # {s: [N, T, d]}
+            clean = last_logits(self.net, batch)  # [N, V]
+        self.forwards += 1
+        correct = torch.empty(q.shape[0], N, dtype=torch.bool, device=q.device)  # [K, N]
+        correct[s == L] = clean.argmax(-1) == batch.answer
         per = max(1, self.rows_per_forward // N)  # configurations per forward
-        out = []
-        for c0 in range(0, q.shape[0], per):
-            sl = slice(c0, c0 + per)
-            n_cfg = q[sl].shape[0]
-            rows = repeat_batch(batch, n_cfg)  # [n_cfg * N] rows, row c*N + n
-            with knockout(self.net, *config_rows(q[sl], k[sl], s[sl])):
-                logits = last_logits(self.net, rows)  # [n_cfg * N, V]
-            out.append((logits.argmax(-1) == rows.answer).view(n_cfg, N))
-            self.forwards += 1
-        correct = torch.cat(out)  # [K, N]
+        for start in starts:
+            idx = (s == start).nonzero()[:, 0]
+            for c0 in range(0, idx.shape[0], per):
+                it = idx[c0:c0 + per]
+                n_cfg = it.shape[0]
+                rows = repeat_batch(batch, n_cfg)  # [n_cfg * N] rows, row c*N + n
+                with knockout(self.net, *config_rows(q[it], k[it], s[it])):
+                    hid = forward_from_layer(self.net, h[start].repeat(n_cfg, 1, 1), start, rows.attention_mask,
+                                             rows.position_ids, None)  # [R, T, d], final-normed
+                logits = arch.lm_head(hid[torch.arange(hid.shape[0], device=hid.device), rows.roles["last"]])
+                correct[it] = (logits.argmax(-1) == rows.answer).view(n_cfg, N)
+                self.forwards += 1
         self.acc.update(correct)
         return correct

@@ -23,30 +23,7 @@ from etk.methods.path_patching.naive import answer_prob
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
 from etk.models.arch import LlamaFamily
 from etk.models.forward import output_cache
-from etk.models.partial import forward_from_layer
-
-
-class _LayerInputs:
-    """Capture each decoder layer's input hidden state at per-example positions: pos [B] -> [B, d],
-    pos [B, R] -> [B, R, d] (forward pre-hooks)."""
-
-    def __init__(self, arch: LlamaFamily, pos: torch.Tensor):
-        self.arch, self.pos, self.values, self.handles = arch, pos, {}, []
-
-    def __enter__(self):
-        b = torch.arange(self.pos.shape[0], device=self.pos.device)
-        if self.pos.dim() == 2:
-            b = b[:, None]
-        for j, layer in enumerate(self.arch.layers):
-            def hook(mod, args, kwargs, j=j):
-                h = args[0] if args else kwargs["hidden_states"]
-                self.values[j] = h[b, self.pos]  # [B, d]
-            self.handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-        return self.values
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
+from etk.models.partial import LayerInputs, forward_from_layer
 
 
 def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, senders: list[HeadId],
@@ -101,7 +78,7 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, rows_b: torch.Tensor
     ps = int(p_s[b0[0]])
     last = int(clean.roles["last"][b0[0]])
     suffix = torch.arange(ps, last + 1, device=rows_b.device)
-    with _LayerInputs(arch, suffix[None].expand(b0.shape[0], -1)) as h_suffix:  # clean residuals [n, Ts, d]
+    with LayerInputs(arch, suffix[None].expand(b0.shape[0], -1)) as h_suffix:  # clean residuals [n, Ts, d]
         full = output_cache(arch.base.model(**{k: v[b0] for k, v in clean.model_inputs().items()}, use_cache=True))
     where = torch.full((int(rows_b.max()) + 1,), -1, dtype=torch.long, device=rows_b.device)
     where[b0] = torch.arange(b0.shape[0], device=rows_b.device)
@@ -143,7 +120,7 @@ def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
     site = receivers.site if receivers else None
     caps = [Capture("z", j, p_s[:, None]) for j in range(L)]
     caps += [Capture(site, j, p_s[:, None]) for j in (receivers.layers if receivers else [])]
-    with _LayerInputs(arch, p_s) as h_in, hooked(model, captures=caps) as cc:
+    with LayerInputs(arch, p_s) as h_in, hooked(model, captures=caps) as cc:
         hid = arch.base.model(**clean.model_inputs(), use_cache=False).last_hidden_state
         p_clean = answer_prob(arch.lm_head(hid[torch.arange(B), clean.roles["last"]]), y)
     with hooked(model, captures=[Capture("z", j, p_c[:, None]) for j in range(L)]) as kc:
