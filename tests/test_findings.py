@@ -55,3 +55,5 @@ def test_knockout_finding_reports_where_the_edge_is_needed():
     texts = knockout_findings([ko])
     assert "needed up to layer 2, free from layer 4 (worst 0.00 vs 0.90)" in texts[0]
     assert "never needed" in texts[1]
+    low = {**ko, "model": "weak", "baseline": {"accuracy": 0.08}}
+    assert "too low for a drop to show" in knockout_findings([low])[0]

@@ -142,7 +142,9 @@ def knockout_findings(ko: list[Doc], tol: float = 0.1) -> list[str]:
                 continue
             base = d["baseline"]["accuracy"]
             hurt = [s for s, a in zip(c["start_layer"], c["accuracy"]) if a < base - tol]
-            if not hurt:
+            if base < 3 * tol:
+                parts.append(f"`{d['model']}`: baseline {base:.2f} is too low for a drop to show")
+            elif not hurt:
                 parts.append(f"`{d['model']}`: never needed")
             else:
                 after = [s for s in c["start_layer"] if s > max(hurt)]
