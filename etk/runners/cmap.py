@@ -79,7 +79,8 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         header = ["heads patched", f"accuracy of {tgt_name} (95% CI)"]
         table = [[f"none: {src_name} alone", f"{rows['source_alone']['accuracy']:.3f}"],
                  [f"none: {tgt_name} alone", f"{rows['target_alone']['accuracy']:.3f}"]]
-        table += [[f"{SHORT.get(n, n)} ({sum(len(h) for h in sets[n].values())} heads) {src_name} -> {tgt_name}",
+        n_heads = {n: sum(len(h) for h in sets[n].values()) for n in sets}
+        table += [[f"{SHORT.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
                    f"{rows[n]['accuracy']:.3f} [{rows[n]['ci_low']:.3f}, {rows[n]['ci_high']:.3f}]"] for n in sets]
         md = markdown(header, table)
         (output_dir() / "cmap_table.md").write_text(md)

@@ -12,6 +12,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
+from etk.circuits import GROUPS
+
 
 def find_results(roots: list[Path], schema: str) -> list[dict[str, Any]]:
     docs = []
@@ -95,7 +97,8 @@ def dcm_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """SPEC §4.4's table: heads selected / group size and test accuracy, per model x group x desideratum."""
     header = ["model", "group", "desideratum", "selected / group", "test accuracy [95% CI]", "unpatched floor"]
     rows = []
-    for d in sorted(docs, key=lambda d: (d["model"], d["group"], d["desideratum"])):
+    order = {g: i for i, g in enumerate(GROUPS)}  # circuit order VF, PT, PD, SR; unknown groups last
+    for d in sorted(docs, key=lambda d: (d["model"], order.get(d["group"], len(order)), d["group"], d["desideratum"])):
         t, f = d["test"], d["chance_floor_unpatched"]
         pct = 100 * d["n_selected"] / max(1, d["group_size"])
         rows.append([d["model"], d["group"], d["desideratum"], f"{d['n_selected']}/{d['group_size']} ({pct:.0f}%)",
