@@ -107,7 +107,10 @@ class CMAPModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.pair is None:
             self.pair = load_pair(self.hparams.base_cfg, self.hparams.finetuned_cfg, self.hparams.toggle_adapter)
-            self.tokenizer = self.pair.tokenizer
+
+    @property
+    def tokenizer(self):
+        return self.pair.tokenizer
 
     @property
     def base_net(self):

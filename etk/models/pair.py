@@ -53,7 +53,12 @@ class PairModels:
     finetuned: Any
     tokenizer: Any
     finetuned_tokenizer: Any
+    names: tuple[str, str]
     toggled: bool = False
+
+    def check(self, texts: Sequence[str] = ()) -> None:
+        """check_compatible on the two members, and on the ids of `texts` (the prompts that will be run)."""
+        check_compatible(self.base, self.finetuned, self.tokenizer, self.finetuned_tokenizer, self.names, texts)
 
     @contextmanager
     def use(self, member: str) -> Iterator[Any]:
@@ -75,8 +80,9 @@ def load_pair(base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle: b
     if extra is not None:
         base, tok = load_model(OmegaConf.create(base_cfg))
         shared = attach_adapter(base, extra)
-        return PairModels(shared, shared, tok, tok, toggled=True)
+        return PairModels(shared, shared, tok, tok, names, toggled=True)
     base, tok = load_model(OmegaConf.create(base_cfg))
     ft, ft_tok = load_model(OmegaConf.create(finetuned_cfg))
-    check_compatible(base, ft, tok, ft_tok, names)
-    return PairModels(base, ft, tok, ft_tok)
+    pair = PairModels(base, ft, tok, ft_tok, names)
+    pair.check()
+    return pair

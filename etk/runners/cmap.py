@@ -18,8 +18,7 @@ from etk.interventions.components import HeadId, check_heads
 from etk.methods.cmap import ActivationPatchingModule, CMAPModule, role_heads
 from etk.metrics import wilson_interval
 from etk.models.arch import LlamaFamily
-from etk.models.pair import check_compatible
-from etk.runners.collect import markdown
+from etk.runners.collect import markdown, with_ci
 from etk.runners.common import data_config, emit, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
 
 
@@ -63,8 +62,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     module.head_sets = sets
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
-    check_compatible(module.base_net, module.ft_net, module.tokenizer, module.pair.finetuned_tokenizer,
-                     (cfg.pair.base.name, cfg.pair.finetuned.name), texts=[e.render().text for e in examples[:50]])
+    module.pair.check([e.render().text for e in examples[:50]])
     logger = build_logger(cfg)
     try:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
@@ -81,7 +79,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
                  [f"none: {tgt_name} alone", f"{rows['target_alone']['accuracy']:.3f}"]]
         n_heads = {n: sum(len(h) for h in sets[n].values()) for n in sets}
         table += [[f"{SHORT.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
-                   f"{rows[n]['accuracy']:.3f} [{rows[n]['ci_low']:.3f}, {rows[n]['ci_high']:.3f}]"] for n in sets]
+                   with_ci(rows[n])] for n in sets]
         md = markdown(header, table)
         (output_dir() / "cmap_table.md").write_text(md)
         print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")

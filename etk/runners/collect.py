@@ -26,6 +26,11 @@ def find_results(roots: list[Path], schema: str) -> list[dict[str, Any]]:
     return docs
 
 
+def with_ci(d: dict[str, Any], key: str = "accuracy") -> str:
+    """'value [ci_low, ci_high]' of a result with a 95% interval."""
+    return f"{d[key]:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+
+
 def accuracy_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Rows = models, columns = box counts; cells 'acc [lo, hi]'."""
     counts = sorted({r["n_boxes"] for d in docs for r in d.get("by_n_boxes", [d])})
@@ -34,7 +39,7 @@ def accuracy_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str
     for d in docs:
         by = {r["n_boxes"]: r for r in d.get("by_n_boxes", [d])}
         rows.append([d["model"]] + [
-            f"{by[n]['accuracy']:.3f} [{by[n]['ci_low']:.3f}, {by[n]['ci_high']:.3f}]" if n in by else "" for n in counts
+            with_ci(by[n]) if n in by else "" for n in counts
         ])
     return header, rows
 
@@ -73,7 +78,7 @@ def faithfulness_matrix(docs: list[dict[str, Any]]) -> tuple[list[str], list[lis
         row, vals = [c], []
         for m in models:
             d = by.get((c, m))
-            row.append(f"{d['faithfulness']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}] (random {d['random']['faithfulness_mean']:.3f})"
+            row.append(f"{with_ci(d, 'faithfulness')} (random {d['random']['faithfulness_mean']:.3f})"
                        if d else "")
             vals.append(d["faithfulness"] if d else float("nan"))
         rows.append(row)
@@ -102,7 +107,7 @@ def dcm_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
         t, f = d["test"], d["chance_floor_unpatched"]
         pct = 100 * d["n_selected"] / max(1, d["group_size"])
         rows.append([d["model"], d["group"], d["desideratum"], f"{d['n_selected']}/{d['group_size']} ({pct:.0f}%)",
-                     f"{t['accuracy']:.3f} [{t['ci_low']:.3f}, {t['ci_high']:.3f}]", f"{f['accuracy']:.3f}"])
+                     with_ci(t), f"{f['accuracy']:.3f}"])
     return header, rows
 
 

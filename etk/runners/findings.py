@@ -10,13 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from etk.circuits import GROUPS, SHORT
+from etk.runners.collect import with_ci
 
 Doc = dict[str, Any]
 DES_SHORT = {"object_value": "object value", "positional": "position", "box_label_value": "box-label value"}
-
-
-def _ci(d: Doc) -> str:
-    return f"{d['accuracy']:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
 
 
 def differ(a: Doc, b: Doc) -> bool:
@@ -30,7 +27,7 @@ def accuracy_finding(acc: dict[str, Doc], base: str, ft: str, n_boxes: int) -> s
     a, b = acc[base], acc[ft]
     verdict = (f"a significant change of {b['accuracy'] - a['accuracy']:+.3f}" if differ(a, b)
                else "no significant change: the intervals overlap")
-    return f"**Accuracy.** Fine-tuning takes {n_boxes}-box accuracy from {_ci(a)} (`{base}`) to {_ci(b)} (`{ft}`), {verdict}."
+    return f"**Accuracy.** Fine-tuning takes {n_boxes}-box accuracy from {with_ci(a)} (`{base}`) to {with_ci(b)} (`{ft}`), {verdict}."
 
 
 def circuit_findings(fa: dict[tuple[str, str], Doc], ov: dict[str, Doc], ft: str, ft_sizes: dict[str, int]) -> list[str]:

@@ -18,7 +18,7 @@ from etk.circuits import load_circuit, overlap
 from etk.runners.circuit_eval import run_faithfulness
 from etk.runners.cmap import run_activation_patching, run_cmap
 from etk.data.datasets import task_examples
-from etk.models.pair import check_compatible, load_pair
+from etk.models.pair import load_pair
 from etk.runners.common import data_config, free_model, output_dir, step_output
 from etk.runners.dcm import run_dcm
 from etk.runners.eval import run_eval
@@ -87,8 +87,7 @@ class Study:
         vocabulary, the ids of the study's prompts); a mismatch raises PairMismatchError naming the first one."""
         b, f = (OmegaConf.to_container(m, resolve=True) for m in (self.cfg.pair.base, self.cfg.pair.finetuned))
         pair = load_pair(b, f)
-        texts = [e.render().text for e in task_examples(data_config(self.cfg, 50), pair.tokenizer)]
-        check_compatible(pair.base, pair.finetuned, pair.tokenizer, pair.finetuned_tokenizer, (b["name"], f["name"]), texts)
+        pair.check([e.render().text for e in task_examples(data_config(self.cfg, 50), pair.tokenizer)])
         del pair
         free_model()
 
