@@ -1,6 +1,7 @@
-"""Circuits: the four head groups, the position role each acts at, JSON I/O (the paper's schema), score maps.
+"""Circuits: head sets keyed by the paper's four groups (each acting at its position role) or by any position role
+(`etk.data.roles.ROLE_VOCAB`: position-aware circuits), JSON I/O (the paper's schema), score maps, candidates.
 
-One definition shared by path patching, circuit evaluation, DCM and CMAP."""
+One definition shared by path patching, circuit evaluation, circuit search, DCM and CMAP."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 
+from etk.data.roles import ROLE_ID, ROLE_VOCAB
 from etk.interventions.components import HeadId
 
 GROUPS: tuple[str, ...] = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")
@@ -25,32 +27,67 @@ GROUP_ROLE: dict[str, str] = {
 PAPER_CIRCUITS = {"llama_7b": "llama_7b.json", "goat_7b": "goat_7b.json", "float_7b": "float_7b.json"}
 
 
+def key_role(key: str) -> str:
+    """The position role a circuit entry acts at: its group's role, or the key itself when it names a role."""
+    return GROUP_ROLE.get(key, key)
+
+
+class CircuitError(ValueError):
+    """A circuit file or entry that etk cannot use."""
+
+
 @dataclass
 class Circuit:
-    """Head groups in order (paper files list heads in minimality/candidate order) plus free-form metadata."""
+    """Head sets in order (paper files list heads in minimality/candidate order) plus free-form metadata.
+
+    Keys are the paper's groups (`value_fetcher` ... `struct_reader`, acting at `GROUP_ROLE`) or position roles
+    (`last`, `correct_object`, `objects[3]`, `sep`, ...: the units of a position-aware circuit)."""
 
     groups: dict[str, list[HeadId]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.groups) - set(GROUPS)
+        unknown = [k for k in self.groups if k not in GROUPS and k not in ROLE_ID]
         if unknown:
-            raise ValueError(f"unknown circuit groups {sorted(unknown)}; groups are {GROUPS}")
+            raise CircuitError(f"unknown circuit keys {unknown}: keys are the groups {list(GROUPS)} or position "
+                               "roles (last, query_label, prev_query_label, correct_object, objects[k], labels[k], "
+                               "det, relation, container, sep, end, ...)")
         self.groups = {g: [HeadId(int(lh[0]), int(lh[1])) for lh in hs] for g, hs in self.groups.items()}
 
-    def heads_at(self, role: str) -> list[HeadId]:
-        """Heads acting at a position role (VF and PT share `last`), without duplicates, in group order."""
-        out: list[HeadId] = []
-        for g in GROUPS:
-            if GROUP_ROLE[g] == role:
-                out += [h for h in self.groups.get(g, []) if h not in out]
+    def units(self) -> list[tuple[str, int, int]]:
+        """(role, layer, head) units without duplicates (VF and PT share `last`), in key order."""
+        out: list[tuple[str, int, int]] = []
+        seen: set[tuple[str, int, int]] = set()
+        for key, heads in self.groups.items():
+            for layer, head in heads:
+                u = (key_role(key), int(layer), int(head))
+                if u not in seen:
+                    seen.add(u)
+                    out.append(u)
         return out
 
+    def roles(self) -> list[str]:
+        """The position roles the circuit's entries act at, in order of first appearance."""
+        return list(dict.fromkeys(key_role(k) for k in self.groups))
+
+    def heads_at(self, role: str) -> list[HeadId]:
+        """Heads acting at a position role (VF and PT share `last`), without duplicates, in entry order."""
+        return [HeadId(layer, head) for r, layer, head in self.units() if r == role]
+
     def sizes(self) -> dict[str, int]:
-        return {g: len(self.groups.get(g, [])) for g in GROUPS}
+        """Heads per paper group, or per role for a position-aware circuit."""
+        if self.is_paper_form():
+            return {g: len(self.groups.get(g, [])) for g in GROUPS}
+        return {r: len(self.heads_at(r)) for r in self.roles()}
+
+    def is_paper_form(self) -> bool:
+        """Only the paper's group keys."""
+        return all(k in GROUPS for k in self.groups)
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {g: [list(h) for h in self.groups[g]] for g in GROUPS if g in self.groups}
+        order = [g for g in GROUPS if g in self.groups] + sorted((k for k in self.groups if k not in GROUPS),
+                                                                 key=lambda k: ROLE_VOCAB.index(k))
+        doc: dict[str, Any] = {g: [list(h) for h in self.groups[g]] for g in order}
         if self.meta:
             doc["meta"] = self.meta
         return doc
@@ -75,9 +112,18 @@ def load_circuit(spec: str | Path) -> Circuit:
         if not p.exists():
             raise FileNotFoundError(f"circuit {spec!r}: neither a shipped circuit {sorted(PAPER_CIRCUITS)} nor a file")
         text = p.read_text()
-    doc = json.loads(text)
-    meta = doc.pop("meta", {})
-    return Circuit({g: doc[g] for g in GROUPS if g in doc}, meta)
+    try:
+        doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise CircuitError("a circuit file holds one JSON object {key: [[layer, head], ...]}")
+        meta = doc.pop("meta", {})
+        for k, v in doc.items():
+            if not isinstance(v, list) or not all(isinstance(h, list) and len(h) == 2 and all(isinstance(x, int) for x in h)
+                                                  for h in v):
+                raise CircuitError(f"entry {k!r} must be a list of [layer, head] integer pairs")
+        return Circuit(doc, meta)
+    except (json.JSONDecodeError, CircuitError) as e:
+        raise CircuitError(f"circuit {spec!r}: {e}") from None
 
 
 def save_score_map(path: str | Path, scores: torch.Tensor, **meta: Any) -> Path:
@@ -109,6 +155,19 @@ def top_k(scores: torch.Tensor, k: int, scored: torch.Tensor | None = None) -> l
     k = min(k, int(torch.isfinite(flat).sum()))
     idx = torch.topk(flat, k, largest=False).indices
     return [HeadId(int(i) // n_heads, int(i) % n_heads) for i in idx]
+
+
+def candidates(scores: dict[str, torch.Tensor], sizes: dict[str, int],
+               scored: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None) -> Circuit:
+    """The paper's candidate sets (SPEC §2.5): each group's top-k heads by path-patching score (most negative first),
+    then every PT candidate removed from VF (both act at `last`). `scored` masks [layer, head] exclude unreachable
+    senders; groups without scores are left out."""
+    groups = {g: top_k(scores[g], int(sizes[g]), None if scored is None else scored.get(g))
+              for g in GROUPS if g in scores and g in sizes}
+    if "value_fetcher" in groups and "pos_transmitter" in groups:
+        pt = set(groups["pos_transmitter"])
+        groups["value_fetcher"] = [h for h in groups["value_fetcher"] if h not in pt]
+    return Circuit(groups, dict(meta or {}))
 
 
 def circuit_label(spec: str | Path, circuit: Circuit) -> str:

@@ -9,6 +9,11 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 
+def fmt(x: float | None, digits: int = 3) -> str:
+    """A number for tables and messages; `n/a` for an undefined (None or NaN) value."""
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
 def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     """95% Wilson score interval for a binomial proportion k/n."""
     if n == 0:

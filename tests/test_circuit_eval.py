@@ -40,8 +40,9 @@ def evaluator(model, batch, means):
     return evaluate
 
 
-def slow_reference(model, batch, means, ab: Ablation):
-    """Loop-based mean ablation (test-only): per example, position, layer and head."""
+def slow_reference(model, batch, means, circuit: Circuit, ablate_non_vital: bool):
+    """Loop-based mean ablation (test-only): per example, position, layer and head, from the SPEC's rule: at a vital
+    position keep the circuit's heads of that position's role, elsewhere keep all heads or none."""
     arch = LlamaFamily(model)
     D, H = arch.dims.head_dim, arch.dims.n_heads
     handles = []
@@ -52,7 +53,8 @@ def slow_reference(model, batch, means, ab: Ablation):
                 vital = {int(batch.roles[r][b]): i for i, r in enumerate(VITAL_ROLES)}
                 for t in range(x.shape[1]):
                     for h in range(H):
-                        keep = bool(ab.keep[vital[t], layer, h]) if t in vital else not ab.ablate_non_vital
+                        keep = ((layer, h) in circuit.heads_at(VITAL_ROLES[vital[t]]) if t in vital
+                                else not ablate_non_vital)
                         if not keep:
                             x[b, t, h * D:(h + 1) * D] = means[layer, t, h]
             return (x,)
@@ -76,9 +78,9 @@ def setup(tok):
 def test_mean_ablation_hook_equals_slow_reference(setup):
     model, batch, means, dims = setup
     circ = Circuit({"value_fetcher": [[2, 1], [1, 3]], "pos_detector": [[0, 0]], "struct_reader": [[1, 2]]})
-    for ab in (circuit_ablation(circ, dims, True), circuit_ablation(circ, dims, False)):
-        fast = run_ablations(model, batch, means, [ab])[0]
-        assert torch.allclose(fast, slow_reference(model, batch, means, ab), atol=1e-5)
+    for flag in (True, False):
+        fast = run_ablations(model, batch, means, [circuit_ablation(circ, dims, flag)])[0]
+        assert torch.allclose(fast, slow_reference(model, batch, means, circ, flag), atol=1e-5)
 
 
 def test_ablating_nothing_is_the_model_exactly(setup):
@@ -111,7 +113,8 @@ def test_ablating_everything_gives_the_mean_only_prediction(setup):
 def test_many_ablations_per_forward_equal_one_at_a_time(setup):
     model, batch, means, dims = setup
     rng = random.Random(0)
-    abls = [random_ablation([3, 2, 1], dims, rng, bool(i % 2), f"r{i}") for i in range(4)]
+    circ = Circuit({"value_fetcher": [[0, 0], [1, 1], [2, 2]], "pos_detector": [[0, 1], [1, 0]], "struct_reader": [[2, 3]]})
+    abls = [random_ablation(circuit_ablation(circ, dims, bool(i % 2)), dims, rng, f"r{i}") for i in range(4)]
     together = run_ablations(model, batch, means, abls)
     for i, ab in enumerate(abls):
         assert torch.allclose(together[i], run_ablations(model, batch, means, [ab])[0], atol=1e-5)
@@ -121,9 +124,11 @@ def test_random_baseline_never_repeats_a_head(setup):
     _, _, _, dims = setup
     n = dims.n_layers * dims.n_heads
     rng = random.Random(5)
+    heads = [[lay, h] for lay in range(dims.n_layers) for h in range(dims.n_heads)]
+    like = circuit_ablation(Circuit({"value_fetcher": heads[:-1], "pos_detector": heads, "struct_reader": heads[:5]}), dims)
     for _ in range(20):
-        ab = random_ablation([n - 1, n, 5], dims, rng, True, "r")
-        assert [int(ab.keep[r].sum()) for r in range(3)] == [n - 1, n, 5]
+        ab = random_ablation(like, dims, rng, "r")
+        assert ab.heads_per_role() == {"last": n - 1, "query_label": n, "prev_query_label": 5}
 
 
 @pytest.fixture(scope="module")

@@ -135,7 +135,7 @@ def test_paper_circuit_and_score_maps_roundtrip(tmp_path):
 
 
 def test_circuit_rejects_unknown_groups():
-    with pytest.raises(ValueError, match="unknown circuit groups"):
+    with pytest.raises(ValueError, match="unknown circuit keys"):
         Circuit({"value_fetchers": [[0, 1]]})
 
 

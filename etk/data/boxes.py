@@ -34,13 +34,20 @@ def _check_format(fmt: str, allowed: frozenset[str], once: tuple[str, ...]) -> N
             raise ValueError(f"format {fmt!r} must contain {{{name}}} exactly once (it carries a position role)")
 
 
-def _fill(fmt: str, values: Mapping[str, str], start: int) -> tuple[str, dict[str, Span]]:
-    """Format `fmt` with `values`; also return the character span of each placeholder, offset by `start`."""
+def _fill(fmt: str, values: Mapping[str, str], start: int, literal_role: str,
+          pieces: list[tuple[int, int, str]]) -> tuple[str, dict[str, Span]]:
+    """Format `fmt` with `values`; return the character span of each placeholder, offset by `start`, and append
+    every non-empty piece (start, end, template role) to `pieces`: placeholders under their field name, literal
+    text under `literal_role`."""
     text, spans = "", {}
     for literal, name, _, _ in string.Formatter().parse(fmt):
+        if literal:
+            pieces.append((start + len(text), start + len(text) + len(literal), literal_role))
         text += literal
         if name is not None:
             spans[name] = Span(start + len(text), start + len(text) + len(values[name]))
+            if values[name]:
+                pieces.append((spans[name].start, spans[name].end, name))
             text += values[name]
     return text, spans
 
@@ -124,6 +131,7 @@ class Rendered:
     objects: tuple[Span, ...]
     labels: tuple[Span, ...]
     query_label: Span
+    pieces: tuple[tuple[int, int, str], ...] = ()  # (start, end, template role) covering the text, in order
 
 
 @dataclass(frozen=True)
@@ -156,21 +164,34 @@ class Example:
         n = self.context.n_boxes
         if any(k >= n for k, _ in t.overrides):
             raise ValueError(f"template overrides segments {[k for k, _ in t.overrides]} of a {n}-box context")
-        text = t.prefix
+        pieces: list[tuple[int, int, str]] = []
+
+        def literal(piece: str, role: str) -> None:
+            nonlocal text
+            if piece:
+                pieces.append((len(text), len(text) + len(piece), role))
+            text += piece
+
+        text = ""
+        literal(t.prefix, "prefix")
         objs: list[Span] = []
         labs: list[Span] = []
         for k, (obj, lab) in enumerate(zip(self.context.objects, self.context.labels)):
             if k:
-                text += t.sep
+                literal(t.sep, "sep")
             values = {"det": t.first_det if k == 0 else t.det, "obj": obj, "relation": t.relation,
                       "container": t.container, "label": lab}
-            segment, spans = _fill(t.segment_format(k), values, len(text))
+            segment, spans = _fill(t.segment_format(k), values, len(text), "segment_text", pieces)
             text += segment
             objs.append(spans["obj"])
             labs.append(spans["label"])
-        text += t.end
-        query, spans = _fill(t.query, {"container": t.container, "label": self.query_label}, len(text))
-        return Rendered(text=text + query, objects=tuple(objs), labels=tuple(labs), query_label=spans["label"])
+        literal(t.end, "end")
+        qpieces: list[tuple[int, int, str]] = []
+        query, spans = _fill(t.query, {"container": t.container, "label": self.query_label}, len(text), "query_text",
+                             qpieces)
+        pieces += [(a, b, "query_container" if r == "container" else r) for a, b, r in qpieces]
+        return Rendered(text=text + query, objects=tuple(objs), labels=tuple(labs), query_label=spans["label"],
+                        pieces=tuple(pieces))
 
 
 def query_examples(context: Context, template: Template = PAPER_TEMPLATE) -> list[Example]:

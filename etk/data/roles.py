@@ -3,7 +3,13 @@
 Scalar roles (one index per example): `last`, `query_label`, `prev_query_label` (the queried box's label in the
 context), `correct_object`. Vector roles (one index per box): `objects`, `labels`. Undefined roles are -1
 (e.g. `prev_query_label` of a prompt whose query label names no box).
-"""
+
+Token roles: a partition of every prompt's tokens into named roles (`ROLE_VOCAB`), carried as `token_roles`
+[B, T] ids (-1 = padding). The scalar roles take their token; the other boxes' words are `objects[k]` /
+`labels[k]` (k = box index; the queried box's are `correct_object` / `prev_query_label`); every other token is
+named by the template field it renders (`det`, `relation`, `container`, `segment_text`, `sep`, `end`, `prefix`,
+`query_container`, `query_text`), `bos` for special tokens without characters, `other` for anything else.
+Methods whose units are (head, position role) — mean ablation, circuit search — read this partition."""
 
 from __future__ import annotations
 
@@ -16,6 +22,20 @@ from etk.data.vocab import single_token_id, tokenizer_name
 
 SCALAR_ROLES: tuple[str, ...] = ("last", "query_label", "prev_query_label", "correct_object")
 VECTOR_ROLES: tuple[str, ...] = ("objects", "labels")
+TEMPLATE_ROLES: tuple[str, ...] = ("bos", "prefix", "det", "relation", "container", "segment_text", "sep", "end",
+                                   "query_container", "query_text", "other")
+MAX_BOXES = 26
+ROLE_VOCAB: tuple[str, ...] = (SCALAR_ROLES + TEMPLATE_ROLES + tuple(f"objects[{k}]" for k in range(MAX_BOXES))
+                               + tuple(f"labels[{k}]" for k in range(MAX_BOXES)))
+ROLE_ID: dict[str, int] = {r: i for i, r in enumerate(ROLE_VOCAB)}
+
+
+def check_role(role: str) -> str:
+    """`role` if it names a token role, else a ValueError listing the vocabulary's kinds."""
+    if role not in ROLE_ID:
+        raise ValueError(f"unknown position role {role!r}; roles are {', '.join(SCALAR_ROLES + TEMPLATE_ROLES)}, "
+                         f"objects[k] and labels[k] (k < {MAX_BOXES})")
+    return role
 
 
 class TokenizationError(ValueError):
@@ -29,6 +49,7 @@ class Encoded:
     input_ids: list[int]
     roles: dict[str, int | list[int]]
     answer_id: int
+    token_roles: list[int] = field(default_factory=list)  # ROLE_ID of every token (the partition)
 
 
 def _token_at(offsets: list[tuple[int, int]], span: Span, text: str, word: str, tokenizer) -> int:
@@ -67,6 +88,7 @@ def encode_example(tokenizer, example: Example, answer: str | None = None) -> En
     }
     if q is not None and ids[roles["prev_query_label"]] != ids[ql]:
         raise TokenizationError(f"query label token differs from its context occurrence in {text!r}")
+    token_roles = _token_roles(rendered, offsets, roles, q)
     word = answer if answer is not None else example.answer
     answer_id = -1
     if word is not None:
@@ -74,7 +96,23 @@ def encode_example(tokenizer, example: Example, answer: str | None = None) -> En
         if tid is None:
             raise TokenizationError(f"tokenizer {tokenizer_name(tokenizer)!r} splits the answer {word!r} into several tokens")
         answer_id = tid
-    return Encoded(ids, roles, answer_id)
+    return Encoded(ids, roles, answer_id, token_roles)
+
+
+def _token_roles(rendered, offsets: list[tuple[int, int]], roles: dict, q: int | None) -> list[int]:
+    """The role id of every token: its first non-space character's template piece, then the word roles."""
+    text = rendered.text
+    out = []
+    for s, e in offsets:
+        c = next((i for i in range(s, e) if not text[i].isspace()), s if e > s else None)
+        name = "bos" if c is None else next((r for a, b, r in rendered.pieces if a <= c < b), "other")
+        out.append(ROLE_ID.get(name, ROLE_ID["other"]))
+    for k, (o, lab) in enumerate(zip(roles["objects"], roles["labels"])):
+        out[o], out[lab] = ROLE_ID[f"objects[{k}]"], ROLE_ID[f"labels[{k}]"]
+    for name in ("correct_object", "prev_query_label", "query_label", "last"):
+        if roles[name] >= 0:
+            out[roles[name]] = ROLE_ID[name]
+    return out
 
 
 @dataclass
@@ -86,6 +124,13 @@ class PromptBatch:
     position_ids: torch.Tensor  # [B, T] long, 0 at the first real token (valid under left padding)
     roles: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar [B], vector [B, n_boxes]
     answer: torch.Tensor | None = None  # [B] long, -1 where undefined
+    token_roles: torch.Tensor | None = None  # [B, T] long ROLE_ID of every token, -1 at padding
+
+    def repeat(self, k: int) -> "PromptBatch":
+        """The batch stacked k times along the batch axis (row i*B + b = prompt b), e.g. for k configurations."""
+        rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
+        return PromptBatch(rep(self.input_ids), rep(self.attention_mask), rep(self.position_ids),
+                           {n: rep(v) for n, v in self.roles.items()}, rep(self.answer), rep(self.token_roles))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -114,12 +159,15 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
     T = max(len(it.input_ids) for it in items)
     B = len(items)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
+    troles = torch.full((B, T), -1, dtype=torch.long)
     mask = torch.zeros((B, T), dtype=torch.long)
     shift = torch.zeros(B, dtype=torch.long)
     for b, it in enumerate(items):
         n = len(it.input_ids)
         off = T - n if padding_side == "left" else 0
         ids[b, off : off + n] = torch.tensor(it.input_ids)
+        if it.token_roles:
+            troles[b, off : off + n] = torch.tensor(it.token_roles)
         mask[b, off : off + n] = 1
         shift[b] = off
     roles: dict[str, torch.Tensor] = {}
@@ -133,7 +181,7 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
             roles[name] = r + shift[:, None]
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
-    return PromptBatch(ids, mask, position_ids, roles, answer)
+    return PromptBatch(ids, mask, position_ids, roles, answer, troles)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from etk.circuits import GROUP_ROLE
+from etk.circuits import key_role
 from etk.data.roles import PairBatch, PromptBatch
 from etk.interventions.components import HeadId
 from etk.interventions.hooks import Capture, Patch, hooked
@@ -28,7 +28,7 @@ def role_heads(groups: dict[str, list[HeadId]]) -> dict[str, list[HeadId]]:
     """{group: heads} -> {role: heads} (VF and PT share `last`)."""
     out: dict[str, list[HeadId]] = {}
     for g, heads in groups.items():
-        lst = out.setdefault(GROUP_ROLE[g], [])
+        lst = out.setdefault(key_role(g), [])
         lst += [HeadId(int(a), int(b)) for a, b in heads if HeadId(int(a), int(b)) not in lst]
     return out
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from etk.circuits import GROUP_ROLE
+from etk.circuits import GROUPS, key_role
+from etk.data.roles import ROLE_ID
 from etk.data.roles import PairBatch
 from etk.interventions.components import check_heads
 from etk.methods.accuracy import ModelHost
@@ -26,11 +27,12 @@ class DCMModule(ModelHost):
                  lam: float = 0.01, lr: float = 0.1, objective: str = "logit"):
         super().__init__(model_cfg)
         self.save_hyperparameters()
-        if group not in GROUP_ROLE:
-            raise ValueError(f"unknown group {group!r}; groups are {sorted(GROUP_ROLE)}")
+        if group not in GROUPS and group not in ROLE_ID:
+            raise ValueError(f"unknown group {group!r}; groups are {list(GROUPS)} (or a position role of a "
+                             "position-aware circuit)")
         if objective not in ("logit", "logprob"):
             raise ValueError(f"unknown objective {objective!r} (logit | logprob)")
-        self.role = GROUP_ROLE[group]
+        self.role = key_role(group)
         self.headset = HeadSet(heads)
         if not len(self.headset):
             raise ValueError(f"group {group!r} of the circuit is empty: nothing to mask")

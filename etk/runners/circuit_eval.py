@@ -14,6 +14,7 @@ from etk.data.boxes import generate_contexts
 from etk.data.datasets import make_template, prompt_loader, task_examples, task_vocab
 from etk.data.pairs import mean_ablation_examples
 from etk.interventions.components import check_heads
+from etk.metrics import fmt
 from etk.methods.circuit_eval.completeness import completeness
 from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
@@ -27,7 +28,8 @@ class Evaluator:
 
     def __init__(self, cfg: DictConfig, circuit: Circuit):
         m = cfg.method
-        self.module = AblationEval(OmegaConf.to_container(cfg.model, resolve=True), int(m.ablations_per_forward))
+        self.module = AblationEval(OmegaConf.to_container(cfg.model, resolve=True), int(m.ablations_per_forward),
+                                   int(m.get("vital_rows_per_forward", 2048)), bool(m.get("vital_fast_path", True)))
         self.module.configure_model()
         self.dims = LlamaFamily(self.module.net).dims
         for heads in circuit.groups.values():
@@ -74,10 +76,12 @@ def run_faithfulness(cfg: DictConfig) -> dict[str, Any]:
     def body(ev, circuit):
         r = faithfulness(ev, circuit, ev.dims, int(m.n_random), int(m.random_seed), bool(m.ablate_non_vital),
                          bool(m.legacy_rounding), int(m.n_bootstrap))
-        print(f"[etk] faithfulness of {cfg.circuit} on {cfg.model.name}: {r['faithfulness']:.3f} "
-              f"(95% CI {r['ci_low']:.3f}-{r['ci_high']:.3f}; circuit acc {r['accuracy_circuit']:.3f}, model acc "
-              f"{r['accuracy_model']:.3f}); random circuits {r['random']['faithfulness_mean']:.3f} "
-              f"± {r['random']['faithfulness_sd']:.3f}")
+        c = r["ceiling"]
+        print(f"[etk] faithfulness of {cfg.circuit} on {cfg.model.name}: {fmt(r['faithfulness'])} "
+              f"(95% CI {fmt(r['ci_low'])}-{fmt(r['ci_high'])}; circuit acc {r['accuracy_circuit']:.3f}, model acc "
+              f"{r['accuracy_model']:.3f}); ceiling of three-position circuits {fmt(c['faithfulness'])} (acc "
+              f"{c['accuracy']:.3f}), relative to ceiling {fmt(r['relative_to_ceiling'])}; random circuits "
+              f"{fmt(r['random']['faithfulness_mean'])} ± {fmt(r['random']['faithfulness_sd'])}")
         return r
     return _run(cfg, "etk.faithfulness/v1", body)
 

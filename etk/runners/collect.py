@@ -13,6 +13,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 
 from etk.circuits import GROUPS
+from etk.metrics import fmt
 
 
 def find_results(roots: list[Path], schema: str) -> list[dict[str, Any]]:
@@ -27,8 +28,16 @@ def find_results(roots: list[Path], schema: str) -> list[dict[str, Any]]:
 
 
 def with_ci(d: dict[str, Any], key: str = "accuracy") -> str:
-    """'value [ci_low, ci_high]' of a result with a 95% interval."""
-    return f"{d[key]:.3f} [{d['ci_low']:.3f}, {d['ci_high']:.3f}]"
+    """'value [ci_low, ci_high]' of a result with a 95% interval (`n/a` where undefined)."""
+    return f"{fmt(d[key])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"
+
+
+def faithfulness_cell(d: dict[str, Any]) -> str:
+    """'F [lo, hi] (random r; ceiling c, x of ceiling)': the circuit, its baseline and how much any
+    three-position circuit could explain."""
+    c = d.get("ceiling")
+    ceil = f"; ceiling {fmt(c['faithfulness'], 2)}, {fmt(d.get('relative_to_ceiling'), 2)} of it" if c else ""
+    return f"{with_ci(d, 'faithfulness')} (random {fmt(d['random']['faithfulness_mean'])}{ceil})"
 
 
 def accuracy_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -78,9 +87,8 @@ def faithfulness_matrix(docs: list[dict[str, Any]]) -> tuple[list[str], list[lis
         row, vals = [c], []
         for m in models:
             d = by.get((c, m))
-            row.append(f"{with_ci(d, 'faithfulness')} (random {d['random']['faithfulness_mean']:.3f})"
-                       if d else "")
-            vals.append(d["faithfulness"] if d else float("nan"))
+            row.append(faithfulness_cell(d) if d else "")
+            vals.append(d["faithfulness"] if d and d["faithfulness"] is not None else float("nan"))
         rows.append(row)
         values.append(vals)
     return header, rows, circuits, models, values

@@ -33,7 +33,7 @@ def accuracy_finding(acc: dict[str, Doc], base: str, ft: str, n_boxes: int) -> s
 def circuit_findings(fa: dict[tuple[str, str], Doc], ov: dict[str, Doc], ft: str, ft_sizes: dict[str, int]) -> list[str]:
     out = []
     own, borrowed = fa.get(("finetuned_circuit", ft)), fa.get(("base_circuit", ft))
-    if own and own["faithfulness"] != own["faithfulness"]:  # NaN: F(model) = 0
+    if own and own["faithfulness"] is None:  # F(model) = 0
         out.append(f"**Circuit reuse.** Undefined: `{ft}` answers no prompt correctly, so faithfulness (a ratio to its "
                    "accuracy) is not defined.")
     elif own and borrowed:

@@ -8,8 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-from etk.circuits import GROUP_ROLE, Circuit
-from etk.methods.circuit_eval.ablation import Ablation, circuit_ablation, circuit_items, full_model
+from etk.circuits import Circuit, key_role
+from etk.methods.circuit_eval.ablation import Ablation, circuit_ablation, full_model
 from etk.models.arch import Dims
 
 Evaluate = Callable[[list[Ablation]], torch.Tensor]
@@ -17,10 +17,10 @@ Evaluate = Callable[[list[Ablation]], torch.Tensor]
 
 def completeness(evaluate: Evaluate, circuit: Circuit, dims: Dims, n_random: int = 10, p: float = 0.5,
                  seed: int = 5) -> dict[str, Any]:
-    items = circuit_items(circuit)
+    items = circuit.units()
     rng = random.Random(seed)
     Ks: list[tuple[str, list]] = [(f"random{i}", [it for it in items if rng.random() < p]) for i in range(n_random)]
-    Ks += [(g, [(GROUP_ROLE[g], int(lay), int(h)) for lay, h in hs]) for g, hs in circuit.groups.items()]
+    Ks += [(g, [(key_role(g), int(lay), int(h)) for lay, h in hs]) for g, hs in circuit.groups.items()]
     circ, model = circuit_ablation(circuit, dims, True), full_model(dims)
     ablations = []
     for name, K in Ks:

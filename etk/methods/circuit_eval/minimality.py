@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from etk.circuits import GROUP_ROLE, Circuit
+from etk.circuits import Circuit, key_role
 from etk.methods.circuit_eval.ablation import Ablation, circuit_ablation
 from etk.models.arch import Dims
 
@@ -62,7 +62,7 @@ def minimality(evaluate: Evaluate, circuit: Circuit, dims: Dims, threshold: floa
     report: dict[str, Any] = {}
     for g in [g for g in ORDER if g in circuit.groups]:
         heads = circuit.groups[g]
-        items = [(GROUP_ROLE[g], int(lay), int(h)) for lay, h in heads]
+        items = [(key_role(g), int(lay), int(h)) for lay, h in heads]
         n = len(items)
         if n == 0:
             kept[g], report[g] = [], {"n": 0}

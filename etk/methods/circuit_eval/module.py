@@ -11,38 +11,57 @@ from torchmetrics.utilities import dim_zero_cat
 from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.accuracy import ModelHost
-from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, keep_rows, repeat_batch
+from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, keep_rows
+from etk.methods.circuit_eval.vital import background, vital_logits, vital_only
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
 
 
 class AblationAccuracy(Metric):
-    """Per-example correctness of K ablations: state [N, K] concatenated over batches; compute() -> [K]."""
+    """Per-example correctness of K ablations: state [N, K] concatenated over batches; compute() -> [K].
+    Optionally also the answer's log-probability per example (`logp`), for continuous effects."""
 
     full_state_update = False
 
     def __init__(self) -> None:
         super().__init__()
         self.add_state("correct", default=[], dist_reduce_fx="cat")
+        self.add_state("logp", default=[], dist_reduce_fx="cat")
 
-    def update(self, correct: torch.Tensor) -> None:  # [K, B] bool
+    def update(self, correct: torch.Tensor, logp: torch.Tensor | None = None) -> None:  # [K, B] bool, [K, B] float
         self.correct.append(correct.T.float())
+        if logp is not None:
+            self.logp.append(logp.T.float())
 
     def per_example(self) -> torch.Tensor:
         """[K, N] correctness."""
         return dim_zero_cat(self.correct).T if self.correct else torch.zeros(0, 0)
 
+    def per_example_logp(self) -> torch.Tensor:
+        """[K, N] log-probability of the answer."""
+        return dim_zero_cat(self.logp).T if self.logp else torch.zeros(0, 0)
+
     def compute(self) -> torch.Tensor:
         return self.per_example().mean(1)
 
 
+def answer_logp(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """[B] log-probability of each row's answer token (logits [B, V])."""
+    return logits.float().log_softmax(-1).gather(1, answer.clamp_min(0)[:, None])[:, 0]
+
+
 class AblationEval(ModelHost):
     """`mode="means"`: accumulate per-position z means over the ablation prompts.
-    `mode="eval"`: accuracy of every ablation in `self.ablations` on every prompt."""
+    `mode="eval"`: accuracy of every ablation in `self.ablations` on every prompt. Ablations that keep heads only at
+    the vital roles take the exact vital-only path (`vital.py`) unless `vital_fast_path=False`; `self.forwards`
+    counts full-sequence forwards, `self.vital_forwards` vital-only ones."""
 
-    def __init__(self, model_cfg: dict[str, Any], ablations_per_forward: int = 16):
+    def __init__(self, model_cfg: dict[str, Any], ablations_per_forward: int = 16, vital_rows_per_forward: int = 2048,
+                 vital_fast_path: bool = True):
         super().__init__(model_cfg)
         self.per_forward = ablations_per_forward
+        self.vital_rows = vital_rows_per_forward
+        self.vital_fast_path = vital_fast_path
         self.acc = AblationAccuracy()
         self.mode = "eval"
         self.means: torch.Tensor | None = None
@@ -53,22 +72,38 @@ class AblationEval(ModelHost):
         self.acc.reset()
         if self.mode == "means":
             self._sum, self._count = None, None
-        self.forwards = 0
+        self.forwards = self.vital_forwards = 0
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
         if self.mode == "means":
             return self._means_step(batch)
-        out = []
         N = len(batch)
-        for c0 in range(0, len(self.ablations), self.per_forward):
-            abl = list(self.ablations[c0:c0 + self.per_forward])
-            rows = repeat_batch(batch, len(abl))
-            keep = keep_rows(abl, batch)
-            with hooked(self.net, patches=ablation_patches(self.means.to(self.device), keep)):
-                logits = last_logits(self.net, rows)  # [K*N, V]
-            out.append((logits.argmax(-1) == rows.answer).view(len(abl), N))
+        means = self.means.to(self.device)
+        fast = [i for i, a in enumerate(self.ablations) if self.vital_fast_path and vital_only(a)]
+        slow = [i for i in range(len(self.ablations)) if i not in set(fast)]
+        logp = torch.empty(len(self.ablations), N, device=self.device)
+        correct = torch.empty(len(self.ablations), N, dtype=torch.bool, device=self.device)
+
+        def record(idx: list[int], logits: torch.Tensor) -> None:  # logits [len(idx)*N, V]
+            ans = batch.answer.repeat(len(idx))
+            correct[idx] = (logits.argmax(-1) == ans).view(len(idx), N)
+            logp[idx] = answer_logp(logits, ans).view(len(idx), N)
+
+        if fast:
+            bg = background(self.net, batch, means)
             self.forwards += 1
-        self.acc.update(torch.cat(out))
+            step = max(1, self.vital_rows // N)
+            for c0 in range(0, len(fast), step):
+                idx = fast[c0:c0 + step]
+                record(idx, vital_logits(self.net, batch, means, [self.ablations[i] for i in idx], bg))
+                self.vital_forwards += 1
+        for c0 in range(0, len(slow), self.per_forward):
+            idx = slow[c0:c0 + self.per_forward]
+            rows = batch.repeat(len(idx))
+            with hooked(self.net, patches=ablation_patches(means, keep_rows([self.ablations[i] for i in idx], batch))):
+                record(idx, last_logits(self.net, rows))  # [K*N, V]
+            self.forwards += 1
+        self.acc.update(correct, logp)
 
     def _means_step(self, batch: PromptBatch) -> None:
         dims = LlamaFamily(self.net).dims
