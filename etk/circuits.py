@@ -177,11 +177,15 @@ def circuit_label(spec: str | Path, circuit: Circuit) -> str:
     return str(circuit.meta.get("model") or Path(spec).stem)
 
 
-def overlap(a: Circuit, b: Circuit) -> dict[str, dict[str, float]]:
-    """Per group: |A ∩ B|, precision |A ∩ B|/|A| and recall |A ∩ B|/|B| (heads compared by (layer, head))."""
+def overlap(a: Circuit, b: Circuit) -> dict[str, dict[str, float | None]]:
+    """Per entry (the paper's four groups, or every role of position-aware circuits): |A ∩ B|, precision
+    |A ∩ B|/|A| and recall |A ∩ B|/|B| (heads compared by (layer, head); None for an empty side)."""
+    keys = list(GROUPS) if a.is_paper_form() and b.is_paper_form() else sorted(
+        set(a.groups) | set(b.groups), key=lambda k: (k not in GROUPS, ROLE_VOCAB.index(k) if k in ROLE_ID else 0))
     out = {}
-    for g in GROUPS:
+    for g in keys:
         A, B = set(a.groups.get(g, [])), set(b.groups.get(g, []))
         n = len(A & B)
-        out[g] = {"shared": n, "precision": n / len(A) if A else float("nan"), "recall": n / len(B) if B else float("nan")}
+        out[g] = {"shared": n, "size_a": len(A), "size_b": len(B), "precision": n / len(A) if A else None,
+                  "recall": n / len(B) if B else None}
     return out

@@ -75,3 +75,46 @@ def mask_plot(values: torch.Tensor, names: Sequence[str], path: str | Path, titl
     ax.set_xlabel("mask (1 = keep base, 0 = patch source)")
     ax.set_title(title)
     return _save(fig, path)
+
+
+def curve_plot(curves: dict[str, dict], path: str | Path, title: str) -> Path:
+    """Faithfulness vs circuit size (log x) for one or more models' `curve.json` documents: 95% CI bands, each
+    model's ceiling (dashed) and random circuits of the same sizes (dotted)."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = [100 * p["fraction"] for c in curves.values() for p in c["points"]]
+    for i, (name, c) in enumerate(curves.items()):
+        col = f"C{i}"
+        pts = [p for p in c["points"] if p["faithfulness"] is not None]
+        x = [100 * p["fraction"] for p in pts]
+        ax.plot(x, [p["faithfulness"] for p in pts], marker="o", ms=3, color=col, label=name)
+        if all(p["ci_low"] is not None for p in pts):
+            ax.fill_between(x, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], color=col, alpha=0.15)
+        rnd = [p.get("random_faithfulness_mean") for p in pts]
+        if all(r is not None for r in rnd):
+            ax.plot(x, rnd, ls=":", color=col, label=f"{name}: random circuits")
+        if c.get("ceiling", {}).get("faithfulness") is not None:
+            ax.axhline(c["ceiling"]["faithfulness"], ls="--", lw=1, color=col, label=f"{name}: ceiling (all heads at the 3 positions)")
+    ax.axhline(1.0, color="black", lw=0.6)
+    ax.set_xscale("log")
+    if xs:
+        ax.set_xlim(min(xs) / 1.3, max(xs) * 1.3)
+    ax.set_xlabel("circuit size (% of the model's heads per group)")
+    ax.set_ylabel("faithfulness F(C)/F(M)")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def role_head_heatmap(keep: torch.Tensor, present: torch.Tensor, path: str | Path, title: str) -> Path:
+    """A position-aware circuit: kept heads per role (rows: the roles present) x layer (columns), as counts."""
+    from etk.data.roles import ROLE_VOCAB
+
+    rows = present.nonzero()[:, 0].tolist()
+    counts = keep[rows].sum(-1).float()  # [roles, L]
+    fig, ax = plt.subplots(figsize=(max(5, 0.22 * counts.shape[1] + 2.5), max(3, 0.28 * len(rows) + 1.2)))
+    im = ax.imshow(counts, cmap="Blues", aspect="auto", vmin=0, vmax=max(1, keep.shape[-1]))
+    ax.set_yticks(range(len(rows)), [ROLE_VOCAB[r] for r in rows], fontsize=7)
+    ax.set_xlabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="heads kept")
+    return _save(fig, path)

@@ -9,7 +9,7 @@ import torch
 from etk.circuits import Circuit, load_circuit, overlap
 from etk.data.roles import PromptBatch
 from etk.methods.circuit_eval.ablation import (
-    VITAL_ROLES, Ablation, ablation_patches, circuit_ablation, full_model, keep_rows, repeat_batch,
+    VITAL_ROLES, Ablation, ablation_patches, ceiling_ablation, circuit_ablation, full_model, keep_rows, repeat_batch,
 )
 from etk.methods.circuit_eval.completeness import completeness
 from etk.methods.circuit_eval.faithfulness import faithfulness, random_ablation
@@ -187,3 +187,36 @@ def test_paper_overlap_table(pair):
     for g, (n, p, r) in SPEC_OVERLAP[pair].items():
         assert got[g]["shared"] == n
         assert round(got[g]["precision"], 2) == p and round(got[g]["recall"], 2) == r
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_vital_only_fast_path_equals_full_forward(tok, padding_side):
+    """Recomputing only the three vital tokens on the all-ablated background gives the full forward's logits."""
+    from etk.methods.circuit_eval.vital import background, vital_logits, vital_only
+    from etk.models.tiny import tiny_llama
+    from tests.helpers import mixed_length_examples
+
+    model = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2, seed=11)
+    batch, _ = batch_of(tok, examples=mixed_length_examples(tok, n=9, seed=1), padding_side=padding_side)
+    means = means_of(model, batch)
+    dims = LlamaFamily(model).dims
+    rng = random.Random(3)
+    circ = circuit_ablation(Circuit({"value_fetcher": [[0, 1], [2, 3]], "pos_detector": [[1, 0]],
+                                     "struct_reader": [[0, 2], [1, 1]]}), dims)
+    abls = [circ, circuit_ablation(Circuit({}), dims)] + [random_ablation(circ, dims, rng, f"r{i}") for i in range(3)]
+    assert all(vital_only(a) for a in abls)
+    fast = vital_logits(model, batch, means, abls, background(model, batch, means)).view(len(abls), len(batch), -1)
+    full = run_ablations(model, batch, means, abls)
+    assert torch.allclose(fast, full, atol=1e-5, rtol=1e-4)
+    assert torch.equal(fast.argmax(-1), full.argmax(-1))
+    assert not torch.allclose(fast[0], fast[1], atol=1e-3)  # the kept heads matter
+
+
+def test_vital_only_is_detected_from_the_kept_roles(setup):
+    from etk.methods.circuit_eval.vital import vital_only
+
+    _, _, _, dims = setup
+    circ = circuit_ablation(Circuit({"value_fetcher": [[0, 1]]}), dims)
+    assert vital_only(circ) and vital_only(ceiling_ablation(dims))
+    assert not vital_only(circuit_ablation(Circuit({"value_fetcher": [[0, 1]]}), dims, ablate_non_vital=False))
+    assert not vital_only(circ.plus([("correct_object", 0, 1)]))

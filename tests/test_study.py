@@ -22,10 +22,10 @@ SMALL = ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetun
 def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
     res = compose_run(tmp_path, SMALL)
     report = (tmp_path / "report.md").read_text()
-    for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Faithfulness",
-                    "## 4. DCM", "## 5. Activation patching", "## 6. Cross-model activation patching",
-                    "## 7. Attention knockout", "## Findings", "**Accuracy.**", "**Circuit reuse.**", "**CMAP",
-                    "**Knockout last->correct_object.**"):
+    for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Circuit quality",
+                    "## 4. Faithfulness", "## 5. DCM", "## 6. Activation patching", "## 7. Cross-model activation patching",
+                    "## 8. Attention knockout", "## Findings", "**Accuracy.**", "**CMAP",
+                    "**Knockout last->correct_object.**", "curves.png", "ceiling"):
         assert section in report, section
     assert (tmp_path / "faithfulness_matrix.md").exists()
     assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"

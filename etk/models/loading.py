@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.embedded import ModelNotFoundError, dequantised_dir  # noqa: E402
-from etk.models.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
+from etk.models.tiny import planted_llama, tiny_llama, tiny_tokenizer  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
@@ -101,9 +101,14 @@ def load_model(cfg: Any, device: str | torch.device | None = None):
     source = cfg.get("source", "local")
     attn = cfg.get("attn_implementation")
     if source == "tiny":
-        t = cfg.get("tiny", {})
+        t = dict(cfg.get("tiny", {}))
         tokenizer = tiny_tokenizer()
-        model = tiny_llama(len(tokenizer), **dict(t), dtype=dtype)
+        planted = t.pop("planted", None)
+        if planted:
+            model = planted_llama(tokenizer, planted, int(t.get("planted_head", 2)), dtype=dtype)
+        else:
+            t.pop("planted_head", None)
+            model = tiny_llama(len(tokenizer), **t, dtype=dtype)
     elif source == "gguf_package":
         model, tokenizer = _from_pretrained(dequantised_dir(cfg.package, cfg.gguf_file), dtype, attn)
     elif source == "local":

@@ -1,4 +1,5 @@
-"""A tiny random-init Llama and a locally built tokenizer, created offline in well under a second (for tests)."""
+"""A tiny random-init Llama and a locally built tokenizer, created offline in well under a second (for tests), and
+tiny Llamas with a planted, known mechanism (ground truth for circuit methods)."""
 
 from __future__ import annotations
 
@@ -51,3 +52,70 @@ def tiny_llama(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     return model.to(dtype).eval().requires_grad_(False)
+
+
+PLANTED = ("last_head", "object_relay")
+
+
+def planted_llama(tokenizer, mechanism: str = "last_head", head: int = 2, relay_head: int = 1,
+                  dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 2-layer GQA Llama (4 heads, 2 KV groups, d_model 128) whose answer rests on a planted mechanism; every
+    other W_O and every MLP output is zero. Embeddings carry a constant feature (dim 0), an is-object feature
+    (dim 1) and a random identity; the unembedding scores object tokens only. With one box it answers correctly.
+
+    `last_head`: head (1, head) at `last` attends to the context objects (query reads the constant, key the
+        object feature, in the slowest RoPE pair) and copies their identity into the logits.
+    `object_relay`: head (0, relay_head) at each object's own position copies the object's identity into a
+        subspace the embeddings leave empty, and head (1, head) at `last` reads the objects through that subspace
+        only: the answer needs a head at a non-vital position (`correct_object`), so three-position circuits
+        cannot explain it."""
+    from etk.data.vocab import load_objects, single_token_id
+    from etk.models.arch import LlamaFamily
+
+    if mechanism not in PLANTED:
+        raise ValueError(f"unknown planted mechanism {mechanism!r}; choose from {PLANTED}")
+    d = 128
+    m = tiny_llama(len(tokenizer), n_layers=2, n_heads=4, n_kv_heads=2, d_model=d, seed=5)
+    arch = LlamaFamily(m)
+    D, gs = arch.dims.head_dim, arch.dims.group_size
+    ids = [i for i in (single_token_id(tokenizer, w) for w in load_objects()) if i is not None]
+    is_obj = torch.zeros(arch.lm_head.weight.shape[0], dtype=torch.bool)
+    is_obj[ids] = True
+    gen = torch.Generator().manual_seed(1)
+    slow = D // 2 - 1  # the slowest-rotating RoPE pair
+    relay = mechanism == "object_relay"
+    with torch.no_grad():
+        emb = arch.base.model.embed_tokens.weight
+        emb.copy_(torch.randn(emb.shape, generator=gen))
+        if relay:
+            emb[:, d // 2:] = 0  # the relay subspace: written only by the layer-0 head
+        emb[:, 0] = 1.0
+        emb[:, 1] = torch.where(is_obj, 3.0, 0.0)
+        for j in range(2):
+            for name in ("q_proj", "k_proj", "o_proj"):
+                arch.proj(j, name).weight.zero_()
+            arch.mlp(j).down_proj.weight.zero_()
+
+        def attend_to_objects(layer: int, h: int) -> None:
+            arch.proj(layer, "q_proj").weight[h * D + slow, 0] = 60.0
+            arch.proj(layer, "k_proj").weight[(h // gs) * D + slow, 1] = 1.0
+
+        ident = torch.zeros(d, D)
+        ident[2:d // 2 if relay else d] = torch.linalg.qr(torch.randn((d // 2 if relay else d) - 2, D, generator=gen))[0]
+        attend_to_objects(1, head)
+        v1, o1 = arch.proj(1, "v_proj").weight, arch.proj(1, "o_proj").weight
+        if relay:
+            hidden = torch.zeros(d, D)
+            hidden[d // 2:] = torch.linalg.qr(torch.randn(d // 2, D, generator=gen))[0]
+            attend_to_objects(0, relay_head)
+            g0 = relay_head // gs
+            arch.proj(0, "v_proj").weight[g0 * D:(g0 + 1) * D] = ident.T * 8
+            arch.proj(0, "o_proj").weight[:, relay_head * D:(relay_head + 1) * D] = hidden * 0.1  # keeps the norm small
+            v1[(head // gs) * D:(head // gs + 1) * D] = hidden.T * 8
+        else:
+            v1[(head // gs) * D:(head // gs + 1) * D] = ident.T * 8
+        o1[:, head * D:(head + 1) * D] = ident * 8
+        arch.lm_head.weight.copy_(emb * 4)
+        arch.lm_head.weight[~is_obj] = 0
+        arch.lm_head.weight[~is_obj, 0] = -100.0  # non-objects never win
+    return m.to(dtype).eval()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from etk.circuits import GROUPS, SHORT
+from etk.metrics import fmt
 from etk.runners.collect import with_ci
 
 Doc = dict[str, Any]
@@ -36,18 +37,21 @@ def circuit_findings(fa: dict[tuple[str, str], Doc], ov: dict[str, Doc], ft: str
     if own and own["faithfulness"] is None:  # F(model) = 0
         out.append(f"**Circuit reuse.** Undefined: `{ft}` answers no prompt correctly, so faithfulness (a ratio to its "
                    "accuracy) is not defined.")
-    elif own and borrowed:
+    elif own and borrowed and borrowed["faithfulness"] is not None:
         rb, ro = borrowed["random"], own["random"]
         reuse = ("explains the fine-tuned model as well as its own circuit does (intervals overlap)"
                  if borrowed["ci_low"] <= own["ci_high"] and own["ci_low"] <= borrowed["ci_high"]
                  else "explains less of it than the fine-tuned model's own circuit"
                  if borrowed["ci_high"] < own["ci_low"] else "explains more of it than its own circuit")
-        above = "well above" if borrowed["ci_low"] > rb["ci_high"] else "not clearly above"
+        above = ("well above" if rb.get("ci_high") is not None and borrowed["ci_low"] > rb["ci_high"]
+                 else "not clearly above")
         out.append(f"**Circuit reuse.** On the fine-tuned model, the base model's circuit has faithfulness "
                    f"{borrowed['faithfulness']:.2f} [{borrowed['ci_low']:.2f}, {borrowed['ci_high']:.2f}] ({above} random "
-                   f"circuits of the same sizes, {rb['faithfulness_mean']:.2f}); the fine-tuned model's own circuit has "
-                   f"{own['faithfulness']:.2f} [{own['ci_low']:.2f}, {own['ci_high']:.2f}] (random {ro['faithfulness_mean']:.2f}). "
-                   f"The base circuit {reuse}.")
+                   f"circuits of the same sizes, {fmt(rb['faithfulness_mean'], 2)}); the fine-tuned model's own circuit has "
+                   f"{own['faithfulness']:.2f} [{own['ci_low']:.2f}, {own['ci_high']:.2f}] (random {fmt(ro['faithfulness_mean'], 2)}). "
+                   f"The base circuit {reuse}" + (f"; both are bounded by the three-position ceiling of "
+                   f"{own['ceiling']['faithfulness']:.2f} on `{ft}`" if (own.get("ceiling") or {}).get("faithfulness") is not None
+                   else "") + ".")
         if max(own["faithfulness"], borrowed["faithfulness"]) < 0.5:
             out.append("**Caveat.** Both circuits keep under half of the model's accuracy when everything else is "
                        "mean-ablated: at these sizes the mechanism is more distributed than the circuit's heads "
@@ -150,4 +154,47 @@ def knockout_findings(ko: list[Doc], tol: float = 0.1) -> list[str]:
                              + (f", free from layer {after[0]}" if after else "") + f" (worst {worst:.2f} vs {base:.2f})")
         if parts:
             out.append(f"**Knockout {edge}.** " + "; ".join(parts) + ".")
+    return out
+
+
+def explains(doc: Doc | None) -> str | None:
+    """'explains F [lo, hi] of its accuracy, three-position ceiling C' for a faithfulness document."""
+    if not doc or doc.get("faithfulness") is None:
+        return None
+    c = (doc.get("ceiling") or {}).get("faithfulness")
+    return (f"explains {doc['faithfulness']:.2f} [{fmt(doc['ci_low'], 2)}, {fmt(doc['ci_high'], 2)}] of the model's "
+            f"accuracy under mean ablation" + (f" (ceiling of three-position circuits {c:.2f})" if c is not None else ""))
+
+
+def quality_findings(base: str, ft: str, fa: dict[str, Doc], curves: dict[str, Doc], search: dict[str, Doc]) -> list[str]:
+    """How much of each model the circuits explain, so that every later circuit claim can be read against it."""
+    out = []
+    for member, name in (("base", base), ("finetuned", ft)):
+        own = fa.get(f"{member}_circuit-on-{name}")
+        parts = []
+        if own and own.get("faithfulness") is not None:
+            c = own["ceiling"]["faithfulness"]
+            parts.append(f"the paper-style circuit ({sum(own['heads_per_role'].values())} head-positions) keeps "
+                         f"{own['faithfulness']:.2f} [{fmt(own['ci_low'], 2)}, {fmt(own['ci_high'], 2)}] of its accuracy; no "
+                         f"circuit at the paper's three positions can exceed {fmt(c, 2)} (all heads there kept)"
+                         + (", so most of the mechanism runs through other positions" if c is not None and c < 0.6 else ""))
+        cv = curves.get(name)
+        if cv and cv.get("cpr") is not None:
+            best = max(cv["points"], key=lambda p: p["faithfulness"] or 0)
+            parts.append(f"top-x% circuits reach {fmt(best['faithfulness'], 2)} at {100 * best['fraction']:g}% of the heads "
+                         f"(CPR {cv['cpr']:.2f}, CMD {cv['cmd']:.2f})")
+        sr = search.get(name)
+        if sr and sr.get("faithfulness") is not None:
+            roles = sorted(sr["heads_per_role"].items(), key=lambda kv: -kv[1])
+            parts.append(f"a position-aware circuit of {sr['units_kept']} (head, position) units ({100 * sr['unit_fraction']:.1f}% "
+                         f"of them) keeps {sr['faithfulness']:.2f} [{fmt(sr['ci_low'], 2)}, {fmt(sr['ci_high'], 2)}] on held-out "
+                         "prompts, with most heads at " + ", ".join(f"{r} ({k})" for r, k in roles[:4]))
+        if parts:
+            out.append(f"**How much the circuits explain, `{name}`.** " + "; ".join(parts) + ".")
+    ov = (search.get(base) or {}).get("_overlap")
+    if ov:
+        shared = sum(v["shared"] for v in ov.values())
+        a, b = sum(v["size_a"] for v in ov.values()), sum(v["size_b"] for v in ov.values())
+        out.append(f"**Position-aware circuits compared.** {shared} units are shared between `{base}` ({a} units) and "
+                   f"`{ft}` ({b} units).")
     return out

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from etk.runners.circuit_eval import run_completeness, run_faithfulness, run_minimality, run_overlap
+from etk.runners.circuit_eval import (run_circuit_search, run_completeness, run_faithfulness, run_faithfulness_curve, run_minimality,
+                                      run_overlap)
 from etk.runners.cmap import run_activation_patching, run_cmap
 from etk.runners.eval import run_eval
 from etk.runners.knockout import run_knockout
@@ -15,6 +16,8 @@ METHODS = {
     "eval": run_eval,
     "path_patching": run_path_patching,
     "faithfulness": run_faithfulness,
+    "faithfulness_curve": run_faithfulness_curve,
+    "circuit_search": run_circuit_search,
     "completeness": run_completeness,
     "minimality": run_minimality,
     "overlap": run_overlap,

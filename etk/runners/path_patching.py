@@ -1,4 +1,6 @@
-"""`method=path_patching`: discover the 4-group circuit, write score maps, heatmaps and circuit.json."""
+"""`method=path_patching`: score every sender of the four stages, write score maps, heatmaps and circuit.json: the
+paper's candidate sets (each group's top candidates, PT candidates removed from VF; SPEC §2.5), which
+`method=minimality` prunes to the circuit."""
 
 from __future__ import annotations
 
@@ -10,11 +12,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_json
-from etk.circuits import SHORT, Circuit, save_score_map, top_k
+from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
 from etk.interventions.components import all_heads
 from etk.methods.path_patching.module import PathPatchingModule
-from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from
+from etk.methods.path_patching.stages import STAGES, discovery_schedule, pp_loader, reachable_layers, receivers_from
 from etk.models.arch import LlamaFamily
 from etk.plots import head_heatmap
 from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
@@ -41,14 +43,17 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                                 m.suffix_chunk_rows)
     module.configure_model()
     dims = LlamaFamily(module.net).dims
+    schedule = discovery_schedule(m, cfg.model, dims)
+    seed = int(m.seed if m.get("seed") is not None else (cfg.model.get("discovery") or {}).get("seed", 20))
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
-    loader = pp_loader(module.tokenizer, examples, int(m.seed), int(m.batch_size), data_cfg.padding_side)
+    loader = pp_loader(module.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
     logger = build_logger(cfg)
     try:
         kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
         trainer = L.Trainer(**kw)
-        groups: dict[str, list] = {}
+        chosen_scores: dict[str, torch.Tensor] = {}
+        scored: dict[str, torch.Tensor] = {}
         reports: dict[str, Any] = {}
         prev = None
         for group in m.stages:
@@ -57,7 +62,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 raise ValueError(f"stage {group!r} needs the previous stage's receivers; list the stages in order")
             if stage.receiver_site is not None and not prev:
                 print(f"[etk] {SHORT[group]}: skipped, the previous stage scored no sender (no receivers)")
-                groups[group], reports[group] = [], {"skipped": "no receivers"}
+                reports[group] = {"skipped": "no receivers"}
                 prev = []
                 continue
             rec = None if stage.receiver_site is None else receivers_from(prev, stage.receiver_site, dims)
@@ -77,20 +82,22 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             mask = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
             mask[reach] = True
             if "attribution" in scores and exact is not None:
-                report["attribution_vs_exact"] = rank_agreement(scores["attribution"], exact, int(m.circuit_top_k[group]), mask)
+                k = schedule["candidates_top_k"][group]
+                report["attribution_vs_exact"] = rank_agreement(scores["attribution"], exact, k, mask)
             for alg, s in scores.items():
                 suffix = "" if s is chosen else f".{alg}"
                 save_score_map(out / "scores" / f"{group}{suffix}.json", s, algorithm=alg, exact=alg != "attribution",
-                               model=cfg.model.name)
+                               model=cfg.model.name, reachable_layers=reach)
                 torch.save({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
-            groups[group] = top_k(chosen, int(m.circuit_top_k[group]), mask)
-            if group in m.receivers_top_k:
-                prev = top_k(chosen, int(m.receivers_top_k[group]), mask)
+            chosen_scores[group], scored[group] = chosen, mask
+            top = top_k(chosen, schedule["candidates_top_k"][group], mask)
+            if group in schedule["receivers_top_k"]:
+                prev = top_k(chosen, schedule["receivers_top_k"][group], mask)
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
-                         f"{cfg.model.name}: {SHORT[group]} path-patching scores", groups[group])
+                         f"{cfg.model.name}: {SHORT[group]} path-patching scores", top)
             reports[group] = report
             walls = ", ".join(f"{a} {report[a]['wall_s']:.1f}s" for a in runs)
-            print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in groups[group][:5]]} ({walls})")
+            print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in top[:5]]} ({walls})")
             if logger is not None:
                 logger.log_metrics({f"path_patching/{group}/{a}_wall_s": report[a]["wall_s"] for a in runs})
                 if hasattr(logger, "log_image"):
@@ -99,12 +106,13 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                     logger.log_table(key=f"path_patching/{group}_scores", columns=["layer", "head", "score"],
                                      data=[[lay, h, float(chosen[lay, h])] for lay in range(dims.n_layers)
                                            for h in range(dims.n_heads)])
-        meta = {"model": cfg.model.name, "seed": int(m.seed), "n_examples": len(examples), "algorithm": m.algorithm,
-                "exact": m.algorithm != "attribution" or bool(m.compare_exact),
-                "schedule": {"receivers_top_k": OmegaConf.to_container(m.receivers_top_k),
-                             "circuit_top_k": OmegaConf.to_container(m.circuit_top_k)}, "n_boxes": int(cfg.data.n_boxes)}
-        Circuit(groups, meta).save(out / "circuit.json")
-        payload = {"model": cfg.model.name, "stages": reports, "circuit": Circuit(groups).to_json(), "config": plain_config(cfg)}
+        meta = {"model": cfg.model.name, "kind": "candidates", "seed": seed, "n_examples": len(examples),
+                "algorithm": m.algorithm, "exact": m.algorithm != "attribution" or bool(m.compare_exact),
+                "schedule": schedule, "n_boxes": int(cfg.data.n_boxes)}
+        cand = candidates(chosen_scores, schedule["candidates_top_k"], scored, meta)
+        cand.save(out / "circuit.json")
+        payload = {"model": cfg.model.name, "stages": reports, "schedule": schedule, "seed": seed,
+                   "circuit": {g: [list(h) for h in hs] for g, hs in cand.groups.items()}, "config": plain_config(cfg)}
         write_json(out / "results.json", payload, SCHEMA)
         return payload
     finally:

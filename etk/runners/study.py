@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from etk.artifacts import read_json
 from etk.circuits import load_circuit, overlap
-from etk.runners.circuit_eval import run_faithfulness
+from etk.runners.circuit_eval import run_circuit_search, run_faithfulness, run_faithfulness_curve, run_minimality
 from etk.runners.cmap import run_activation_patching, run_cmap
 from etk.data.datasets import task_examples
 from etk.models.pair import load_pair
@@ -101,8 +101,34 @@ class Study:
             self.job("path_patching", name, "etk.path_patching/v1", run_path_patching,
                      sub_config(self.cfg, member, method_cfg("path_patching", self.m.path_patching)))
 
+    def minimality(self) -> None:
+        """The paper's construction: prune each member's path-patching candidates with the significance rule at the
+        model's threshold (`discovery.minimality_threshold`); the pruned circuit is what later steps use."""
+        for name, member in self.members.items():
+            threshold = (member.get("discovery") or {}).get("minimality_threshold", 0.01)
+            mc = method_cfg("minimality", {"threshold": threshold, **self.m.minimality})
+            self.job("minimality", name, "etk.minimality/v1", run_minimality,
+                     sub_config(self.cfg, member, mc, circuit=str(self.root / "path_patching" / name / "circuit.json"),
+                                **{"ablation.n_prompts": self.m.ablation_prompts}))
+
     def circuit_path(self, member: str) -> str:
-        return str(self.root / "path_patching" / member / "circuit.json")
+        """The member's circuit: minimality's pruned circuit, or path patching's candidates when the study skips
+        minimality."""
+        pruned = self.root / "minimality" / member / "circuit.json"
+        return str(pruned if pruned.exists() else self.root / "path_patching" / member / "circuit.json")
+
+    def curve(self) -> None:
+        for name, member in self.members.items():
+            self.job("curve", name, "etk.faithfulness_curve/v1", run_faithfulness_curve,
+                     sub_config(self.cfg, member, method_cfg("faithfulness_curve", self.m.curve),
+                                scores=str(self.root / "path_patching" / name),
+                                **{"ablation.n_prompts": self.m.ablation_prompts}))
+
+    def circuit_search(self) -> None:
+        for name, member in self.members.items():
+            self.job("circuit_search", name, "etk.circuit_search/v1", run_circuit_search,
+                     sub_config(self.cfg, member, method_cfg("circuit_search", self.m.circuit_search),
+                                **{"ablation.n_prompts": self.m.ablation_prompts}))
 
     def faithfulness(self) -> None:
         for c in self.members:
@@ -180,7 +206,8 @@ class Study:
 
 
 def run_study(cfg: DictConfig) -> dict[str, Any]:
-    unknown = set(cfg.method.steps) - {"accuracy", "path_patching", "faithfulness", "dcm", "activation_patching", "cmap", "knockout"}
+    unknown = set(cfg.method.steps) - {"accuracy", "path_patching", "minimality", "faithfulness", "curve",
+                                       "circuit_search", "dcm", "activation_patching", "cmap", "knockout"}
     if unknown:
         raise ValueError(f"unknown study steps {sorted(unknown)}")
     return Study(cfg).run()

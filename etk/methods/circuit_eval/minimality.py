@@ -24,7 +24,7 @@ Evaluate = Callable[[list[Ablation]], torch.Tensor]
 ORDER = ("struct_reader", "pos_transmitter", "pos_detector", "value_fetcher")
 
 
-def _significant(before: float, after: float, threshold: float) -> bool:
+def significant(before: float, after: float, threshold: float) -> bool:
     if after == 0:
         return before > 0 or threshold <= 0
     return before / after - 1 >= threshold
@@ -83,7 +83,7 @@ def minimality(evaluate: Evaluate, circuit: Circuit, dims: Dims, threshold: floa
         acc = evaluate(ablations).mean(1).tolist()
         sig = {f"{heads[v][0]},{heads[v][1]}": {"before": acc[2 * v], "after": acc[2 * v + 1], "K": [list(heads[u]) for u in Ks[v]]}
                for v in range(n)}
-        kept[g] = [heads[v] for v in range(n) if _significant(acc[2 * v], acc[2 * v + 1], threshold)]
+        kept[g] = [heads[v] for v in range(n) if significant(acc[2 * v], acc[2 * v + 1], threshold)]
         report[g] = {"n": n, "k": k, "kept": len(kept[g]), "evaluations": evals + 2 * n,
                      "paper_evaluations": n * (n + 1) // 2 + 2 * n, "significance": sig}
     return {"mode": mode, "threshold": threshold, "groups": report,

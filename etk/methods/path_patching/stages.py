@@ -96,3 +96,25 @@ def reachable_layers(stage: Stage, receivers: Receivers | None, n_layers: int) -
     if stage.receiver_site is None or receivers is None:
         return list(range(n_layers))
     return list(range(min(receivers.max_layer, n_layers)))
+
+
+LLAMA_SCHEDULE: dict[str, dict[str, int]] = {  # the paper's Llama-7B schedule (1024 heads), SPEC §2.4-2.5
+    "receivers_top_k": {"value_fetcher": 20, "pos_transmitter": 5, "pos_detector": 10},
+    "candidates_top_k": {"value_fetcher": 58, "pos_transmitter": 10, "pos_detector": 25, "struct_reader": 5},
+}
+
+
+def discovery_schedule(method_cfg, model_cfg, dims: Dims) -> dict[str, dict[str, int]]:
+    """`receivers_top_k` and `candidates_top_k` per group: the method config's value where set, else the model
+    config's `discovery` block (the paper's per-model schedules), else the Llama schedule scaled to the model's
+    head count (at least 1 head per group). Sizes above the number of scored heads take them all."""
+    n = dims.n_layers * dims.n_heads
+    out = {}
+    for key, llama in LLAMA_SCHEDULE.items():
+        given = method_cfg.get(key) or (model_cfg.get("discovery") or {}).get(key)
+        out[key] = ({g: int(v) for g, v in given.items()} if given
+                    else {g: max(1, round(v * n / 1024)) for g, v in llama.items()})
+        for g, v in out[key].items():
+            if v < 1:
+                raise ValueError(f"{key}.{g} = {v}: must be at least 1")
+    return out
