@@ -35,6 +35,26 @@ def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, n_boot: int = 2000, se
     return lo, hi
 
 
+def share_of_gap(patched: torch.Tensor, target: torch.Tensor, source: torch.Tensor, n_boot: int = 2000,
+                 seed: int = 0) -> dict[str, float | None]:
+    """How far patching moves the target model's accuracy toward the source model's, as a share of their gap:
+    (acc(patched) - acc(target)) / (acc(source) - acc(target)), with a paired bootstrap 95% interval (the same
+    resampled prompts for all three). Per-prompt correctness [N] on the SAME prompts. None when the gap is 0."""
+    if not (patched.shape == target.shape == source.shape):
+        raise ValueError("share of gap needs the three correctness vectors on the same prompts")
+    p, t, s = (x.double() for x in (patched, target, source))
+    gap = float(s.mean() - t.mean())
+    if gap == 0:
+        return {"share": None, "ci_low": None, "ci_high": None, "gap": 0.0,
+                "reason": "the two models are equally accurate on these prompts: there is no gap to share"}
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, p.shape[0], (n_boot, p.shape[0]), generator=g)
+    num, den = p[idx].mean(1) - t[idx].mean(1), s[idx].mean(1) - t[idx].mean(1)
+    r = (num / den)[den != 0]
+    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"share": float(p.mean() - t.mean()) / gap, "ci_low": lo, "ci_high": hi, "gap": gap}
+
+
 class TaskAccuracy(Metric):
     """Top-1 accuracy of the answer token; keeps per-example correctness (states are concatenated)."""
 

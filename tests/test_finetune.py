@@ -75,3 +75,28 @@ def test_finetune_tiny_end_to_end(tmp_path, tiny):
     ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
     assert not torch.allclose(tuned(ids).logits, base(ids).logits, atol=1e-4)
     assert card["eval"][0]["n_boxes"] == 2
+
+
+def test_relation_frames_never_emit_the_box_template_and_are_seeded(tok):
+    import re
+
+    from etk.data.finetune_data import BOX_TEMPLATE_WORDS, RELATION_FRAMES, relation_items
+
+    items = relation_items(300, tok, seed=3, arithmetic_fraction=0.2)
+    box = re.compile(r"\bis in \w+ [A-Z]\b|\bBox\b|\bcontains the\b")
+    for it in items:
+        assert not box.search(it.prompt), it.prompt
+        assert not any(w in it.prompt.split() for w in BOX_TEMPLATE_WORDS)
+    eval_objects = set(load_objects("objects.csv"))
+    assert all(it.answer.strip() not in eval_objects for it in items)
+    text = [it for it in items if "=" not in it.prompt]
+    assert 0.7 < len(text) / len(items) < 0.9  # the arithmetic share
+    used = {name for name, t in RELATION_FRAMES.items() for it in text if t.relation in it.prompt}
+    assert used == set(RELATION_FRAMES)
+    for it in text:  # the answer is the object bound to the queried name
+        clauses, query = it.prompt.rsplit(". ", 1)
+        key = next(w for w in query.split() if w[0].isupper() and w not in ("The",))
+        assert any(key in c and it.answer.strip() in c for c in re.split(r", |; ", clauses)), it.prompt
+    again = relation_items(300, tok, seed=3, arithmetic_fraction=0.2)
+    assert [(a.prompt, a.answer) for a in again] == [(a.prompt, a.answer) for a in items]
+    assert [a.prompt for a in relation_items(300, tok, seed=4)] != [a.prompt for a in items]

@@ -9,10 +9,15 @@ from typing import Sequence
 LETTERS: tuple[str, ...] = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
 
 
+def load_words(name: str, column: str) -> list[str]:
+    """One column of a word list shipped with etk (`etk/data/<name>`)."""
+    text = resources.files("etk.data").joinpath(name).read_text()
+    return [row[column].strip() for row in csv.DictReader(text.splitlines()) if row[column].strip()]
+
+
 def load_objects(name: str = "objects.csv") -> list[str]:
     """Object nouns shipped with etk (`objects.csv` is the paper's 85-noun list, by BNC frequency)."""
-    text = resources.files("etk.data").joinpath(name).read_text()
-    return [row["object_name"].strip() for row in csv.DictReader(text.splitlines()) if row["object_name"].strip()]
+    return load_words(name, "object_name")
 
 
 def single_token_id(tokenizer, word: str) -> int | None:

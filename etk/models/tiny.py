@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from etk.data.vocab import LETTERS, load_objects
+from etk.data.vocab import LETTERS, load_objects, load_words
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -15,8 +15,10 @@ SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 def tiny_tokenizer(extra_words: tuple[str, ...] = (), bos: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE trained on the task's words: every shipped object and letter is one token (with the
     leading space), unseen words split into several tokens, and BOS is prepended like Llama's tokenizer."""
-    words = load_objects("objects.csv") + load_objects("objects_train.csv") + list(LETTERS) + list(extra_words)
-    frame = "The the is in Box contains , . There are boxes containing objects crate holds bin has"
+    words = (load_objects("objects.csv") + load_objects("objects_train.csv") + list(LETTERS)
+             + load_words("names.csv", "name") + list(extra_words))
+    frame = ("The the is in Box contains , . There are boxes containing objects crate holds bin has belongs to owns "
+             "carries received ;")
     corpus = [frame] + [f" {w}" for w in words] * 2
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -60,6 +60,7 @@ class Evaluator:
         """Evaluate on prompts [start, start + n_examples) of the generated dataset (line order: one context's
         queries are consecutive, so splits at multiples of data.n_boxes never share a context)."""
         data_cfg = data_config(self.cfg, start + n_examples)
+        self.module.forget_backgrounds()
         tok = self.module.tokenizer
         self.loader = prompt_loader(tok, task_examples(data_cfg, tok)[start:], int(batch_size or self.cfg.method.batch_size),
                                     self.cfg.data.padding_side)
@@ -136,8 +137,7 @@ def run_minimality(cfg: DictConfig) -> dict[str, Any]:
         n2 = sum(g["n"] ** 2 for g in r["groups"].values())
         print(f"[etk] minimality ({m.mode}, threshold {m.threshold}): kept " +
               ", ".join(f"{g} {v.get('kept', 0)}/{v['n']}" for g, v in r["groups"].items()) +
-              f"; {done} evaluations in {ev.module.forwards} forwards of the last pass "
-              f"(paper's procedure: {paper}; sum n^2 = {n2})")
+              f"; {done} evaluations (paper's procedure: {paper}; sum n^2 = {n2})")
         return {**r, "pruned": pruned.to_json(), "evaluations_done": done, "paper_evaluations": paper, "sum_n_squared": n2}
     return _run(cfg, "etk.minimality/v1", body)
 

@@ -16,7 +16,7 @@ from etk.data.datasets import prompt_loader, task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.interventions.components import HeadId, check_heads
 from etk.methods.cmap import ActivationPatchingModule, CMAPModule, role_heads
-from etk.metrics import wilson_interval
+from etk.metrics import share_of_gap, wilson_interval
 from etk.models.arch import LlamaFamily
 from etk.runners.collect import markdown, with_ci
 from etk.runners.common import data_config, emit, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
@@ -72,14 +72,15 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         src_name, tgt_name = ((cfg.pair.finetuned.name, cfg.pair.base.name) if m.direction == "forward"
                               else (cfg.pair.base.name, cfg.pair.finetuned.name))
         rows = {"source_alone": _acc(c[0]), "target_alone": _acc(c[1])}
-        rows.update({name: {**_acc(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].items()}}
+        rows.update({name: {**_acc(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].items()},
+                            "share_of_gap": share_of_gap(c[2 + i], c[1], c[0], int(m.get("n_bootstrap", 2000)))}
                      for i, name in enumerate(sets)})
-        header = ["heads patched", f"accuracy of {tgt_name} (95% CI)"]
-        table = [[f"none: {src_name} alone", f"{rows['source_alone']['accuracy']:.3f}"],
-                 [f"none: {tgt_name} alone", f"{rows['target_alone']['accuracy']:.3f}"]]
+        header = ["heads patched", f"accuracy of {tgt_name} (95% CI)", "share of the gap [95% CI]"]
+        table = [[f"none: {src_name} alone", with_ci(rows["source_alone"]), "1"],
+                 [f"none: {tgt_name} alone", with_ci(rows["target_alone"]), "0"]]
         n_heads = {n: sum(len(h) for h in sets[n].values()) for n in sets}
         table += [[f"{SHORT.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
-                   with_ci(rows[n])] for n in sets]
+                   with_ci(rows[n]), with_ci(rows[n]["share_of_gap"], "share")] for n in sets]
         md = markdown(header, table)
         (output_dir() / "cmap_table.md").write_text(md)
         print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")

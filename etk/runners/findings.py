@@ -97,8 +97,18 @@ def activation_findings(ap: list[Doc], base: str) -> list[str]:
     return [f"**Same heads, same information.** The fine-tuned model's DCM heads patched inside `{base}`: " + "; ".join(parts) + "."]
 
 
-def cmap_findings(cm: list[Doc]) -> list[str]:
+def _share(v: Doc) -> str:
+    sh = v.get("share_of_gap") or {}
+    if sh.get("share") is None:
+        return "n/a"
+    return f"{sh['share']:.0%} [{sh['ci_low']:.0%}, {sh['ci_high']:.0%}]"
+
+
+def cmap_findings(cm: list[Doc], qualifier: str | None = None) -> list[str]:
+    """Forward CMAP: the share of the fine-tuned model's gain that each group's heads carry into the base model (with
+    paired-bootstrap intervals); reverse: how much of the gain the base model's heads take away."""
     out = []
+    tail = f" ({qualifier})" if qualifier else ""
     for d in cm:
         r = d["results"]
         src, tgt = r["source_alone"], r["target_alone"]
@@ -114,20 +124,30 @@ def cmap_findings(cm: list[Doc]) -> list[str]:
                            if moved else "leaves accuracy unchanged for every group: the two models' head outputs are "
                            "interchangeable (compatible representations)") + ".")
                 continue
-            gap = src["accuracy"] - tgt["accuracy"]
-            rec = {g: (v["accuracy"] - tgt["accuracy"]) / gap for g, v in groups.items()}
-            order = sorted((g for g in rec if g != "all"), key=lambda g: -rec[g])
-            parts = ", ".join(f"{SHORT[g]} {rec[g]:.0%}" for g in order)
-            whole = f"; all groups together {rec['all']:.0%}" if "all" in rec else ""
-            out.append(f"**Where the gain comes from (CMAP).** Of the accuracy gap {tgt['accuracy']:.3f} → {src['accuracy']:.3f}, "
-                       f"patching the fine-tuned model's heads into the base model recovers: {parts}{whole}. "
-                       f"The largest share comes through the {SHORT[order[0]]} heads.")
+            per = {g: v for g, v in groups.items() if g != "all" and (v.get("share_of_gap") or {}).get("share") is not None}
+            order = sorted(per, key=lambda g: -per[g]["share_of_gap"]["share"])
+            parts = ", ".join(f"{SHORT[g]} {_share(per[g])}" for g in order)
+            allg = groups.get("all", {}).get("share_of_gap") or {}
+            if allg.get("share") is None:
+                verdict = ""
+            elif allg["ci_high"] < 0.5:
+                verdict = (f" All circuit heads together recover only {_share(groups['all'])}: most of the gain is not in "
+                           "these heads' outputs (it lies in other heads, other positions or the MLPs).")
+            elif allg["ci_low"] <= 0:
+                verdict = f" All circuit heads together recover {_share(groups['all'])}: no measurable share of the gain."
+            else:
+                top = order[0] if order else None
+                verdict = (f" All circuit heads together recover {_share(groups['all'])} of the gain"
+                           + (f"; the {SHORT[top]} heads carry the largest share ({_share(per[top])})" if top else "") + ".")
+            out.append(f"**Where the gain comes from (CMAP).** Fine-tuning moves accuracy {tgt['accuracy']:.3f} → "
+                       f"{src['accuracy']:.3f}; patching the fine-tuned model's heads into the base model recovers, per "
+                       f"group: {parts}.{verdict}{tail}")
         else:
             drops = {g: v for g, v in groups.items() if differ(v, tgt)}
-            tail = (", ".join(f"{SHORT.get(g, g)} {v['accuracy']:.3f}" for g, v in drops.items())
-                    if drops else "no group changes it significantly")
+            shares = ", ".join(f"{SHORT.get(g, g)} {v['accuracy']:.3f} ({_share(v)} of the way to `{d['source_model']}`)"
+                               for g, v in drops.items())
             out.append(f"**Reverse CMAP.** Giving `{d['target_model']}` ({tgt['accuracy']:.3f}) the base model's head "
-                       f"outputs: {tail}.")
+                       f"outputs: " + (shares if drops else "no group changes it significantly") + ".")
     return out
 
 
@@ -170,7 +190,7 @@ def quality_findings(base: str, ft: str, fa: dict[str, Doc], curves: dict[str, D
     """How much of each model the circuits explain, so that every later circuit claim can be read against it."""
     out = []
     for member, name in (("base", base), ("finetuned", ft)):
-        own = fa.get(f"{member}_circuit-on-{name}")
+        own = fa.get(f"{member}_circuit-on-{member}")
         parts = []
         if own and own.get("faithfulness") is not None:
             c = own["ceiling"]["faithfulness"]

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from etk.artifacts import write_json
 from etk.data.datasets import EncodedDataset, pad_id
-from etk.data.finetune_data import TextItem, arithmetic_items, boxes_items
+from etk.data.finetune_data import TextItem, arithmetic_items, boxes_items, relation_items
 from etk.methods.accuracy import AccuracyModule
 from etk.methods.finetune import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import resolve_path
@@ -35,7 +35,10 @@ def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:
         return boxes_items(n, tokenizer, cfg.seed, d.min_boxes, d.max_boxes, d.objects, tuple(d.templates))
     if d.kind == "arithmetic":
         return arithmetic_items(n, cfg.seed, d.max_digits, tuple(d.ops))
-    raise ValueError(f"unknown finetune_data.kind {d.kind!r} (boxes | arithmetic)")
+    if d.kind == "relations":
+        return relation_items(n, tokenizer, cfg.seed, tuple(d.frames), d.min_entities, d.max_entities, d.objects,
+                              d.names, float(d.get("arithmetic_fraction", 0.0)))
+    raise ValueError(f"unknown finetune_data.kind {d.kind!r} (boxes | arithmetic | relations)")
 
 
 def evaluate_model(module: FineTuneModule, cfg: DictConfig, logger) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from etk.metrics import fmt
 from etk.data.roles import ROLE_VOCAB
 from etk.runners.collect import accuracy_table, dcm_table, faithfulness_matrix, markdown, with_ci, write_table
 from etk.runners.findings import (accuracy_finding, activation_findings, circuit_findings, cmap_findings, dcm_findings,
-                                  knockout_findings, quality_findings)
+                                  explains, knockout_findings, quality_findings)
 
 
 def _docs(root: Path, step: str) -> list[dict[str, Any]]:
@@ -49,7 +49,7 @@ def circuit_quality(root: Path, base: str, ft: str) -> tuple[list[str], list[str
               "position-aware F [95% CI]", "units kept"]
     rows = []
     for member, name in (("base", base), ("finetuned", ft)):
-        own = fa.get(f"{member}_circuit-on-{name}") or fa.get(f"{member}_circuit-on-{member}")
+        own = fa.get(f"{member}_circuit-on-{member}")
         cv, sr = curves.get(name), search.get(name)
         ceiling = (own or cv or sr or {}).get("ceiling") or {}
         acc = (own or cv or sr or {}).get("accuracy_model")
@@ -120,6 +120,8 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
                       markdown(["group", "shared", "precision", "recall"],
                                [[SHORT[g], str(v["shared"]), fmt(v["precision"], 2), fmt(v["recall"], 2)] for g, v in ov.items()])]
 
+    own_ft = next((d for d in _docs(root, "faithfulness") if d["_dir"].name == "finetuned_circuit-on-finetuned"), None)
+    qualifier = (f"the fine-tuned circuit these groups come from {explains(own_ft)}" if explains(own_ft) else None)
     quality = circuit_quality(root, base, ft)
     if quality:
         q_lines, q_findings = quality
@@ -144,7 +146,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
         lines += ["## 5. DCM: what each group's heads encode", "",
                   "Heads selected (mask rounded to 0) / group size; test accuracy of patching them; the unpatched model's "
                   "accuracy on the same targets is the chance floor.", "", markdown(header, rows)]
-        headline += dcm_findings(dc)
+        headline += [f"{x} ({qualifier})" if qualifier else x for x in dcm_findings(dc)]
 
     ap = _docs(root, "activation_patching")
     if dc and not ap:
@@ -170,7 +172,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
         for d in cm:
             lines += [f"**{d['direction']}**: heads of the fine-tuned circuit patched from `{d['source_model']}` into "
                       f"`{d['target_model']}`.", "", (d["_dir"] / "cmap_table.md").read_text()]
-        headline += cmap_findings(cm)
+        headline += cmap_findings(cm, qualifier)
 
     ko = _docs(root, "knockout")
     if ko:
