@@ -1,6 +1,8 @@
 """The study's reading is derived from intervals: a gap is only located when it is significant, and knockout
 reports the layer range each edge is needed in."""
 
+import pytest
+
 from etk.runners.findings import accuracy_finding, cmap_findings, dcm_findings, differ, knockout_findings
 
 
@@ -25,11 +27,47 @@ def cmap_doc(direction: str, src: dict, tgt: dict, **groups: dict) -> dict:
             "results": {"source_alone": src, "target_alone": tgt, **groups}}
 
 
+def correct(k: int, n: int = 200):
+    """Per-prompt correctness with the first k prompts right."""
+    import torch
+
+    return (torch.arange(n) < k).float()
+
+
+def patched(k: int, src, tgt) -> dict:
+    from etk.metrics import share_of_gap, wilson_interval
+
+    lo, hi = wilson_interval(k, 200)
+    return {**acc(k / 200, lo, hi), "share_of_gap": share_of_gap(correct(k), tgt, src)}
+
+
 def test_cmap_locates_a_significant_gap_per_group():
-    d = cmap_doc("forward", acc(0.8, 0.76, 0.84), acc(0.6, 0.56, 0.64), value_fetcher=acc(0.8, 0.76, 0.84),
-                 pos_transmitter=acc(0.7, 0.66, 0.74), all=acc(0.8, 0.76, 0.84))
+    src, tgt = correct(160), correct(120)
+    d = cmap_doc("forward", patched(160, src, tgt), patched(120, src, tgt), value_fetcher=patched(160, src, tgt),
+                 pos_transmitter=patched(140, src, tgt), all=patched(160, src, tgt))
+    assert d["results"]["pos_transmitter"]["share_of_gap"]["share"] == pytest.approx(0.5)
     (text,) = cmap_findings([d])
-    assert "VF 100%, PT 50%" in text and "all groups together 100%" in text and "through the VF heads" in text
+    assert "VF 100% [100%, 100%], PT 50% [" in text
+    assert "All circuit heads together recover 100%" in text and "the VF heads carry the largest share" in text
+
+
+def test_cmap_says_when_the_gain_is_not_in_the_heads():
+    src, tgt = correct(160), correct(80)
+    d = cmap_doc("forward", patched(160, src, tgt), patched(80, src, tgt), value_fetcher=patched(88, src, tgt),
+                 all=patched(90, src, tgt))
+    (text,) = cmap_findings([d])
+    assert "most of the gain is not in these heads" in text
+
+
+def test_share_of_gap_needs_the_same_prompts_and_a_gap():
+    import pytest
+
+    from etk.metrics import share_of_gap
+
+    with pytest.raises(ValueError, match="same prompts"):
+        share_of_gap(correct(10, 50), correct(10), correct(20))
+    same = share_of_gap(correct(10), correct(10), correct(10))
+    assert same["share"] is None and "no gap" in same["reason"]
 
 
 def test_cmap_without_a_gap_does_not_invent_one():

@@ -49,7 +49,7 @@ def compose_finetune(tmp_path, overrides):
 def test_finetune_tiny_end_to_end(tmp_path, tiny):
     cfg = compose_finetune(tmp_path / "run", [
         "model=tiny", "logger=csv", "train.steps=30", "train.batch_size=8", "train.checkpoint_every=10",
-        "optim.lr=1e-2", "eval.n_examples=14", "eval.box_counts=[2]", "trainer.enable_progress_bar=false",
+        "optim.lr=5e-2", "lora.target_modules=[q_proj,v_proj,o_proj,lm_head]", "eval.n_examples=14", "eval.box_counts=[2]", "trainer.enable_progress_bar=false",
         f"export={tmp_path / 'exported'}",
     ])
     before = {k: v.clone() for k, v in load_model(cfg.model)[0].state_dict().items()}
@@ -59,7 +59,7 @@ def test_finetune_tiny_end_to_end(tmp_path, tiny):
 
     rows = [r for r in csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")) if r.get("train/loss")]
     losses = [float(r["train/loss"]) for r in rows]
-    assert losses[-1] < losses[0]
+    assert losses[-1] < losses[0] - 0.5  # a real decrease (from ~log(vocab)), not noise
     # checkpoints hold only the adapter weights
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["state_dict"] and all("lora_" in k for k in ck["state_dict"])
