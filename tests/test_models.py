@@ -32,8 +32,8 @@ def test_zoo_has_the_issue_models():
 @pytest.mark.parametrize("name", MODELS)
 def test_every_model_config_composes(name):
     cfg = model_cfg(name)
-    # base / finetuned are the members of the selected pair (default pair=smol_arith)
-    assert cfg.name == {"base": "smollm2_tracker", "finetuned": "smollm2_tracker_arith"}.get(name, name)
+    # base / finetuned are the members of the selected pair (default pair=smol_enhance)
+    assert cfg.name == {"base": "smollm2_tracker_weak", "finetuned": "smollm2_weak_enhanced"}.get(name, name)
     assert cfg.source in ("tiny", "local", "gguf_package")
     OmegaConf.to_container(cfg, resolve=True)
 
