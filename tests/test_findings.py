@@ -95,3 +95,21 @@ def test_knockout_finding_reports_where_the_edge_is_needed():
     assert "never needed" in texts[1]
     low = {**ko, "model": "weak", "baseline": {"accuracy": 0.08}}
     assert "too low for a drop to show" in knockout_findings([low])[0]
+
+
+def test_functionality_change_is_judged_on_both_intervals():
+    from etk.runners.findings import functionality_findings
+
+    heads = [[1, 2], [0, 1]]
+    dcm = [{"group": "value_fetcher", "desideratum": "object_value", "n_selected": 2, "selected_heads": heads,
+            "test": acc(0.7, 0.6, 0.8)},
+           {"group": "pos_detector", "desideratum": "positional", "n_selected": 1, "selected_heads": [[0, 3]],
+            "test": acc(0.4, 0.3, 0.5)}]
+    ap = [{"model": "b", "group": "value_fetcher", "desideratum": "object_value", "heads": heads,
+           "accuracy_percent": {"selected_heads": {"pooled": acc(0.3, 0.2, 0.4)}}},
+          {"model": "b", "group": "pos_detector", "desideratum": "positional", "heads": [[0, 3]],
+           "accuracy_percent": {"selected_heads": {"pooled": acc(0.45, 0.35, 0.55)}}}]
+    (text,) = functionality_findings(dcm, ap, "b")
+    assert "VF object value 0.700 [0.600, 0.800] vs 0.300 [0.200, 0.400] in `b`: stronger after fine-tuning" in text
+    assert "PD position 0.400 [0.300, 0.500] vs 0.450 [0.350, 0.550] in `b`: unchanged" in text
+    assert functionality_findings(dcm, [], "b") == []

@@ -122,8 +122,14 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
             per_repeat.append(module.acc.compute().tolist())  # [unpatched, selected, random]
         a = torch.tensor(per_repeat) * 100  # [repeats, 3], percent
         names = ["unpatched_floor", "selected_heads", "random_heads"]
-        summary = {n: {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std(unbiased=False)), "per_repeat": a[:, i].tolist()}
-                   for i, n in enumerate(names)}
+        summary = {}
+        for i, n in enumerate(names):
+            k = int(round(float((a[:, i] / 100 * len(bases)).sum())))
+            lo, hi = wilson_interval(k, len(bases) * int(m.repeats))
+            summary[n] = {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std(unbiased=False)),
+                          "per_repeat": a[:, i].tolist(),
+                          "pooled": {"accuracy": k / (len(bases) * int(m.repeats)), "ci_low": lo, "ci_high": hi,
+                                     "n": len(bases) * int(m.repeats)}}
         print(f"[etk] activation patching {cfg.model.name} {group}/{desideratum}, {len(heads)} heads: "
               + ", ".join(f"{n} {v['mean']:.2f} ± {v['sd']:.2f} %" for n, v in summary.items()))
         payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],

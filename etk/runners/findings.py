@@ -49,7 +49,7 @@ def circuit_findings(fa: dict[tuple[str, str], Doc], ov: dict[str, Doc], ft: str
                    f"{borrowed['faithfulness']:.2f} [{borrowed['ci_low']:.2f}, {borrowed['ci_high']:.2f}] ({above} random "
                    f"circuits of the same sizes, {fmt(rb['faithfulness_mean'], 2)}); the fine-tuned model's own circuit has "
                    f"{own['faithfulness']:.2f} [{own['ci_low']:.2f}, {own['ci_high']:.2f}] (random {fmt(ro['faithfulness_mean'], 2)}). "
-                   f"The base circuit {reuse}" + (f"; both are bounded by the three-position ceiling of "
+                   f"The base circuit {reuse}" + (f"; keeping every head at the three positions gives "
                    f"{own['ceiling']['faithfulness']:.2f} on `{ft}`" if (own.get("ceiling") or {}).get("faithfulness") is not None
                    else "") + ".")
         if max(own["faithfulness"], borrowed["faithfulness"]) < 0.5:
@@ -102,6 +102,28 @@ def _share(v: Doc) -> str:
     if sh.get("share") is None:
         return "n/a"
     return f"{sh['share']:.0%} [{sh['ci_low']:.0%}, {sh['ci_high']:.0%}]"
+
+
+def functionality_findings(dc: list[Doc], ap: list[Doc], base: str) -> list[str]:
+    """Which functionalities changed: each fine-tuned DCM head set's test accuracy in the fine-tuned model against
+    the same heads patched (same desideratum) inside the base model; judged on the two 95% intervals."""
+    rows = []
+    for d in dc:
+        if not d.get("n_selected"):
+            continue
+        match = next((a for a in ap if a["model"] == base and a["group"] == d["group"]
+                      and a["desideratum"] == d["desideratum"] and a["heads"] == d["selected_heads"]), None)
+        if not match or "pooled" not in match["accuracy_percent"]["selected_heads"]:
+            continue
+        ft_acc, base_acc = d["test"], match["accuracy_percent"]["selected_heads"]["pooled"]
+        verdict = ("stronger after fine-tuning" if ft_acc["ci_low"] > base_acc["ci_high"] else
+                   "weaker after fine-tuning" if ft_acc["ci_high"] < base_acc["ci_low"] else "unchanged")
+        rows.append(f"{SHORT.get(d['group'], d['group'])} {DES_SHORT.get(d['desideratum'], d['desideratum'])} "
+                    f"{with_ci(ft_acc)} vs {with_ci(base_acc)} in `{base}`: {verdict}")
+    if not rows:
+        return []
+    return ["**Which functionalities changed.** The fine-tuned model's DCM heads, patched for their desideratum in the "
+            "fine-tuned model (DCM test) and in the base model: " + "; ".join(rows) + "."]
 
 
 def cmap_findings(cm: list[Doc], qualifier: str | None = None) -> list[str]:
@@ -178,12 +200,40 @@ def knockout_findings(ko: list[Doc], tol: float = 0.1) -> list[str]:
 
 
 def explains(doc: Doc | None) -> str | None:
-    """'explains F [lo, hi] of its accuracy, three-position ceiling C' for a faithfulness document."""
+    """'circuit explains F [lo, hi]; three-position ceiling C' for a faithfulness document."""
     if not doc or doc.get("faithfulness") is None:
         return None
     c = (doc.get("ceiling") or {}).get("faithfulness")
-    return (f"explains {doc['faithfulness']:.2f} [{fmt(doc['ci_low'], 2)}, {fmt(doc['ci_high'], 2)}] of the model's "
-            f"accuracy under mean ablation" + (f" (ceiling of three-position circuits {c:.2f})" if c is not None else ""))
+    return (f"circuit explains {doc['faithfulness']:.2f} [{fmt(doc['ci_low'], 2)}, {fmt(doc['ci_high'], 2)}]"
+            + (f"; three-position ceiling {c:.2f}" if c is not None else ""))
+
+
+def answer_finding(acc: dict[str, Doc], cm: list[Doc], base: str, ft: str, qualifier: str | None) -> str | None:
+    """The paper's question in one sentence: how much of the fine-tuning gain the circuit's heads carry, and which
+    group carries most of it — or that the gain is not in the heads."""
+    fwd = next((d for d in cm if d["direction"] == "forward"), None)
+    if base not in acc or ft not in acc or fwd is None:
+        return None
+    a, b = acc[base], acc[ft]
+    if not differ(a, b):
+        return (f"**Answer.** Fine-tuning does not change tracking significantly ({with_ci(a)} → {with_ci(b)}), so there "
+                "is no gain to locate.")
+    r = fwd["results"]
+    allg = (r.get("all") or {}).get("share_of_gap") or {}
+    per = {g: r[g]["share_of_gap"] for g in GROUPS if g in r and (r[g].get("share_of_gap") or {}).get("share") is not None}
+    if allg.get("share") is None or not per:
+        return None
+    top = max(per, key=lambda g: per[g]["share"])
+    share = f"{allg['share']:.0%} [{allg['ci_low']:.0%}, {allg['ci_high']:.0%}]"
+    gain = f"{b['accuracy'] - a['accuracy']:+.2f} ({a['accuracy']:.2f} → {b['accuracy']:.2f})"
+    if allg["ci_high"] < 0.5:
+        body = (f"patching the fine-tuned circuit's heads into the base model recovers only {share} of it: the gain is "
+                "mostly not in these heads' outputs (other heads, other positions or the MLPs)")
+    else:
+        body = (f"patching the fine-tuned circuit's heads into the base model recovers {share} of it, most of it "
+                f"through the {SHORT[top]} heads ({per[top]['share']:.0%} [{per[top]['ci_low']:.0%}, "
+                f"{per[top]['ci_high']:.0%}] alone)")
+    return f"**Answer.** Fine-tuning raises 7-box accuracy by {gain}; {body}" + (f" ({qualifier})." if qualifier else ".")
 
 
 def quality_findings(base: str, ft: str, fa: dict[str, Doc], curves: dict[str, Doc], search: dict[str, Doc]) -> list[str]:
@@ -195,9 +245,9 @@ def quality_findings(base: str, ft: str, fa: dict[str, Doc], curves: dict[str, D
         if own and own.get("faithfulness") is not None:
             c = own["ceiling"]["faithfulness"]
             parts.append(f"the paper-style circuit ({sum(own['heads_per_role'].values())} head-positions) keeps "
-                         f"{own['faithfulness']:.2f} [{fmt(own['ci_low'], 2)}, {fmt(own['ci_high'], 2)}] of its accuracy; no "
-                         f"circuit at the paper's three positions can exceed {fmt(c, 2)} (all heads there kept)"
-                         + (", so most of the mechanism runs through other positions" if c is not None and c < 0.6 else ""))
+                         f"{own['faithfulness']:.2f} [{fmt(own['ci_low'], 2)}, {fmt(own['ci_high'], 2)}] of its accuracy; keeping "
+                         f"every head at the paper's three positions keeps {fmt(c, 2)} (the ceiling)"
+                         + (", so much of the mechanism runs through other positions" if c is not None and c < 0.6 else ""))
         cv = curves.get(name)
         if cv and cv.get("cpr") is not None:
             best = max(cv["points"], key=lambda p: p["faithfulness"] or 0)

@@ -11,7 +11,7 @@ from etk.metrics import fmt
 from etk.data.roles import ROLE_VOCAB
 from etk.runners.collect import accuracy_table, dcm_table, faithfulness_matrix, markdown, with_ci, write_table
 from etk.runners.findings import (accuracy_finding, activation_findings, circuit_findings, cmap_findings, dcm_findings,
-                                  explains, knockout_findings, quality_findings)
+                                  answer_finding, explains, functionality_findings, knockout_findings, quality_findings)
 
 
 def _docs(root: Path, step: str) -> list[dict[str, Any]]:
@@ -40,8 +40,9 @@ def circuit_quality(root: Path, base: str, ft: str) -> tuple[list[str], list[str
         return None
     lines = ["## 3. Circuit quality: how much of each model its circuits explain", "",
              "Mean ablation as in SPEC §3.1. *Ceiling*: every head kept at the paper's three positions (last, query "
-             "label, the queried box's label) and every other position mean-ablated: the most any circuit of the "
-             "paper's form can explain. *Paper circuit*: the model's own pruned circuit. *Curve*: each group's top-x% "
+             "label, the queried box's label) and every other position mean-ablated: about the most a circuit of "
+             "the paper's form can explain (a subset can do a little better by dropping heads that hurt under "
+             "ablation). *Paper circuit*: the model's own pruned circuit. *Curve*: each group's top-x% "
              "heads (CPR = area under the curve, CMD = area between it and 1, MIB's measures). *Position-aware*: "
              "units (head, position role) at every token role, grown to a target on a search split; faithfulness on "
              "held-out prompts.", ""]
@@ -121,7 +122,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
                                [[SHORT[g], str(v["shared"]), fmt(v["precision"], 2), fmt(v["recall"], 2)] for g, v in ov.items()])]
 
     own_ft = next((d for d in _docs(root, "faithfulness") if d["_dir"].name == "finetuned_circuit-on-finetuned"), None)
-    qualifier = (f"the fine-tuned circuit these groups come from {explains(own_ft)}" if explains(own_ft) else None)
+    qualifier = (f"fine-tuned {explains(own_ft)}" if explains(own_ft) else None)
     quality = circuit_quality(root, base, ft)
     if quality:
         q_lines, q_findings = quality
@@ -165,6 +166,7 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
                   "carry the same information there? A random head set of the same size and the unpatched model give "
                   "the floors.", "", markdown(header, rows)]
         headline += activation_findings(ap, base)
+        headline += functionality_findings(dc, ap, base)
 
     cm = _docs(root, "cmap")
     if cm:
@@ -173,6 +175,9 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
             lines += [f"**{d['direction']}**: heads of the fine-tuned circuit patched from `{d['source_model']}` into "
                       f"`{d['target_model']}`.", "", (d["_dir"] / "cmap_table.md").read_text()]
         headline += cmap_findings(cm, qualifier)
+        answer = answer_finding({d["model"]: d for d in acc}, cm, base, ft, qualifier)
+        if answer:
+            headline.insert(0, answer)
 
     ko = _docs(root, "knockout")
     if ko:
