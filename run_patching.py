@@ -1,15 +1,6 @@
-"""Evaluation and patching experiments: `python run_patching.py method=<eval|...> model=<name>`."""
+"""Evaluation and patching experiments: `python run_patching.py method=<eval|...> model=<name>` (= `etk-patching`)."""
 
-import hydra
-from omegaconf import DictConfig
-
-
-@hydra.main(version_base="1.3", config_path="conf", config_name="patching")
-def main(cfg: DictConfig):
-    from etk.runners.patching import run
-
-    return run(cfg)
-
+from etk.cli import patching
 
 if __name__ == "__main__":
-    main()
+    patching()

@@ -33,7 +33,7 @@ from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.forward import last_logits  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "etk" / "conf"
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "etk" / "conf"
 RECEIVERS_TOP_K = {"value_fetcher": 20, "pos_transmitter": 5, "pos_detector": 10}
 
 

@@ -1,31 +1,59 @@
-"""Typed result artefacts: JSON documents with a schema tag, written atomically into the run directory."""
+"""Typed result artefacts: JSON documents with a schema tag, written atomically into the run directory.
+
+Results never contain NaN or Infinity: an undefined number is written as null (the producer records why, in a
+`reason` field), so every file is valid JSON."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+from etk.errors import DataError
 
-def write_json(path: str | Path, payload: dict[str, Any], schema: str) -> Path:
-    """Write `{"schema": schema, **payload}`; a crash mid-write never leaves a truncated file."""
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file + rename): a crash mid-write never leaves a truncated file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"schema": schema, **payload}, indent=2, default=_default))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
 
 
+def finite(o: Any) -> Any:
+    """A copy of a JSON-able structure with NaN / +-Infinity floats replaced by None (tensors/arrays as lists)."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [finite(v) for v in o]
+    if hasattr(o, "tolist"):
+        return finite(o.tolist())
+    return o
+
+
+def write_json(path: str | Path, payload: dict[str, Any], schema: str) -> Path:
+    """Write `{"schema": schema, **payload}` atomically, with undefined numbers as null."""
+    text = json.dumps(finite({"schema": schema, **payload}), indent=2, allow_nan=False, default=_default)
+    return write_text(path, text)
+
+
 def read_json(path: str | Path, schema: str | None = None) -> dict[str, Any]:
-    doc = json.loads(Path(path).read_text())
+    try:
+        doc = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): rerun the job that wrote it") from None
     if schema is not None and doc.get("schema") != schema:
-        raise ValueError(f"{path}: expected schema {schema!r}, found {doc.get('schema')!r}")
+        raise DataError(f"{path}: expected schema {schema!r}, found {doc.get('schema')!r}")
     return doc
 
 
 def _default(o):
     if hasattr(o, "tolist"):
-        return o.tolist()
+        return finite(o.tolist())
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")

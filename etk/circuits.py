@@ -5,6 +5,8 @@ One definition shared by path patching, circuit evaluation, circuit search, DCM 
 
 from __future__ import annotations
 
+from etk.errors import DataError, EtkError
+
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -32,7 +34,7 @@ def key_role(key: str) -> str:
     return GROUP_ROLE.get(key, key)
 
 
-class CircuitError(ValueError):
+class CircuitError(EtkError, ValueError):
     """A circuit file or entry that etk cannot use."""
 
 
@@ -93,12 +95,11 @@ class Circuit:
         return doc
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        doc = self.to_json()
-        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items()]
-        path.write_text("{\n" + ",\n".join(lines) + "\n}\n")
-        return path
+        """The paper's schema, one entry a line, written atomically."""
+        from etk.artifacts import finite, write_text
+
+        lines = [f"  {json.dumps(k)}: {json.dumps(finite(v), allow_nan=False)}" for k, v in self.to_json().items()]
+        return write_text(path, "{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def load_circuit(spec: str | Path) -> Circuit:
@@ -110,7 +111,7 @@ def load_circuit(spec: str | Path) -> Circuit:
 
         p = resolve_path(str(spec))
         if not p.exists():
-            raise FileNotFoundError(f"circuit {spec!r}: neither a shipped circuit {sorted(PAPER_CIRCUITS)} nor a file")
+            raise CircuitError(f"circuit {spec!r}: neither a shipped circuit {sorted(PAPER_CIRCUITS)} nor a file")
         text = p.read_text()
     try:
         doc = json.loads(text)
@@ -128,20 +129,19 @@ def load_circuit(spec: str | Path) -> Circuit:
 
 def save_score_map(path: str | Path, scores: torch.Tensor, **meta: Any) -> Path:
     """A [layer, head] score tensor as JSON (the paper-repo schema, plus metadata)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from etk.artifacts import finite, write_text
+
     doc = {"shape": list(scores.shape), "axes": ["layer", "head"], "scores": scores.tolist(), **meta}
-    path.write_text(json.dumps(doc))
-    return path
+    return write_text(path, json.dumps(finite(doc), allow_nan=False))
 
 
 def load_score_map(path: str | Path) -> torch.Tensor:
     doc = json.loads(Path(path).read_text())
     if doc.get("axes") != ["layer", "head"]:
-        raise ValueError(f"{path}: expected axes ['layer', 'head'], found {doc.get('axes')}")
+        raise DataError(f"{path}: expected axes ['layer', 'head'], found {doc.get('axes')}")
     t = torch.tensor(doc["scores"], dtype=torch.float32)
     if list(t.shape) != list(doc["shape"]):
-        raise ValueError(f"{path}: scores do not match the declared shape {doc['shape']}")
+        raise DataError(f"{path}: scores do not match the declared shape {doc['shape']}")
     return t
 
 

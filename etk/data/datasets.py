@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import DataError
+
 from functools import partial
 from typing import Sequence
 
@@ -46,7 +48,7 @@ class EncodedDataset(Dataset):
 def pad_id(tokenizer) -> int:
     pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pid is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token")
+        raise DataError("tokenizer has neither a pad nor an eos token")
     return pid
 
 

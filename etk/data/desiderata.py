@@ -3,6 +3,8 @@ targets from the desideratum (SPEC §4.1, with [BUG-pos], [BUG-substr], [BUG-lab
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import random
 from functools import partial
 from typing import Sequence
@@ -26,7 +28,7 @@ def split_by_context(examples: Sequence[Example], sizes: Sequence[int]) -> list[
                 part.append(examples[i])
                 i += 1
         if len(part) < n:
-            raise ValueError(f"not enough prompts for splits {list(sizes)}: generate at least {sum(sizes)} examples")
+            raise ConfigError(f"not enough prompts for splits {list(sizes)}: generate at least {sum(sizes)} examples")
         out.append(part)
     return out
 
@@ -34,7 +36,7 @@ def split_by_context(examples: Sequence[Example], sizes: Sequence[int]) -> list[
 def desideratum_pairs(name: str, bases: Sequence[Example], seed: int, legacy: bool = False) -> list[Pair]:
     """Pairs for one split; sources are drawn from the same split."""
     if name not in DESIDERATA:
-        raise ValueError(f"unknown desideratum {name!r}; choose from {sorted(DESIDERATA)}")
+        raise ConfigError(f"unknown desideratum {name!r}; choose from {sorted(DESIDERATA)}")
     kw = {"legacy": legacy} if name == "positional" else {}
     return DESIDERATA[name](bases, bases, random.Random(seed), **kw)
 

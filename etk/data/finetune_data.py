@@ -5,6 +5,8 @@ Each item is (prompt, answer); the loss is taken on the answer tokens only."""
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import random
 from dataclasses import dataclass
 
@@ -87,7 +89,7 @@ def relation_items(n: int, tokenizer, seed: int, frames: tuple[str, ...] = tuple
     with a fraction of arithmetic items."""
     unknown = set(frames) - set(RELATION_FRAMES)
     if unknown:
-        raise ValueError(f"unknown relation frames {sorted(unknown)}; choose from {sorted(RELATION_FRAMES)}")
+        raise ConfigError(f"unknown relation frames {sorted(unknown)}; choose from {sorted(RELATION_FRAMES)}")
     eval_objects = set(load_objects("objects.csv"))
     objects = filter_single_token(tokenizer, [o for o in load_objects(objects_file) if o not in eval_objects],
                                   max_entities, "training objects")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from etk.artifacts import write_text
+
+from etk.errors import DataError
+
 import json
 import re
 import warnings
@@ -19,12 +23,12 @@ def parse_sentence(sentence: str) -> tuple[list[str], list[str], str, str]:
     ctx, sep, query = sentence.rpartition(". ")
     m = _QUERY.match(query)
     if not sep or not m:
-        raise ValueError(f"not a boxes sentence: {sentence!r}")
+        raise DataError(f"not a boxes sentence: {sentence!r}")
     objs, labs = [], []
     for seg in ctx.split(", "):
         s = _SEGMENT.match(seg)
         if not s:
-            raise ValueError(f"bad segment {seg!r} in {sentence!r}")
+            raise DataError(f"bad segment {seg!r} in {sentence!r}")
         objs.append(s.group(1))
         labs.append(s.group(2))
     return objs, labs, m.group(1), m.group(2)
@@ -52,7 +56,7 @@ def read_jsonl(path: str | Path, on_invalid: str = "skip") -> list[Example]:
             continue
         ex = Example(ctx, ql)
         if ex.answer != ans:
-            raise ValueError(f"line for sample {sid}: answer {ans!r} disagrees with its context")
+            raise DataError(f"line for sample {sid}: answer {ans!r} disagrees with its context")
         examples.append(ex)
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} contexts with repeated labels or objects", stacklevel=2)
@@ -66,7 +70,7 @@ def write_jsonl(examples: Iterable[Example], path: str | Path) -> None:
         prompt = ex.render().text
         ans = ex.answer
         if ans is None:
-            raise ValueError("only answerable prompts can be written in the paper's format")
+            raise DataError("only answerable prompts can be written in the paper's format")
         lines.append(json.dumps({
             "sentence": f"{prompt} {ans}.",
             "sentence_masked": f"{prompt[: -len(' the')]} <extra_id_0> .",
@@ -75,4 +79,4 @@ def write_jsonl(examples: Iterable[Example], path: str | Path) -> None:
             "numops": 0,
             "numops_by_op": {"move": 0, "remove": 0, "put": 0},
         }))
-    Path(path).write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")

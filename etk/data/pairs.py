@@ -7,6 +7,8 @@ positional desiderata are one table, `POSITIONAL_VARIANTS`: a rewrite of the sou
 
 from __future__ import annotations
 
+from etk.errors import DataError
+
 import random
 from dataclasses import dataclass, replace
 from functools import partial
@@ -45,7 +47,7 @@ def path_patching_pairs(examples: Sequence[Example], rng: random.Random) -> list
     pairs = []
     for ex in examples:
         if ex.query is None:
-            raise ValueError("clean path-patching prompts need a valid query")
+            raise DataError("clean path-patching prompts need a valid query")
         g = groups[rng.choice(ids)]
         n = g[0].context.n_boxes
         j = (ex.query + 1) % n
@@ -65,7 +67,7 @@ def _draw_source(base: Example, pool: Sequence[Example], ok: Callable[[Example],
         src = rng.choice(pool)
         if ok(src):
             return src
-    raise ValueError(f"no valid source for base {base.render().text!r} in a pool of {len(pool)} prompts")
+    raise DataError(f"no valid source for base {base.render().text!r} in a pool of {len(pool)} prompts")
 
 
 def positional_pairs(bases: Sequence[Example], pool: Sequence[Example], rng: random.Random, legacy: bool = False) -> list[Pair]:
@@ -103,7 +105,7 @@ def box_label_value_pairs(bases: Sequence[Example], pool: Sequence[Example], rng
 def _swap(text: str, old: str, new: str) -> str:
     """`text` with `old` replaced by `new`; an error if the template does not contain `old`."""
     if old not in text:
-        raise ValueError(f"this variant needs {old!r} in the template, got {text!r}")
+        raise DataError(f"this variant needs {old!r} in the template, got {text!r}")
     return text.replace(old, new)
 
 

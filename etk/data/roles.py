@@ -13,6 +13,8 @@ Methods whose units are (head, position role) — mean ablation, circuit search 
 
 from __future__ import annotations
 
+from etk.errors import ConfigError, EtkError
+
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -33,12 +35,12 @@ ROLE_ID: dict[str, int] = {r: i for i, r in enumerate(ROLE_VOCAB)}
 def check_role(role: str) -> str:
     """`role` if it names a token role, else a ValueError listing the vocabulary's kinds."""
     if role not in ROLE_ID:
-        raise ValueError(f"unknown position role {role!r}; roles are {', '.join(SCALAR_ROLES + TEMPLATE_ROLES)}, "
+        raise ConfigError(f"unknown position role {role!r}; roles are {', '.join(SCALAR_ROLES + TEMPLATE_ROLES)}, "
                          f"objects[k] and labels[k] (k < {MAX_BOXES})")
     return role
 
 
-class TokenizationError(ValueError):
+class TokenizationError(EtkError, ValueError):
     """A word that must be a single token is not, for this tokenizer."""
 
 
@@ -155,7 +157,7 @@ def _to(x, device):
 def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> PromptBatch:
     """Pad a list of encoded prompts and shift their roles accordingly."""
     if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        raise ConfigError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     T = max(len(it.input_ids) for it in items)
     B = len(items)
     ids = torch.full((B, T), pad_id, dtype=torch.long)

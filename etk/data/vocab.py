@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import EtkError
+
 import csv
 from importlib import resources
 from typing import Sequence
@@ -30,7 +32,7 @@ def single_token_id(tokenizer, word: str) -> int | None:
     return ids[0]
 
 
-class VocabularyError(ValueError):
+class VocabularyError(EtkError, ValueError):
     """Too few single-token words for the requested task."""
 
 

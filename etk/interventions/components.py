@@ -6,6 +6,8 @@ h // (n_heads / n_kv_heads)."""
 
 from __future__ import annotations
 
+from etk.errors import EtkError
+
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
@@ -34,7 +36,7 @@ SITES: dict[str, SiteSpec] = {
 }
 
 
-class UnknownHeadError(ValueError):
+class UnknownHeadError(EtkError, ValueError):
     """A head id outside the model."""
 
 

@@ -6,6 +6,8 @@ model on the pair's source prompt. Only the needed positions of the source run a
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 from typing import Any
 
 import lightning as L
@@ -98,7 +100,7 @@ class CMAPModule(L.LightningModule):
                  toggle_adapter: bool = True):
         super().__init__()
         if direction not in ("forward", "reverse"):
-            raise ValueError(f"direction must be 'forward' (fine-tuned -> base) or 'reverse', got {direction!r}")
+            raise ConfigError(f"direction must be 'forward' (fine-tuned -> base) or 'reverse', got {direction!r}")
         self.save_hyperparameters()
         self.pair: PairModels | None = None
         self.head_sets: HeadSets = {}

@@ -6,6 +6,8 @@ the mask (plus hyper-parameters) is checkpointed."""
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 from typing import Any
 
 import torch
@@ -28,14 +30,14 @@ class DCMModule(ModelHost):
         super().__init__(model_cfg)
         self.save_hyperparameters()
         if group not in GROUPS and group not in ROLE_ID:
-            raise ValueError(f"unknown group {group!r}; groups are {list(GROUPS)} (or a position role of a "
+            raise ConfigError(f"unknown group {group!r}; groups are {list(GROUPS)} (or a position role of a "
                              "position-aware circuit)")
         if objective not in ("logit", "logprob"):
-            raise ValueError(f"unknown objective {objective!r} (logit | logprob)")
+            raise ConfigError(f"unknown objective {objective!r} (logit | logprob)")
         self.role = key_role(group)
         self.headset = HeadSet(heads)
         if not len(self.headset):
-            raise ValueError(f"group {group!r} of the circuit is empty: nothing to mask")
+            raise ConfigError(f"group {group!r} of the circuit is empty: nothing to mask")
         self.mask = make_mask(parametrisation, len(self.headset))
         self.strict_loading = False  # checkpoints hold the mask only
         self.val_acc, self.test_acc, self.test_floor = TaskAccuracy(), TaskAccuracy(), TaskAccuracy()

@@ -3,6 +3,8 @@ plus the unablated baseline, many configurations per forward (rows = configs x p
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 from typing import Any, Sequence
 
 import torch
@@ -48,7 +50,7 @@ class KnockoutModule(ModelHost):
         layers = list(range(0, L, self.every)) if self.requested_start_layers is None else self.requested_start_layers
         bad = [s for s in layers if not 0 <= s < L]
         if bad:
-            raise ValueError(f"start layers {bad} out of range (model has {L} layers)")
+            raise ConfigError(f"start layers {bad} out of range (model has {L} layers)")
         return layers
 
     def configs(self) -> list[tuple[str, int]]:

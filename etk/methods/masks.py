@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import torch
 from torch import nn
 
@@ -74,5 +76,5 @@ MASKS = {"clamp": ClampMask, "sigmoid": SigmoidMask, "hard_concrete": HardConcre
 
 def make_mask(kind: str, n: int) -> nn.Module:
     if kind not in MASKS:
-        raise ValueError(f"unknown mask parametrisation {kind!r}; choose from {sorted(MASKS)}")
+        raise ConfigError(f"unknown mask parametrisation {kind!r}; choose from {sorted(MASKS)}")
     return MASKS[kind](n)

@@ -5,6 +5,8 @@ PEFT-wrapped models are addressed the same way."""
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 from dataclasses import dataclass
 
 import torch
@@ -35,7 +37,7 @@ class LlamaFamily:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = base.config
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model type {cfg.model_type!r} is not supported; etk supports {SUPPORTED_MODEL_TYPES}")
+            raise ConfigError(f"model type {cfg.model_type!r} is not supported; etk supports {SUPPORTED_MODEL_TYPES}")
         self.model = model
         self.base = base
         n_heads = cfg.num_attention_heads

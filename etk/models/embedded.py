@@ -4,6 +4,8 @@ never imported), dequantised once by transformers' GGUF loader and cached as saf
 
 from __future__ import annotations
 
+from etk.errors import EtkError
+
 import hashlib
 import importlib.metadata
 import os
@@ -14,7 +16,7 @@ from pathlib import Path
 import torch
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(EtkError, FileNotFoundError):
     """Weights for a configured model are not on this machine."""
 
 

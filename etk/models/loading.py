@@ -4,6 +4,8 @@ before transformers is called."""
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import os
 from importlib import resources
 from pathlib import Path
@@ -14,6 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from etk.errors import EtkError  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.embedded import ModelNotFoundError, dequantised_dir  # noqa: E402
 from etk.models.tiny import planted_llama, tiny_llama, tiny_tokenizer  # noqa: E402
@@ -27,7 +30,7 @@ def resolve_dtype(name: str | None, device: str | torch.device = "cpu") -> torch
     if name in (None, "auto"):
         return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     if name not in _DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)} or 'auto'")
+        raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
 
 
@@ -67,29 +70,36 @@ def _from_pretrained(path: Path, dtype: torch.dtype, attn: str | None):
     return model, tokenizer
 
 
-def merge_adapters(model, adapters: list) -> Any:
-    """Merge LoRA adapters into the weights, in order (a stack: e.g. tracker, then arithmetic)."""
-    if not adapters:
-        return model
+class AdapterError(EtkError, ValueError):
+    """A LoRA adapter folder that cannot be read."""
+
+
+def _peft(model, spec: str):
+    """`PeftModel.from_pretrained` on a local adapter folder, with errors that name the folder."""
     from peft import PeftModel
 
+    path = resolve_path(str(spec))
+    if not (path / "adapter_config.json").exists():
+        raise ModelNotFoundError(f"adapter {spec!r}: no adapter_config.json in {path}")
+    try:
+        return PeftModel.from_pretrained(model, str(path), local_files_only=True)
+    except Exception as e:  # a truncated or foreign file: say which, not the library's internals
+        raise AdapterError(f"adapter {spec!r} in {path} cannot be loaded ({type(e).__name__}: {str(e)[:200]}); the "
+                           "files may be truncated or made for another base model: restore or re-export them "
+                           "(finetune.py ... export=<dir>)") from None
+
+
+def merge_adapters(model, adapters: list) -> Any:
+    """Merge LoRA adapters into the weights, in order (a stack: e.g. tracker, then arithmetic)."""
     for spec in adapters:
-        path = resolve_path(str(spec))
-        if not (path / "adapter_config.json").exists():
-            raise ModelNotFoundError(f"adapter {spec!r}: no adapter_config.json in {path}")
-        model = PeftModel.from_pretrained(model, str(path), local_files_only=True).merge_and_unload()
+        model = _peft(model, spec).merge_and_unload()
     return model
 
 
 def attach_adapter(model, spec: str):
     """Wrap `model` in a PeftModel with the LoRA adapter `spec`, NOT merged: `with model.disable_adapter():` runs
     the original weights, so one copy of them serves both members of a pair."""
-    from peft import PeftModel
-
-    path = resolve_path(str(spec))
-    if not (path / "adapter_config.json").exists():
-        raise ModelNotFoundError(f"adapter {spec!r}: no adapter_config.json in {path}")
-    return PeftModel.from_pretrained(model, str(path), local_files_only=True).eval().requires_grad_(False)
+    return _peft(model, spec).eval().requires_grad_(False)
 
 
 def load_model(cfg: Any, device: str | torch.device | None = None):
@@ -114,7 +124,7 @@ def load_model(cfg: Any, device: str | torch.device | None = None):
     elif source == "local":
         model, tokenizer = _from_pretrained(local_model_dir(cfg), dtype, attn)
     else:
-        raise ValueError(f"unknown model.source {source!r} (tiny | local | gguf_package)")
+        raise ConfigError(f"unknown model.source {source!r} (tiny | local | gguf_package)")
     model = merge_adapters(model, list(cfg.get("adapters") or []))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

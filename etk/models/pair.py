@@ -3,6 +3,8 @@ vocabulary, and identical token ids for the prompts that will be run."""
 
 from __future__ import annotations
 
+from etk.errors import ConfigError, EtkError
+
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -14,7 +16,7 @@ from etk.models.arch import LlamaFamily
 WEIGHT_KEYS = ("source", "path", "root_subdir", "package", "gguf_file", "tiny", "dtype", "attn_implementation")
 
 
-class PairMismatchError(ValueError):
+class PairMismatchError(EtkError, ValueError):
     """The two models of a pair cannot be compared component by component."""
 
 
@@ -64,7 +66,7 @@ class PairModels:
     def use(self, member: str) -> Iterator[Any]:
         """The member's model, ready to run (adapter off for the base member of a toggled pair)."""
         if member not in ("base", "finetuned"):
-            raise ValueError(f"pair member must be 'base' or 'finetuned', got {member!r}")
+            raise ConfigError(f"pair member must be 'base' or 'finetuned', got {member!r}")
         model = self.base if member == "base" else self.finetuned
         with model.disable_adapter() if self.toggled and member == "base" else nullcontext():
             yield model

@@ -3,6 +3,8 @@ tiny Llamas with a planted, known mechanism (ground truth for circuit methods)."
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -75,7 +77,7 @@ def planted_llama(tokenizer, mechanism: str = "last_head", head: int = 2, relay_
     from etk.models.arch import LlamaFamily
 
     if mechanism not in PLANTED:
-        raise ValueError(f"unknown planted mechanism {mechanism!r}; choose from {PLANTED}")
+        raise ConfigError(f"unknown planted mechanism {mechanism!r}; choose from {PLANTED}")
     d = 128
     m = tiny_llama(len(tokenizer), n_layers=2, n_heads=4, n_kv_heads=2, d_model=d, seed=5)
     arch = LlamaFamily(m)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import random
 import time
 from pathlib import Path
@@ -145,7 +147,7 @@ def run_minimality(cfg: DictConfig) -> dict[str, Any]:
 def run_overlap(cfg: DictConfig) -> dict[str, Any]:
     spec_a, a = require_circuit(cfg)
     if not cfg.method.get("other"):
-        raise ValueError("method=overlap needs method.other=<circuit name or path>")
+        raise ConfigError("method=overlap needs method.other=<circuit name or path>")
     b = load_circuit(str(cfg.method.other))
     res = overlap(a, b)
     for g, v in res.items():
@@ -176,7 +178,7 @@ def pp_scores(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
             mask[layers] = True
         scored[g] = mask
     if not scores:
-        raise FileNotFoundError(f"scores={run_dir}: no <group>.json score maps in {folder} (give a path-patching run "
+        raise ConfigError(f"scores={run_dir}: no <group>.json score maps in {folder} (give a path-patching run "
                                 "directory or its scores/ folder)")
     return scores, scored
 
@@ -190,13 +192,13 @@ def run_faithfulness_curve(cfg: DictConfig) -> dict[str, Any]:
 
     m = cfg.method
     if not cfg.get("scores"):
-        raise ValueError("method=faithfulness_curve needs scores=<path-patching run dir>")
+        raise ConfigError("method=faithfulness_curve needs scores=<path-patching run dir>")
     scores, scored = pp_scores(cfg.scores)
 
     def body(ev, _):
         dims = ev.dims
         if next(iter(scores.values())).shape != (dims.n_layers, dims.n_heads):
-            raise ValueError(f"scores={cfg.scores} are {tuple(next(iter(scores.values())).shape)} maps but "
+            raise ConfigError(f"scores={cfg.scores} are {tuple(next(iter(scores.values())).shape)} maps but "
                              f"{cfg.model.name} has {dims.n_layers} layers x {dims.n_heads} heads")
         fr = sorted(float(x) for x in m.fractions)
         points = curve_circuits(scores, scored, fr)

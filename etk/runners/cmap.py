@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import random
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import read_json
+from etk.artifacts import read_json, write_text
 from etk.circuits import GROUPS, SHORT, circuit_label, load_circuit
 from etk.data.datasets import prompt_loader, task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader
@@ -32,7 +34,7 @@ def cmap_circuit(cfg: DictConfig):
     """circuit= if given, else the fine-tuned member's own circuit (the paper patches the fine-tuned circuit)."""
     spec = cfg.get("circuit") or cfg.pair.finetuned.get("circuit")
     if not spec:
-        raise ValueError("method=cmap needs circuit=<name or circuit.json> (or a `circuit` entry in the fine-tuned model's config)")
+        raise ConfigError("method=cmap needs circuit=<name or circuit.json> (or a `circuit` entry in the fine-tuned model's config)")
     return str(spec), load_circuit(str(spec))
 
 
@@ -82,7 +84,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         table += [[f"{SHORT.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
                    with_ci(rows[n]), with_ci(rows[n]["share_of_gap"], "share")] for n in sets]
         md = markdown(header, table)
-        (output_dir() / "cmap_table.md").write_text(md)
+        write_text(output_dir() / "cmap_table.md", md)
         print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")
         payload = {"pair": cfg.pair.name, "direction": m.direction, "source_model": src_name, "target_model": tgt_name,
                    "adapter_toggled": module.pair.toggled,
@@ -95,7 +97,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
 def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     if not m.get("heads"):
-        raise ValueError("method=activation_patching needs method.heads=<DCM results.json or selected_heads.json>")
+        raise ConfigError("method=activation_patching needs method.heads=<DCM results.json or selected_heads.json>")
     doc = read_json(Path(m.heads))
     group = doc["group"]
     desideratum = m.get("desideratum") or doc["desideratum"]

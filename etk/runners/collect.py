@@ -4,6 +4,8 @@ Used as a Hydra callback (`on_multirun_end`) and as `python -m etk.runners.colle
 
 from __future__ import annotations
 
+from etk.artifacts import write_text
+
 import csv
 import json
 import sys
@@ -64,7 +66,7 @@ def write_table(out_dir: Path, name: str, header: list[str], rows: list[list[str
     with open(out_dir / f"{name}.csv", "w", newline="") as f:
         csv.writer(f).writerows([header] + rows)
     md = markdown(header, rows)
-    (out_dir / f"{name}.md").write_text(md)
+    write_text(out_dir / f"{name}.md", md)
     return md
 
 

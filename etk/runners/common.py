@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import gc
 import os
 from contextlib import contextmanager
@@ -85,7 +87,7 @@ def require_circuit(cfg: DictConfig):
     from etk.circuits import load_circuit
 
     if not cfg.get("circuit"):
-        raise ValueError("this method needs circuit=<llama_7b|goat_7b|float_7b|path/to/circuit.json>")
+        raise ConfigError("this method needs circuit=<llama_7b|goat_7b|float_7b|path/to/circuit.json>")
     return str(cfg.circuit), load_circuit(str(cfg.circuit))
 
 

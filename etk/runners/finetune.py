@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import json
 import shlex
 import shutil
@@ -38,7 +40,7 @@ def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:
     if d.kind == "relations":
         return relation_items(n, tokenizer, cfg.seed, tuple(d.frames), d.min_entities, d.max_entities, d.objects,
                               d.names, float(d.get("arithmetic_fraction", 0.0)))
-    raise ValueError(f"unknown finetune_data.kind {d.kind!r} (boxes | arithmetic | relations)")
+    raise ConfigError(f"unknown finetune_data.kind {d.kind!r} (boxes | arithmetic | relations)")
 
 
 def evaluate_model(module: FineTuneModule, cfg: DictConfig, logger) -> list[dict[str, Any]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 from omegaconf import DictConfig
 
 from etk.runners.circuit_eval import (run_circuit_search, run_completeness, run_faithfulness, run_faithfulness_curve, run_minimality,
@@ -31,5 +33,5 @@ METHODS = {
 def run(cfg: DictConfig):
     name = cfg.method.name
     if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
+        raise ConfigError(f"unknown method {name!r}; available: {sorted(METHODS)}")
     return METHODS[name](cfg)

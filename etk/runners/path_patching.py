@@ -4,6 +4,8 @@ paper's candidate sets (each group's top candidates, PT candidates removed from 
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import time
 from typing import Any
 
@@ -59,7 +61,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
         for group in m.stages:
             stage = STAGES[group]
             if stage.receiver_site is not None and prev is None:
-                raise ValueError(f"stage {group!r} needs the previous stage's receivers; list the stages in order")
+                raise ConfigError(f"stage {group!r} needs the previous stage's receivers; list the stages in order")
             if stage.receiver_site is not None and not prev:
                 print(f"[etk] {SHORT[group]}: skipped, the previous stage scored no sender (no receivers)")
                 reports[group] = {"skipped": "no receivers"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.artifacts import write_text
+
 import json
 from pathlib import Path
 from typing import Any
@@ -195,5 +197,5 @@ def write_report(root: Path, cfg, ov: dict, log: list[str], ft_sizes: dict[str, 
         lines[4:4] = ["## Findings", ""] + [f"- {h}" for h in headline] + [""]
     lines += ["## Run log", ""] + [f"- {x}" for x in log] + [""]
     out = root / "report.md"
-    out.write_text("\n".join(lines))
+    write_text(out, "\n".join(lines))
     return out

@@ -5,6 +5,8 @@ Every step writes its typed results into `<run dir>/<step>/<member or job>/`; a 
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import copy
 import json
 import time
@@ -13,7 +15,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from etk.artifacts import read_json
+from etk.artifacts import read_json, write_text
 from etk.circuits import load_circuit, overlap
 from etk.runners.circuit_eval import run_circuit_search, run_faithfulness, run_faithfulness_curve, run_minimality
 from etk.runners.cmap import run_activation_patching, run_cmap
@@ -26,7 +28,7 @@ from etk.runners.knockout import run_knockout
 from etk.runners.path_patching import run_path_patching
 from etk.runners.report import write_report
 
-CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 DESIDERATUM_FILES = {"object": "object", "position": "position", "label": "label"}
 
 
@@ -77,7 +79,7 @@ class Study:
             fn(sub)
         free_model()
         dt = time.time() - t0
-        timing.write_text(json.dumps({"seconds": round(dt, 1)}))
+        write_text(timing, json.dumps({"seconds": round(dt, 1)}))
         self.seconds += dt
         self.log.append(f"{step}/{name}: {dt:.0f} s")
         return read_json(res, schema)
@@ -209,5 +211,5 @@ def run_study(cfg: DictConfig) -> dict[str, Any]:
     unknown = set(cfg.method.steps) - {"accuracy", "path_patching", "minimality", "faithfulness", "curve",
                                        "circuit_search", "dcm", "activation_patching", "cmap", "knockout"}
     if unknown:
-        raise ValueError(f"unknown study steps {sorted(unknown)}")
+        raise ConfigError(f"unknown study steps {sorted(unknown)}")
     return Study(cfg).run()

@@ -10,6 +10,8 @@ log-spaced fractions rescaled to [0, 1] (trapezoids), so a curve at 1 everywhere
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import math
 from typing import Any, Sequence
 
@@ -39,7 +41,7 @@ def curve_circuits(scores: dict[str, torch.Tensor], scored: dict[str, torch.Tens
     out = []
     for x in fractions:
         if not 0 < x <= 1:
-            raise ValueError(f"curve fractions must lie in (0, 1], got {x}")
+            raise ConfigError(f"curve fractions must lie in (0, 1], got {x}")
         k = max(1, round(x * n))
         groups = {g: r[:k] for g, r in ranks.items()}
         if "value_fetcher" in groups and "pos_transmitter" in groups:
@@ -52,11 +54,11 @@ def curve_circuits(scores: dict[str, torch.Tensor], scored: dict[str, torch.Tens
 def integrated(fractions: Sequence[float], faithfulness: Sequence[float]) -> dict[str, float]:
     """CPR (area under the curve) and CMD (area between the curve and 1) over log-spaced fractions in [0, 1]."""
     if len(fractions) < 2:
-        raise ValueError("a faithfulness curve needs at least two points")
+        raise ConfigError("a faithfulness curve needs at least two points")
     xs = [math.log(f) for f in fractions]
     span = xs[-1] - xs[0]
     if span <= 0:
-        raise ValueError("curve fractions must be increasing")
+        raise ConfigError("curve fractions must be increasing")
     t = [(x - xs[0]) / span for x in xs]
     trap = lambda ys: sum((t[i + 1] - t[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(t) - 1))  # noqa: E731
     return {"cpr": trap(list(faithfulness)), "cmd": trap([abs(1 - f) for f in faithfulness])}

@@ -11,6 +11,8 @@ mode="greedy": partners ranked by their single-drop importance acc(C) - acc(C \\
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import math
 from typing import Any, Callable
 
@@ -56,7 +58,7 @@ def _ranking_greedy(evaluate: Evaluate, circ: Ablation, items: list) -> tuple[li
 def minimality(evaluate: Evaluate, circuit: Circuit, dims: Dims, threshold: float = 0.01, mode: str = "batched",
                frac: float = 0.3) -> dict[str, Any]:
     if mode not in ("batched", "greedy"):
-        raise ValueError(f"minimality mode must be 'batched' or 'greedy', got {mode!r}")
+        raise ConfigError(f"minimality mode must be 'batched' or 'greedy', got {mode!r}")
     circ = circuit_ablation(circuit, dims, True)
     kept: dict[str, list] = {}
     report: dict[str, Any] = {}

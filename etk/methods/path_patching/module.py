@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 from collections import Counter
 from typing import Any, Sequence
 
@@ -23,7 +25,7 @@ class PathPatchingModule(ModelHost):
                  suffix_chunk_rows: int = 512):
         super().__init__(model_cfg)
         if algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
+            raise ConfigError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
         self.algorithm, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
         self.stage: Stage | None = None
 

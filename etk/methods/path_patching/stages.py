@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from etk.errors import ConfigError
+
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -116,5 +118,5 @@ def discovery_schedule(method_cfg, model_cfg, dims: Dims) -> dict[str, dict[str,
                     else {g: max(1, round(v * n / 1024)) for g, v in llama.items()})
         for g, v in out[key].items():
             if v < 1:
-                raise ValueError(f"{key}.{g} = {v}: must be at least 1")
+                raise ConfigError(f"{key}.{g} = {v}: must be at least 1")
     return out

@@ -1,0 +1,43 @@
+"""Entry points (console scripts `etk-patching`, `etk-train-dcm`, `etk-finetune`; the top-level `run_patching.py`,
+`train_dcm.py`, `finetune.py` are thin aliases). Configs come from the package (`etk/conf`), so they work from any
+folder and from an installed wheel. Every config is validated before a model is loaded; user errors print one
+paragraph and exit with status 2."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from etk.errors import report_user_errors
+
+
+@report_user_errors
+def _patching(cfg: DictConfig):
+    from etk.runners.patching import run
+    from etk.validate import validate
+
+    validate(cfg)
+    return run(cfg)
+
+
+@report_user_errors
+def _train_dcm(cfg: DictConfig):
+    from etk.runners.dcm import run_dcm
+    from etk.validate import validate
+
+    validate(cfg)
+    return run_dcm(cfg)
+
+
+@report_user_errors
+def _finetune(cfg: DictConfig):
+    from etk.runners.finetune import run_finetune
+    from etk.validate import validate
+
+    validate(cfg)
+    return run_finetune(cfg)
+
+
+patching = hydra.main(version_base="1.3", config_path="conf", config_name="patching")(_patching)
+train_dcm = hydra.main(version_base="1.3", config_path="conf", config_name="dcm")(_train_dcm)
+finetune = hydra.main(version_base="1.3", config_path="conf", config_name="finetune")(_finetune)

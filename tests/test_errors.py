@@ -1,0 +1,76 @@
+"""Bad input through the real CLI: one paragraph on stderr naming what is wrong, exit status 2, no traceback; and
+results that stay valid JSON when a ratio is undefined."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+TINY = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false"]
+
+
+def cli(tmp_path, args, env_extra=None):
+    env = dict(os.environ, WANDB_MODE="disabled")
+    env.pop("ETK_DEBUG", None)
+    env.pop("HYDRA_FULL_ERROR", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, str(ROOT / "run_patching.py"), *args, f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(out, *words):
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "Traceback" not in out.stdout
+    lines = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("etk:")]
+    assert len(lines) == 1, out.stderr
+    flat = " ".join(out.stderr.split())
+    for w in words:
+        assert w in flat, (w, flat)
+
+
+def test_bad_values_and_files_exit_2_with_one_paragraph(tmp_path):
+    assert_user_error(cli(tmp_path, TINY + ["data.n_boxes=1"]), "data.n_boxes = 1", "between 2 and 26")
+    assert_user_error(cli(tmp_path, TINY + ["data.n_examples=0"]), "data.n_examples = 0", ">= 1")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"value_fetchers": [[0, 1]]}))
+    assert_user_error(cli(tmp_path, TINY + ["method=faithfulness", f"circuit={bad}"]), "unknown circuit keys",
+                      "value_fetchers")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"value_fetcher": [[0, 1]')
+    assert_user_error(cli(tmp_path, TINY + ["method=faithfulness", f"circuit={broken}"]), "broken.json")
+    assert_user_error(cli(tmp_path, TINY + ["method=faithfulness", "circuit=nowhere.json"]), "nowhere.json")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = cli(tmp_path, TINY + ["data.n_boxes=1"], {"ETK_DEBUG": "1", "HYDRA_FULL_ERROR": "1"})
+    assert out.returncode != 0 and "Traceback" in out.stderr
+
+
+def test_truncated_adapter_names_the_file(tmp_path, tiny, tiny_dir):
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft.save_pretrained(tmp_path / "lora")
+    w = tmp_path / "lora" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    out = cli(tmp_path, ["model=tiny", "model.source=local", f"+model.path={tiny_dir}", f"model.adapters=[{tmp_path / 'lora'}]",
+                         "model.name=t", "logger=none", "trainer.enable_progress_bar=false", "data.n_examples=7"])
+    assert_user_error(out, "AdapterError", str(tmp_path / "lora"))
+
+
+def test_undefined_faithfulness_is_null_with_a_reason(tmp_path):
+    circuit = tmp_path / "c.json"
+    circuit.write_text(json.dumps({"value_fetcher": [[1, 2]]}))
+    out = cli(tmp_path, TINY + ["method=faithfulness", f"circuit={circuit}", "data.n_boxes=3", "method.n_examples=6",
+                                "method.batch_size=6", "ablation.n_prompts=6", "method.n_random=2"])
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "run" / "results.json").read_text()
+    doc = json.loads(text)  # valid JSON: no NaN
+    assert "NaN" not in text and "Infinity" not in text
+    assert doc["accuracy_model"] == 0 and doc["faithfulness"] is None and "no evaluation prompt" in doc["reason"]
