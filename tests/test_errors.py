@@ -1,6 +1,7 @@
 """Bad input through the real CLI: one paragraph on stderr naming what is wrong, exit status 2, no traceback; and
 results that stay valid JSON when a ratio is undefined."""
 
+import copy
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_truncated_adapter_names_the_file(tmp_path, tiny, tiny_dir):
     from peft import LoraConfig, get_peft_model
 
-    peft = get_peft_model(tiny, LoraConfig(r=2, target_modules=["q_proj"]))
+    peft = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=2, target_modules=["q_proj"]))  # never the shared fixture
     peft.save_pretrained(tmp_path / "lora")
     w = tmp_path / "lora" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
