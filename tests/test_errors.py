@@ -34,17 +34,42 @@ def assert_user_error(out, *words):
         assert w in flat, (w, flat)
 
 
-def test_bad_values_and_files_exit_2_with_one_paragraph(tmp_path):
+class Out:
+    def __init__(self, code, err):
+        self.returncode, self.stderr, self.stdout = code, err, ""
+
+
+def in_process(tmp_path, capsys, args):
+    """The CLI's task function (validation + dispatch + error reporting) on a composed config."""
+    from etk.cli import _patching
+    from tests.helpers import compose_cfg
+
+    cfg = compose_cfg("patching", tmp_path / "run", args)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        _patching(cfg)
+    return Out(e.value.code, capsys.readouterr().err)
+
+
+def test_bad_value_through_the_real_cli_exits_2_with_one_paragraph(tmp_path):
     assert_user_error(cli(tmp_path, TINY + ["data.n_boxes=1"]), "data.n_boxes = 1", "between 2 and 26")
-    assert_user_error(cli(tmp_path, TINY + ["data.n_examples=0"]), "data.n_examples = 0", ">= 1")
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_bad_values_and_files_exit_2_with_one_paragraph(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ETK_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["data.n_examples=0"]), "data.n_examples = 0", ">= 1")
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", "method.batch_size=0"]),
+                      "method.batch_size = 0")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"value_fetchers": [[0, 1]]}))
-    assert_user_error(cli(tmp_path, TINY + ["method=faithfulness", f"circuit={bad}"]), "unknown circuit keys",
-                      "value_fetchers")
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", f"circuit={bad}"]),
+                      "unknown circuit keys", "value_fetchers")
     broken = tmp_path / "broken.json"
     broken.write_text('{"value_fetcher": [[0, 1]')
-    assert_user_error(cli(tmp_path, TINY + ["method=faithfulness", f"circuit={broken}"]), "broken.json")
-    assert_user_error(cli(tmp_path, TINY + ["method=faithfulness", "circuit=nowhere.json"]), "nowhere.json")
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", f"circuit={broken}"]), "broken.json")
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", "circuit=nowhere.json"]), "nowhere.json")
     assert not (tmp_path / "run" / "results.json").exists()
 
 
@@ -53,24 +78,28 @@ def test_debug_shows_the_traceback(tmp_path):
     assert out.returncode != 0 and "Traceback" in out.stderr
 
 
-def test_truncated_adapter_names_the_file(tmp_path, tiny, tiny_dir):
+def test_truncated_adapter_names_the_file(tmp_path, capsys, tiny, tiny_dir, monkeypatch):
     from peft import LoraConfig, get_peft_model
 
     peft = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=2, target_modules=["q_proj"]))  # never the shared fixture
     peft.save_pretrained(tmp_path / "lora")
     w = tmp_path / "lora" / "adapter_model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
-    out = cli(tmp_path, ["model=tiny", "model.source=local", f"+model.path={tiny_dir}", f"model.adapters=[{tmp_path / 'lora'}]",
+    monkeypatch.delenv("ETK_DEBUG", raising=False)
+    out = in_process(tmp_path, capsys, ["model=tiny", "model.source=local", f"+model.path={tiny_dir}", f"model.adapters=[{tmp_path / 'lora'}]",
                          "model.name=t", "logger=none", "trainer.enable_progress_bar=false", "data.n_examples=7"])
     assert_user_error(out, "AdapterError", str(tmp_path / "lora"))
 
 
 def test_undefined_faithfulness_is_null_with_a_reason(tmp_path):
+    from etk.cli import _patching
+    from tests.helpers import compose_cfg
+
     circuit = tmp_path / "c.json"
     circuit.write_text(json.dumps({"value_fetcher": [[1, 2]]}))
-    out = cli(tmp_path, TINY + ["method=faithfulness", f"circuit={circuit}", "data.n_boxes=3", "method.n_examples=6",
-                                "method.batch_size=6", "ablation.n_prompts=6", "method.n_random=2"])
-    assert out.returncode == 0, out.stderr[-2000:]
+    _patching(compose_cfg("patching", tmp_path / "run", TINY + [
+        "method=faithfulness", f"circuit={circuit}", "data.n_boxes=3", "method.n_examples=6", "method.batch_size=6",
+        "ablation.n_prompts=6", "method.n_random=2"]))
     text = (tmp_path / "run" / "results.json").read_text()
     doc = json.loads(text)  # valid JSON: no NaN
     assert "NaN" not in text and "Infinity" not in text
