@@ -13,7 +13,7 @@ from etk.data.datasets import task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.interventions.components import HeadId
 from etk.interventions.hooks import hooked
-from etk.methods.cmap import capture_roles, role_heads, role_patches, source_run, union_roles
+from etk.interventions.heads import HeadSet, capture
 from etk.models.forward import last_logits
 from etk.models.pair import PairMismatchError, check_compatible
 from etk.models.tiny import tiny_llama, tiny_tokenizer
@@ -24,9 +24,9 @@ GROUPS = {"value_fetcher": [HeadId(1, 2), HeadId(0, 1)], "pos_detector": [HeadId
 
 
 def cmap_logits(source, target, batch, groups):
-    roles = role_heads(groups)
-    src = capture_roles(source, batch, roles)
-    with hooked(target, patches=role_patches(roles, src, batch, 4)):
+    hs = HeadSet.from_circuit(groups)
+    src = capture(source, batch, hs)
+    with hooked(target, patches=hs.patches(src, batch, 4)):
         return last_logits(target, batch)
 
 
@@ -42,8 +42,7 @@ def test_cmap_between_different_models_changes_outputs_only_when_patching(tiny, 
     assert torch.equal(cmap_logits(other, tiny, batch, {}), plain)
     assert not torch.allclose(cmap_logits(other, tiny, batch, GROUPS), plain)
     # one head patched: equals a hand-written pre-hook writing the other model's z of head 2 at `last`
-    roles = role_heads({"value_fetcher": [HeadId(1, 2)]})
-    want = capture_roles(other, batch, roles)[("last", 1)][:, 0, 2]  # [B, D]
+    want = capture(other, batch, HeadSet.at("last", [HeadId(1, 2)]))[("last", 1)][:, 0, 2]  # [B, D]
     pos = batch.roles["last"]
 
     def pre(mod, args):
@@ -60,8 +59,8 @@ def test_cmap_between_different_models_changes_outputs_only_when_patching(tiny, 
     assert torch.allclose(cmap_logits(other, tiny, batch, {"value_fetcher": [HeadId(1, 2)]}), ref, atol=1e-6)
 
 
-def test_role_heads_merge_groups_sharing_a_role():
-    r = role_heads({"value_fetcher": [HeadId(1, 2)], "pos_transmitter": [HeadId(1, 2), HeadId(0, 0)]})
+def test_head_sets_merge_groups_sharing_a_role():
+    r = HeadSet.from_circuit({"value_fetcher": [HeadId(1, 2)], "pos_transmitter": [HeadId(1, 2), HeadId(0, 0)]}).roles
     assert r == {"last": [HeadId(1, 2), HeadId(0, 0)]}
 
 
@@ -86,8 +85,8 @@ def test_activation_patching_finds_the_planted_object_value(tok):
     batch = next(iter(pair_loader(tok, desideratum_pairs("object_value", exs, 0), 40)))
     module = ActivationPatchingModule({"name": "planted"})
     module.net, module.tokenizer = model, tok
-    module.head_sets = {"planted": role_heads({"value_fetcher": [HeadId(1, 2)]}),
-                        "wrong": role_heads({"value_fetcher": [HeadId(1, 0)]})}
+    module.head_sets = {"planted": HeadSet.from_circuit({"value_fetcher": [HeadId(1, 2)]}),
+                        "wrong": HeadSet.from_circuit({"value_fetcher": [HeadId(1, 0)]})}
     module.on_predict_epoch_start()
     module.predict_step(batch, 0)
     unpatched, planted, wrong = module.acc.compute().tolist()
@@ -109,7 +108,7 @@ def test_cmap_and_activation_patching_cli(tmp_path):
 
 
 def test_one_source_run_serves_every_head_set(tiny, tok):
-    """capture_roles (cut after its deepest layer) and source_run (full forward + logits) equal o_proj inputs
+    """capture (cut after its deepest layer, or a full forward with logits) equals o_proj inputs
     captured by a hand-written hook on a plain forward; the union of head sets covers each set."""
     batch, _ = batch_of(tok, n=6, n_boxes=3)
     seen = {}
@@ -119,17 +118,17 @@ def test_one_source_run_serves_every_head_set(tiny, tok):
         plain = tiny(**batch.model_inputs()).logits
     for h in hooks:
         h.remove()
-    sets = [role_heads({"value_fetcher": [HeadId(1, 2)]}), role_heads({"pos_detector": [HeadId(0, 3)]})]
-    union = union_roles(sets)
-    assert union == {"last": [HeadId(1, 2)], "query_label": [HeadId(0, 3)]}
+    sets = [HeadSet.from_circuit({"value_fetcher": [HeadId(1, 2)]}), HeadSet.from_circuit({"pos_detector": [HeadId(0, 3)]})]
+    union = HeadSet.union(sets)
+    assert union.roles == {"last": [HeadId(1, 2)], "query_label": [HeadId(0, 3)]}
     b = torch.arange(6)
-    early = capture_roles(tiny, batch, {"query_label": [HeadId(0, 3)]})
+    early = capture(tiny, batch, HeadSet.at("query_label", [HeadId(0, 3)]))
     assert set(early) == {("query_label", 0)}
-    full, logits = source_run(tiny, batch, union)
+    full, logits = capture(tiny, batch, union, logits=True)
     assert torch.equal(logits, plain[b, batch.roles["last"]])
     for (role, j), z in list(full.items()) + list(early.items()):
         assert torch.equal(z[:, 0], seen[j][b, batch.roles[role]].unflatten(-1, (4, 16)))
-    assert capture_roles(tiny, batch, {}) == {}
+    assert capture(tiny, batch, HeadSet()) == {}
 
 
 def _lora_pair(tiny, tiny_dir, tmp_path):
@@ -171,10 +170,10 @@ def test_lora_pair_toggles_one_copy_of_the_weights(tiny, tiny_dir, tok, tmp_path
     assert torch.allclose(ft, last_logits(merged.finetuned, batch), atol=1e-5)
     assert not torch.allclose(ft, plain_base, atol=1e-4)
     # CMAP through the toggled pair equals CMAP between the two merged models
-    roles = role_heads(GROUPS)
+    roles = HeadSet.from_circuit(GROUPS)
     with toggled.use("finetuned") as m:
-        src = capture_roles(m, batch, roles)
-    with toggled.use("base") as m, hooked(m, patches=role_patches(roles, src, batch, 4)):
+        src = capture(m, batch, roles)
+    with toggled.use("base") as m, hooked(m, patches=roles.patches(src, batch, 4)):
         got = last_logits(m, batch)
     assert torch.allclose(got, cmap_logits(merged.finetuned, merged.base, batch, GROUPS), atol=1e-5)
     assert not torch.allclose(got, plain_base, atol=1e-4)
@@ -208,7 +207,8 @@ def test_stacked_lora_pair_toggles_the_top_adapter_exactly(tiny, tiny_dir, tok, 
         assert torch.equal(last_logits(m, batch), last_logits(weak, batch))  # B off: the base member exactly
     module = CMAPModule(base_cfg, ft_cfg)
     module.pair = pair
-    sets = {"value_fetcher": role_heads({"value_fetcher": GROUPS["value_fetcher"]}), "all": role_heads(GROUPS)}
+    sets = {"value_fetcher": HeadSet.from_circuit({"value_fetcher": GROUPS["value_fetcher"]}),
+            "all": HeadSet.from_circuit(GROUPS)}
     module.head_sets = sets
     module.on_predict_epoch_start()
     module.predict_step(batch, 0)

@@ -15,7 +15,7 @@ from etk.data.datasets import task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.interventions.hooks import Patch, hooked
 from etk.methods.dcm import DCMModule
-from etk.methods.head_patching import HeadSet, patched_last_logits, source_z
+from etk.interventions.heads import HeadSet, capture
 from etk.models.forward import last_logits
 from etk.runners.dcm import run_dcm
 from tests.conftest import ROOT
@@ -30,30 +30,36 @@ def pair_batch(tok, name="object_value", n=12, n_boxes=3, seed=0):
     return next(iter(pair_loader(tok, desideratum_pairs(name, exs, seed), n)))
 
 
+def mixed(model, batch, hs, m, src):
+    with hooked(model, patches=hs.patches(src, batch.base, 4, m)):
+        return last_logits(model, batch.base)
+
+
 def test_mask_endpoints(tiny, tok):
     batch = pair_batch(tok)
-    hs = HeadSet([(1, 2), (0, 1), (1, 0)])
-    src = source_z(tiny, batch.source, "last", hs.layers)
+    hs = HeadSet.at("last", [(1, 2), (0, 1), (1, 0)])
+    src = capture(tiny, batch.source, hs)
     plain = last_logits(tiny, batch.base)
-    assert torch.equal(patched_last_logits(tiny, batch.base, hs, torch.ones(3), src, "last"), plain)
-    m0 = patched_last_logits(tiny, batch.base, hs, torch.zeros(3), src, "last")
+    assert torch.equal(mixed(tiny, batch, hs, torch.ones(3), src), plain)
+    m0 = mixed(tiny, batch, hs, torch.zeros(3), src)
     assert not torch.allclose(m0, plain)
+    assert torch.allclose(mixed(tiny, batch, hs, None, src), m0, atol=1e-6)  # m = 0 is replacement
     # m = 0 equals full replacement written with the raw primitive
     pos = batch.base.roles["last"][:, None]
     patches = []
     for layer, heads in ((0, [1]), (1, [0, 2])):
         keep = torch.ones(len(batch), 1, 4, dtype=torch.bool)
         keep[:, :, heads] = False
-        patches.append(Patch("z", layer, src[layer], keep, pos))
+        patches.append(Patch("z", layer, src[("last", layer)], keep, pos))
     with hooked(tiny, patches=patches):
         assert torch.allclose(last_logits(tiny, batch.base), m0, atol=1e-6)
     # source values come from the source's own role position
-    z = source_z(tiny, batch.source, "prev_query_label", [0])[0]
+    z = capture(tiny, batch.source, HeadSet.at("prev_query_label", [(0, 1)]))[("prev_query_label", 0)]
     assert z.shape == (len(batch), 1, 4, 16)
 
 
-def test_source_z_stops_early_and_matches_a_plain_forward(tiny, tok):
-    """source_z (forward cut after its last layer) equals o_proj inputs captured by a hand-written hook on a full
+def test_capture_stops_early_and_matches_a_plain_forward(tiny, tok):
+    """capture (forward cut after its last layer) equals o_proj inputs captured by a hand-written hook on a full
     HF forward, and the layers after the last requested one never run."""
     batch = pair_batch(tok)
     layers = tiny.model.layers
@@ -66,13 +72,13 @@ def test_source_z_stops_early_and_matches_a_plain_forward(tiny, tok):
         h.remove()
     probe = layers[1].register_forward_hook(lambda *a: ran.append(1))
     try:
-        z = source_z(tiny, batch.source, "last", [0])
+        z = capture(tiny, batch.source, HeadSet.at("last", [(0, 2)]))
     finally:
         probe.remove()
     assert not ran  # layer 1 skipped
     b = torch.arange(len(batch))
     want = seen[0][b, batch.source.roles["last"]].unflatten(-1, (4, 16))  # [B, H, D]
-    assert torch.equal(z[0][:, 0], want)
+    assert torch.equal(z[("last", 0)][:, 0], want)
 
 
 def compose_dcm(tmp_path, overrides):

@@ -13,83 +13,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from etk.circuits import key_role
 from etk.data.roles import PairBatch, PromptBatch
-from etk.interventions.components import HeadId
-from etk.interventions.hooks import Capture, Patch, hooked
+from etk.interventions.heads import HeadSet, capture
+from etk.interventions.hooks import hooked
 from etk.methods.accuracy import ModelHost
 from etk.methods.circuit_eval.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
-from etk.models.forward import assert_eval, last_logits, run_through
+from etk.models.forward import assert_eval, last_logits
 from etk.models.pair import PairModels, load_pair
 
-HeadSets = dict[str, dict[str, list[HeadId]]]  # config name -> {role: heads}
-
-
-def role_heads(groups: dict[str, list[HeadId]]) -> dict[str, list[HeadId]]:
-    """{group: heads} -> {role: heads} (VF and PT share `last`)."""
-    out: dict[str, list[HeadId]] = {}
-    for g, heads in groups.items():
-        lst = out.setdefault(key_role(g), [])
-        lst += [HeadId(int(a), int(b)) for a, b in heads if HeadId(int(a), int(b)) not in lst]
-    return out
-
-
-def union_roles(sets) -> dict[str, list[HeadId]]:
-    """The union of several {role: heads} head sets: one source run then serves all of them."""
-    out: dict[str, list[HeadId]] = {}
-    for roles in sets:
-        for role, heads in roles.items():
-            lst = out.setdefault(role, [])
-            lst += [h for h in heads if h not in lst]
-    return out
-
-
-def _role_captures(batch: PromptBatch, roles: dict[str, list[HeadId]]) -> tuple[dict[int, list[str]], list[Capture]]:
-    need: dict[int, list[str]] = {}
-    for role, heads in roles.items():
-        for j in sorted({h.layer for h in heads}):
-            need.setdefault(j, []).append(role)
-    caps = [Capture("z", j, torch.stack([batch.roles[r] for r in rs], 1)) for j, rs in need.items()]  # pos [B, R_j]
-    return need, caps
-
-
-def _split(cache, need: dict[int, list[str]]) -> dict[tuple[str, int], torch.Tensor]:
-    return {(r, j): cache[("z", j)][:, i:i + 1] for j, rs in need.items() for i, r in enumerate(rs)}
-
-
-@torch.no_grad()
-def capture_roles(model, batch: PromptBatch, roles: dict[str, list[HeadId]]) -> dict[tuple[str, int], torch.Tensor]:
-    """z of every head at each role's position for the layers that role needs: {(role, layer): [B, 1, H, D]}.
-    One forward, cut after the deepest needed layer; none when no head is listed."""
-    need, caps = _role_captures(batch, roles)
-    if not need:
-        return {}
-    with hooked(model, captures=caps) as cache:
-        run_through(model, batch, max(need))
-    return _split(cache, need)
-
-
-@torch.no_grad()
-def source_run(model, batch: PromptBatch, roles: dict[str, list[HeadId]]):
-    """capture_roles and the model's own last-position logits [B, V] from the same (full) forward."""
-    need, caps = _role_captures(batch, roles)
-    with hooked(model, captures=caps) as cache:
-        logits = last_logits(model, batch)
-    return _split(cache, need), logits
-
-
-def role_patches(roles: dict[str, list[HeadId]], src: dict[tuple[str, int], torch.Tensor], target: PromptBatch,
-                 n_heads: int) -> list[Patch]:
-    """Replace the listed heads' z at each role's position of the target prompts by the source values."""
-    out = []
-    B = len(target)
-    for role, heads in roles.items():
-        for j in sorted({h.layer for h in heads}):
-            keep = torch.ones(B, 1, n_heads, dtype=torch.bool, device=target.input_ids.device)
-            keep[:, :, [h.head for h in heads if h.layer == j]] = False
-            out.append(Patch("z", j, src[(role, j)], keep, target.roles[role][:, None]))
-    return out
+HeadSets = dict[str, HeadSet]  # configuration name -> head set
 
 
 class CMAPModule(L.LightningModule):
@@ -138,12 +71,12 @@ class CMAPModule(L.LightningModule):
         source, target = self.source_target
         with self.pair.use(source) as model:
             # one source forward serves every head set (and gives the source model's own prediction)
-            src, source_logits = source_run(model, batch, union_roles(self.head_sets.values()))
+            src, source_logits = capture(model, batch, HeadSet.union(self.head_sets.values()), logits=True)
         with self.pair.use(target) as model:
             n_heads = LlamaFamily(model).dims.n_heads
             rows = [source_logits, last_logits(model, batch)]  # the two models alone
-            for roles in self.head_sets.values():
-                with hooked(model, patches=role_patches(roles, src, batch, n_heads)):
+            for hs in self.head_sets.values():
+                with hooked(model, patches=hs.patches(src, batch, n_heads)):
                     rows.append(last_logits(model, batch))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]))
 
@@ -164,8 +97,8 @@ class ActivationPatchingModule(ModelHost):
     def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
         n_heads = LlamaFamily(self.net).dims.n_heads
         rows = [last_logits(self.net, batch.base)]
-        src = capture_roles(self.net, batch.source, union_roles(self.head_sets.values()))  # one source run for all sets
-        for roles in self.head_sets.values():
-            with hooked(self.net, patches=role_patches(roles, src, batch.base, n_heads)):
+        src = capture(self.net, batch.source, HeadSet.union(self.head_sets.values()))  # one source run for all sets
+        for hs in self.head_sets.values():
+            with hooked(self.net, patches=hs.patches(src, batch.base, n_heads)):
                 rows.append(last_logits(self.net, batch.base))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]))

@@ -15,9 +15,9 @@ import torch
 from etk.circuits import GROUPS, key_role
 from etk.data.roles import ROLE_ID
 from etk.data.roles import PairBatch
-from etk.interventions.components import check_heads
+from etk.interventions.heads import HeadSet, capture
+from etk.interventions.hooks import hooked
 from etk.methods.accuracy import ModelHost
-from etk.methods.head_patching import HeadSet, patched_last_logits, source_z
 from etk.methods.masks import make_mask
 from etk.metrics import TaskAccuracy
 from etk.models.arch import LlamaFamily
@@ -35,7 +35,7 @@ class DCMModule(ModelHost):
         if objective not in ("logit", "logprob"):
             raise ConfigError(f"unknown objective {objective!r} (logit | logprob)")
         self.role = key_role(group)
-        self.headset = HeadSet(heads)
+        self.headset = HeadSet.at(self.role, heads)
         if not len(self.headset):
             raise ConfigError(f"group {group!r} of the circuit is empty: nothing to mask")
         self.mask = make_mask(parametrisation, len(self.headset))
@@ -44,7 +44,7 @@ class DCMModule(ModelHost):
 
     def configure_model(self) -> None:
         super().configure_model()
-        check_heads(self.headset.heads, LlamaFamily(self.net).dims)
+        self.headset.check(LlamaFamily(self.net).dims)
         self.net.requires_grad_(False)
         self.net.eval()
 
@@ -56,8 +56,11 @@ class DCMModule(ModelHost):
         return self
 
     def logits(self, batch: PairBatch, m: torch.Tensor) -> torch.Tensor:
-        src = source_z(self.net, batch.source, self.role, self.headset.layers)
-        return patched_last_logits(self.net, batch.base, self.headset, m, src, self.role)
+        """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value)."""
+        src = capture(self.net, batch.source, self.headset)
+        n_heads = LlamaFamily(self.net).dims.n_heads
+        with hooked(self.net, patches=self.headset.patches(src, batch.base, n_heads, m)):
+            return last_logits(self.net, batch.base)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.mask.project_()  # the paper clamps before every step
@@ -107,6 +110,6 @@ class DCMModule(ModelHost):
 
     def selected_heads(self) -> list[list[int]]:
         sel = self.mask.selected()
-        return [list(h) for h, s in zip(self.headset.heads, sel.tolist()) if s]
+        return [list(h) for h, s in zip(self.headset.heads(self.role), sel.tolist()) if s]
 
 

@@ -13,11 +13,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json, write_text
-from etk.circuits import GROUPS, SHORT, circuit_label, load_circuit
+from etk.circuits import GROUPS, SHORT, circuit_label, key_role, load_circuit
 from etk.data.datasets import prompt_loader, task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader
-from etk.interventions.components import HeadId, check_heads
-from etk.methods.cmap import ActivationPatchingModule, CMAPModule, role_heads
+from etk.interventions.components import HeadId
+from etk.interventions.heads import HeadSet
+from etk.methods.cmap import ActivationPatchingModule, CMAPModule
 from etk.metrics import share_of_gap, wilson_interval
 from etk.models.arch import LlamaFamily
 from etk.runners.collect import markdown, with_ci
@@ -58,9 +59,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     sets = {}
     for name in m.groups:
         chosen = {g: groups.get(g, []) for g in GROUPS} if name == "all" else {name: groups.get(name, [])}
-        for hs in chosen.values():
-            check_heads(hs, dims)
-        sets[name] = role_heads(chosen)
+        sets[name] = HeadSet.from_circuit(chosen).check(dims)
     module.head_sets = sets
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
@@ -74,13 +73,13 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         src_name, tgt_name = ((cfg.pair.finetuned.name, cfg.pair.base.name) if m.direction == "forward"
                               else (cfg.pair.base.name, cfg.pair.finetuned.name))
         rows = {"source_alone": _acc(c[0]), "target_alone": _acc(c[1])}
-        rows.update({name: {**_acc(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].items()},
+        rows.update({name: {**_acc(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].roles.items()},
                             "share_of_gap": share_of_gap(c[2 + i], c[1], c[0], int(m.get("n_bootstrap", 2000)))}
                      for i, name in enumerate(sets)})
         header = ["heads patched", f"accuracy of {tgt_name} (95% CI)", "share of the gap [95% CI]"]
         table = [[f"none: {src_name} alone", with_ci(rows["source_alone"]), "1"],
                  [f"none: {tgt_name} alone", with_ci(rows["target_alone"]), "0"]]
-        n_heads = {n: sum(len(h) for h in sets[n].values()) for n in sets}
+        n_heads = {n: len(sets[n]) for n in sets}
         table += [[f"{SHORT.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
                    with_ci(rows[n]), with_ci(rows[n]["share_of_gap"], "share")] for n in sets]
         md = markdown(header, table)
@@ -106,11 +105,10 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True))
     module.configure_model()
     dims = LlamaFamily(module.net).dims
-    check_heads(heads, dims)
-    rng = random.Random(int(m.random_seed))
-    n_all = dims.n_layers * dims.n_heads
-    rand = [HeadId(i // dims.n_heads, i % dims.n_heads) for i in rng.sample(range(n_all), len(heads))]
-    module.head_sets = {"selected": role_heads({group: heads}), "random": role_heads({group: rand})}
+    selected = HeadSet.from_circuit({group: heads}).check(dims)
+    rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
+    rand = rand_set.heads(key_role(group))
+    module.head_sets = {"selected": selected, "random": rand_set}
     data_cfg = data_config(cfg, m.n_examples)
     bases = task_examples(data_cfg, module.tokenizer)
     logger = build_logger(cfg)

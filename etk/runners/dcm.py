@@ -64,7 +64,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
         acc, floor = module.test_acc.compute(), module.test_floor.compute()
         values = next(iter(module.mask.state_dict().values())).detach().cpu()
         selected = module.selected_heads()
-        torch.save({"values": values, "axes": ("head",), "heads": module.headset.heads,
+        torch.save({"values": values, "axes": ("head",), "heads": module.headset.heads(module.role),
                     "parametrisation": d.parametrisation}, out / "mask.pt")
         write_json(out / "selected_heads.json", {"group": cfg.group, "desideratum": cfg.desideratum.name,
                                                   "heads": selected, "group_heads": heads}, "etk.dcm_heads/v1")

@@ -17,7 +17,7 @@ import torch
 
 from etk.circuits import Circuit
 from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch
-from etk.interventions.components import check_heads
+from etk.interventions.heads import HeadSet
 from etk.interventions.hooks import Patch
 from etk.models.arch import Dims
 
@@ -43,6 +43,12 @@ class Ablation:
         for role, layer, head in items:
             keep[ROLE_ID[role], layer, head] = value
         return Ablation(keep, name)
+
+    def head_set(self, partial_only: bool = False) -> HeadSet:
+        """The kept (role, head) units as a head set; `partial_only` leaves out roles where every head is kept."""
+        n = self.keep.shape[1] * self.keep.shape[2]
+        return HeadSet({ROLE_VOCAB[r]: (self.keep[r].nonzero().tolist()) for r in range(self.keep.shape[0])
+                        if 0 < int(self.keep[r].sum()) and not (partial_only and int(self.keep[r].sum()) == n)})
 
     def heads_per_role(self) -> dict[str, int]:
         """Kept heads per role, for the roles where any head is kept."""
@@ -74,10 +80,7 @@ def circuit_ablation(circuit: Circuit, dims: Dims, ablate_non_vital: bool = True
     """Keep the circuit's heads at their roles; ablate every other head at the vital roles (the three of the paper
     plus every role the circuit names) and, with `ablate_non_vital`, every head at every other position."""
     keep = _base(dims, set(VITAL_ROLES) | set(circuit.roles()), ablate_non_vital)
-    for role, layer, head in circuit.units():
-        check_heads([(layer, head)], dims)
-        keep[ROLE_ID[role], layer, head] = True
-    return Ablation(keep, name)
+    return Ablation(keep | HeadSet.from_circuit(circuit).keep(dims), name)
 
 
 def ceiling_ablation(dims: Dims, ablate_non_vital: bool = True) -> Ablation:

@@ -20,18 +20,12 @@ UNDEFINED = "the model answers no evaluation prompt correctly, so a ratio to its
 
 
 def random_ablation(like: Ablation, dims: Dims, rng: random.Random, name: str) -> Ablation:
-    """Same number of heads at each role as `like`, drawn without replacement from all heads; every role where
-    `like` keeps no head (the non-vital positions) is left as it is."""
+    """Same number of heads at each role as `like`, drawn without replacement from all heads (`HeadSet.random_like`);
+    roles where `like` keeps every head or none (the non-vital positions) are left as they are."""
+    kept = like.head_set(partial_only=True)
     keep = like.keep.clone()
-    n = dims.n_layers * dims.n_heads
-    for role, k in like.heads_per_role().items():
-        if k == n:
-            continue
-        r = ROLE_ID[role]
-        keep[r] = False
-        for idx in rng.sample(range(n), k):
-            keep[r, idx // dims.n_heads, idx % dims.n_heads] = True
-    return Ablation(keep, name)
+    keep[[ROLE_ID[r] for r in kept.roles]] = False
+    return Ablation(keep | kept.random_like(dims, rng).keep(dims), name)
 
 
 def ratio(a: float, b: float, legacy_rounding: bool = False) -> float | None:

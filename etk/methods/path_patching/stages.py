@@ -16,7 +16,8 @@ from etk.data.boxes import Example
 from etk.data.datasets import EncodedDataset, pad_id
 from etk.data.pairs import Pair, path_patching_pairs
 from etk.data.roles import PairBatch, PromptBatch, collate_pairs, encode_example
-from etk.interventions.components import HeadId, kv_group
+from etk.interventions.components import HeadId
+from etk.interventions.heads import HeadSet
 from etk.models.arch import Dims
 
 
@@ -86,11 +87,11 @@ class Receivers:
 
 def receivers_from(heads: Sequence[HeadId], site: str, dims: Dims) -> Receivers:
     """q receivers are the heads themselves; v receivers are their KV groups (under GQA a group serves several
-    query heads, so patching its v affects all of them)."""
-    units: dict[int, set[int]] = {}
-    for layer, head in heads:
-        units.setdefault(layer, set()).add(head if site == "q" else kv_group(head, dims))
-    return Receivers(site, {layer: sorted(u) for layer, u in units.items()})
+    query heads, so patching its v affects all of them): the head set's KV-group view."""
+    hs = HeadSet.at("last", heads)  # the role is immaterial here: receivers are read at the stage's sender position
+    units = ({layer: sorted(h for _, h in items) for layer, items in hs.by_layer("last").items()} if site == "q"
+             else hs.kv_groups("last", dims))
+    return Receivers(site, units)
 
 
 def reachable_layers(stage: Stage, receivers: Receivers | None, n_layers: int) -> list[int]:
