@@ -29,7 +29,12 @@ from etk.interventions.components import all_heads  # noqa: E402
 from etk.methods.path_patching.attribution import attribution_scores  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import naive_scores  # noqa: E402
-from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from  # noqa: E402
+from etk.methods.path_patching.stages import (  # noqa: E402
+    STAGES,
+    pp_loader,
+    reachable_layers,
+    receivers_from,
+)
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
 

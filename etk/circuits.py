@@ -5,8 +5,6 @@ One definition shared by path patching, circuit evaluation, circuit search, DCM 
 
 from __future__ import annotations
 
-from etk.errors import DataError, EtkError
-
 import json
 from dataclasses import dataclass, field
 from importlib import resources
@@ -16,6 +14,7 @@ from typing import Any
 import torch
 
 from etk.data.roles import ROLE_ID, ROLE_VOCAB
+from etk.errors import DataError, EtkError
 from etk.interventions.components import HeadId
 
 GROUPS: tuple[str, ...] = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")

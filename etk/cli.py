@@ -22,7 +22,7 @@ def _patching(cfg: DictConfig):
 
 @report_user_errors
 def _train_dcm(cfg: DictConfig):
-    from etk.runners.dcm import run_dcm
+    from etk.methods.dcm.run import run_dcm
     from etk.validate import validate
 
     validate(cfg)
@@ -31,7 +31,7 @@ def _train_dcm(cfg: DictConfig):
 
 @report_user_errors
 def _finetune(cfg: DictConfig):
-    from etk.runners.finetune import run_finetune
+    from etk.methods.finetune.run import run_finetune
     from etk.validate import validate
 
     validate(cfg)

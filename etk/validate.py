@@ -69,7 +69,10 @@ def validate(cfg: DictConfig) -> None:
         for x in m.get("fractions") or []:
             if not 0 < float(x) <= 1:
                 raise ConfigError(f"method.fractions: {x} is not in (0, 1]; fractions of the model's heads, e.g. [0.01, 0.1, 1.0]")
-    if cfg.get("circuit"):
+    from etk.runners.common import circuit_spec
+
+    spec = circuit_spec(cfg)
+    if spec:
         from etk.circuits import load_circuit
 
-        load_circuit(str(cfg.circuit))  # a missing, malformed or unknown-key circuit file fails here, before any model
+        load_circuit(spec)  # a missing, malformed or unknown-key circuit file fails here, before any model

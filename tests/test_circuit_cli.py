@@ -26,7 +26,7 @@ def circuit_file(tmp_path):
 @pytest.mark.parametrize("method", ["faithfulness", "completeness", "minimality"])
 def test_circuit_methods_compose_and_run(tmp_path, circuit_file, method):
     extra = ["method.n_random=3"] if method != "minimality" else ["method.mode=greedy"]
-    res = compose_run(tmp_path / "run", [f"method={method}", f"circuit={circuit_file}"] + SMALL + extra)
+    res = compose_run(tmp_path / "run", [f"method={method}", f"circuit.path={circuit_file}"] + SMALL + extra)
     doc = json.loads((tmp_path / "run" / "results.json").read_text())
     assert doc["schema"] == f"etk.{method}/v1" and doc["model"] == "tiny" and doc["evaluations"] > 0
     if method == "minimality":
@@ -39,12 +39,12 @@ def test_unknown_circuit_head_is_a_clear_error(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text(json.dumps({"value_fetcher": [[9, 0]]}))
     with pytest.raises(ValueError, match=r"unknown head \(9, 0\)"):
-        compose_run(tmp_path / "run", ["method=faithfulness", f"circuit={p}"] + SMALL)
+        compose_run(tmp_path / "run", ["method=faithfulness", f"circuit.path={p}"] + SMALL)
 
 
 def test_missing_circuit_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="needs circuit="):
-        compose_run(tmp_path / "run", ["method=faithfulness"] + SMALL)
+    with pytest.raises(ValueError, match="needs a circuit"):
+        compose_run(tmp_path / "run", ["method=faithfulness", "circuit=none"] + SMALL)
 
 
 @pytest.mark.slow
@@ -53,7 +53,7 @@ def test_cross_model_matrix_multirun(tmp_path, circuit_file):
     other.write_text(json.dumps({"value_fetcher": [[0, 0]], "pos_detector": [[1, 3]]}))
     sweep = tmp_path / "sweep"
     out = subprocess.run(
-        [sys.executable, "run_patching.py", "-m", "method=faithfulness", f"circuit={circuit_file},{other}",
+        [sys.executable, "run_patching.py", "-m", "method=faithfulness", f"circuit.path={circuit_file},{other}",
          "model=tiny,tiny_other", "method.n_random=2", f"hydra.sweep.dir={sweep}"] + SMALL[2:],
         cwd=ROOT, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

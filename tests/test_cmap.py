@@ -5,15 +5,15 @@ import copy
 import json
 
 import pytest
-from omegaconf import OmegaConf
 import torch
+from omegaconf import OmegaConf
 
 from etk.data.boxes import generate_examples
 from etk.data.datasets import task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.interventions.components import HeadId
-from etk.interventions.hooks import hooked
 from etk.interventions.heads import HeadSet, capture
+from etk.interventions.hooks import hooked
 from etk.models.forward import last_logits
 from etk.models.pair import PairMismatchError, check_compatible
 from etk.models.tiny import tiny_llama, tiny_tokenizer
@@ -77,7 +77,7 @@ def test_mismatched_pairs_give_clear_errors(tiny, tok):
 
 
 def test_activation_patching_finds_the_planted_object_value(tok):
-    from etk.methods.cmap import ActivationPatchingModule
+    from etk.methods.activation_patching.module import ActivationPatchingModule
 
     model = planted_model(tok, head=2)
     objects, labels = task_vocab(tok, 2)
@@ -185,7 +185,7 @@ def test_stacked_lora_pair_toggles_the_top_adapter_exactly(tiny, tiny_dir, tok, 
     rows (both models alone, each head set patched) equal hand-built runs of the two merged models."""
     from peft import LoraConfig, get_peft_model
 
-    from etk.methods.cmap import CMAPModule
+    from etk.methods.cmap.module import CMAPModule
     from etk.metrics import share_of_gap
     from etk.models.loading import load_model
     from etk.models.pair import load_pair, toggled_adapter

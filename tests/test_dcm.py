@@ -13,11 +13,11 @@ import torch
 from etk.data.boxes import generate_examples
 from etk.data.datasets import task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader
-from etk.interventions.hooks import Patch, hooked
-from etk.methods.dcm import DCMModule
 from etk.interventions.heads import HeadSet, capture
+from etk.interventions.hooks import Patch, hooked
+from etk.methods.dcm.module import DCMModule
+from etk.methods.dcm.run import run_dcm
 from etk.models.forward import last_logits
-from etk.runners.dcm import run_dcm
 from tests.conftest import ROOT
 from tests.helpers import compose_cfg, planted_model
 

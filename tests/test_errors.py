@@ -4,7 +4,6 @@ results that stay valid JSON when a ratio is undefined."""
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -64,12 +63,12 @@ def test_bad_values_and_files_exit_2_with_one_paragraph(tmp_path, capsys, monkey
                       "method.batch_size = 0")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"value_fetchers": [[0, 1]]}))
-    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", f"circuit={bad}"]),
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", f"circuit.path={bad}"]),
                       "unknown circuit keys", "value_fetchers")
     broken = tmp_path / "broken.json"
     broken.write_text('{"value_fetcher": [[0, 1]')
-    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", f"circuit={broken}"]), "broken.json")
-    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", "circuit=nowhere.json"]), "nowhere.json")
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", f"circuit.path={broken}"]), "broken.json")
+    assert_user_error(in_process(tmp_path, capsys, TINY + ["method=faithfulness", "circuit.path=nowhere.json"]), "nowhere.json")
     assert not (tmp_path / "run" / "results.json").exists()
 
 
@@ -98,7 +97,7 @@ def test_undefined_faithfulness_is_null_with_a_reason(tmp_path):
     circuit = tmp_path / "c.json"
     circuit.write_text(json.dumps({"value_fetcher": [[1, 2]]}))
     _patching(compose_cfg("patching", tmp_path / "run", TINY + [
-        "method=faithfulness", f"circuit={circuit}", "data.n_boxes=3", "method.n_examples=6", "method.batch_size=6",
+        "method=faithfulness", f"circuit.path={circuit}", "data.n_boxes=3", "method.n_examples=6", "method.batch_size=6",
         "ablation.n_prompts=6", "method.n_random=2"]))
     text = (tmp_path / "run" / "results.json").read_text()
     doc = json.loads(text)  # valid JSON: no NaN

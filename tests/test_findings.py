@@ -3,7 +3,11 @@ reports the layer range each edge is needed in."""
 
 import pytest
 
-from etk.runners.findings import accuracy_finding, cmap_findings, dcm_findings, differ, knockout_findings
+from etk.methods.cmap.report import cmap_findings
+from etk.methods.dcm.report import dcm_findings
+from etk.methods.eval.report import accuracy_finding
+from etk.methods.knockout.report import knockout_findings
+from etk.report.findings import differ
 
 
 def acc(a: float, lo: float, hi: float) -> dict:
@@ -98,7 +102,7 @@ def test_knockout_finding_reports_where_the_edge_is_needed():
 
 
 def test_functionality_change_is_judged_on_both_intervals():
-    from etk.runners.findings import functionality_findings
+    from etk.methods.activation_patching.report import functionality_findings
 
     heads = [[1, 2], [0, 1]]
     dcm = [{"group": "value_fetcher", "desideratum": "object_value", "n_selected": 2, "selected_heads": heads,

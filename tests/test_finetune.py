@@ -7,9 +7,9 @@ import torch
 
 from etk.data.finetune_data import TRAIN_TEMPLATES, arithmetic_items, boxes_items
 from etk.data.vocab import load_objects
-from etk.methods.finetune import IGNORE, collate_lm, encode_items
+from etk.methods.finetune.module import IGNORE, collate_lm, encode_items
+from etk.methods.finetune.run import run_finetune
 from etk.models.loading import load_model
-from etk.runners.finetune import run_finetune
 from tests.helpers import compose_cfg
 
 
@@ -80,7 +80,11 @@ def test_finetune_tiny_end_to_end(tmp_path, tiny):
 def test_relation_frames_never_emit_the_box_template_and_are_seeded(tok):
     import re
 
-    from etk.data.finetune_data import BOX_TEMPLATE_WORDS, RELATION_FRAMES, relation_items
+    from etk.data.finetune_data import (
+        BOX_TEMPLATE_WORDS,
+        RELATION_FRAMES,
+        relation_items,
+    )
 
     items = relation_items(300, tok, seed=3, arithmetic_fraction=0.2)
     box = re.compile(r"\bis in \w+ [A-Z]\b|\bBox\b|\bcontains the\b")

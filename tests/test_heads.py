@@ -8,7 +8,7 @@ import torch
 
 from etk.circuits import Circuit
 from etk.data.roles import ROLE_ID
-from etk.interventions.components import HeadId, UnknownHeadError
+from etk.interventions.components import UnknownHeadError
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
 from etk.models.arch import LlamaFamily

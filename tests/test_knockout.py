@@ -9,9 +9,15 @@ import torch
 
 from etk.data.roles import PromptBatch
 from etk.interventions.knockout import (
-    KNOCKOUT_ATTN, STATE_ATTR, config_rows, edge_positions, knockout, parse_edge, random_context_positions,
+    KNOCKOUT_ATTN,
+    STATE_ATTR,
+    config_rows,
+    edge_positions,
+    knockout,
+    parse_edge,
+    random_context_positions,
 )
-from etk.methods.knockout import KnockoutModule
+from etk.methods.knockout.module import KnockoutModule
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.tiny import tiny_llama

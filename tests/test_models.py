@@ -64,9 +64,9 @@ def test_missing_adapter_is_a_clear_error(tiny_dir):
 
 
 def test_lora_adapter_is_merged_at_load(tiny_dir, tiny, tmp_path):
-    from peft import LoraConfig, get_peft_model
-
     import copy
+
+    from peft import LoraConfig, get_peft_model
 
     peft = get_peft_model(copy.deepcopy(tiny), LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "v_proj"], init_lora_weights=False))
     peft.save_pretrained(tmp_path / "lora")

@@ -6,7 +6,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from etk.runners.collect import accuracy_table, collect_eval
+from etk.methods.eval.report import accuracy_table
+from etk.report.collect import collect_eval
 from tests.conftest import CONF
 
 PAIRS = {"smol_tracking": ("smollm2_135m_instruct", "smollm2_tracker"),

@@ -7,17 +7,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from etk.circuits import GROUPS, Circuit, load_circuit, load_score_map, save_score_map, top_k
+from etk.circuits import (
+    GROUPS,
+    Circuit,
+    load_circuit,
+    load_score_map,
+    save_score_map,
+    top_k,
+)
 from etk.data.boxes import generate_examples
 from etk.data.datasets import task_vocab
 from etk.interventions.components import HeadId, all_heads
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
-from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from
+from etk.methods.path_patching.run import rank_agreement
+from etk.methods.path_patching.stages import (
+    STAGES,
+    pp_loader,
+    reachable_layers,
+    receivers_from,
+)
 from etk.models.arch import LlamaFamily
 from etk.models.tiny import tiny_llama
-from etk.runners.path_patching import rank_agreement
 from tests.helpers import mixed_length_examples, planted_model
 
 FIX = Path(__file__).parent / "fixtures" / "path_patching"
@@ -144,9 +156,8 @@ def test_partial_depth_forward_equals_plain(deep_gqa, tok, start):
     """The suffix-only, partial-depth forward used by the receiver step reproduces the plain forward."""
     from transformers import DynamicCache
 
-    from etk.models.partial import LayerInputs
     from etk.models.forward import output_cache
-    from etk.models.partial import forward_from_layer
+    from etk.models.partial import LayerInputs, forward_from_layer
 
     batch = pp_batch(tok, side="left", mixed=True).clean
     arch = LlamaFamily(deep_gqa)

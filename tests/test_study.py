@@ -10,22 +10,24 @@ from tests.conftest import CONF
 from tests.test_eval_cli import compose_run
 
 SMALL = ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetuned.tiny.n_layers=3", "data.n_boxes=3",
-         "data.n_examples=20", "logger=none", "trainer.enable_progress_bar=false", "method.accuracy.box_counts=[3]",
-         "method.path_patching.n_examples=6", "method.path_patching.batch_size=6", "method.faithfulness.n_examples=8",
-         "method.faithfulness.n_random=2", "method.ablation_prompts=8", "method.dcm.groups=[value_fetcher]",
-         "method.dcm.desiderata=[object,position]", "method.dcm.sizes.n_train=16", "method.dcm.sizes.n_eval=8",
-         "method.dcm.sizes.n_test=8", "method.dcm.sizes.batch_size=8", "method.activation_patching.n_examples=8",
-         "method.activation_patching.repeats=1", "method.cmap.n_examples=8", "method.knockout.n_examples=4",
-         "method.knockout.batch_size=4"]
+         "data.n_examples=20", "logger=none", "trainer.enable_progress_bar=false", "method.eval.box_counts=[3]",
+         "method.path_patching.n_examples=6", "method.path_patching.batch_size=6", "method.minimality.n_examples=6",
+         "method.minimality.batch_size=6", "method.faithfulness.n_examples=8", "method.faithfulness.n_random=2",
+         "method.faithfulness_curve.n_examples=8", "method.faithfulness_curve.batch_size=8",
+         "method.circuit_search.n_search=6", "method.circuit_search.n_heldout=6", "method.ablation_prompts=8",
+         "method.plan.dcm_groups=[value_fetcher]", "method.plan.dcm_desiderata=[object,position]",
+         "method.dcm.n_train=16", "method.dcm.n_eval=8", "method.dcm.n_test=8", "method.dcm.batch_size=8",
+         "method.activation_patching.n_examples=8", "method.activation_patching.repeats=1", "method.cmap.n_examples=8",
+         "method.knockout.n_examples=4", "method.knockout.batch_size=4"]
 
 
 def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
     res = compose_run(tmp_path, SMALL)
     report = (tmp_path / "report.md").read_text()
-    for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Circuit quality",
-                    "## 4. Faithfulness", "## 5. DCM", "## 6. Activation patching", "## 7. Cross-model activation patching",
-                    "## 8. Attention knockout", "## Findings", "**Accuracy.**", "**CMAP",
-                    "**Knockout last->correct_object.**", "curves.png", "ceiling"):
+    for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Faithfulness",
+                    "## 4. Circuit quality", "## 5. Position-aware circuits", "## 6. DCM", "## 7. Activation patching",
+                    "## 8. Cross-model activation patching", "## 9. Attention knockout", "## Findings", "**Accuracy.**",
+                    "**CMAP", "**Knockout last->correct_object.**", "curves.png", "ceiling"):
         assert section in report, section
     assert (tmp_path / "faithfulness_matrix.md").exists()
     assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"
@@ -42,8 +44,8 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
 
 
 def test_unknown_study_step(tmp_path):
-    with pytest.raises(ValueError, match="unknown study steps"):
-        compose_run(tmp_path, ["method=study", "pair=tiny", "method.steps=[accuracy,telepathy]", "logger=none"])
+    with pytest.raises(ValueError, match="unknown method 'telepathy'"):
+        compose_run(tmp_path, ["method=study", "pair=tiny", "method.steps=[eval,telepathy]", "logger=none"])
 
 
 @pytest.mark.parametrize("primary", ["patching", "dcm", "finetune"])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from etk.errors import DataError
-
 from functools import partial
 from typing import Sequence
 
@@ -12,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 from etk.data.boxes import Example, Template, generate_examples
 from etk.data.roles import Encoded, collate, encode_example
 from etk.data.vocab import LETTERS, filter_single_token, load_objects
+from etk.errors import DataError
 
 
 def task_vocab(tokenizer, n_boxes: int, objects_file: str = "objects.csv") -> tuple[list[str], list[str]]:

@@ -3,8 +3,6 @@ targets from the desideratum (SPEC §4.1, with [BUG-pos], [BUG-substr], [BUG-lab
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import random
 from functools import partial
 from typing import Sequence
@@ -15,6 +13,7 @@ from etk.data.boxes import Example
 from etk.data.datasets import EncodedDataset, pad_id
 from etk.data.pairs import DESIDERATA, Pair
 from etk.data.roles import PairBatch, collate_pairs, encode_example
+from etk.errors import ConfigError
 
 
 def split_by_context(examples: Sequence[Example], sizes: Sequence[int]) -> list[list[Example]]:

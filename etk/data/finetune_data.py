@@ -5,13 +5,12 @@ Each item is (prompt, answer); the loss is taken on the answer tokens only."""
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import random
 from dataclasses import dataclass
 
 from etk.data.boxes import Template, generate_contexts, query_examples
 from etk.data.vocab import LETTERS, filter_single_token, load_objects, load_words
+from etk.errors import ConfigError
 
 # Surface forms for training. The paper's frame appears with a disjoint object list; the others change the
 # container word, the relation and the query, so evaluation (paper frame + paper objects) measures tracking.

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from etk.artifacts import write_text
-
-from etk.errors import DataError
-
 import json
 import re
 import warnings
 from pathlib import Path
 from typing import Iterable
 
+from etk.artifacts import write_text
 from etk.data.boxes import Context, Example
+from etk.errors import DataError
 
 _SEGMENT = re.compile(r"^(?:The|the) (.+) is in Box (\S+)$")
 _QUERY = re.compile(r"^Box (\S+) contains the (.+)\.$")

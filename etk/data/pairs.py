@@ -7,8 +7,6 @@ positional desiderata are one table, `POSITIONAL_VARIANTS`: a rewrite of the sou
 
 from __future__ import annotations
 
-from etk.errors import DataError
-
 import random
 from dataclasses import dataclass, replace
 from functools import partial
@@ -16,6 +14,7 @@ from typing import Callable, Sequence
 
 from etk.data.boxes import Context, Example, Template
 from etk.data.vocab import LETTERS
+from etk.errors import DataError
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,13 @@ Methods whose units are (head, position role) — mean ablation, circuit search 
 
 from __future__ import annotations
 
-from etk.errors import ConfigError, EtkError
-
 from dataclasses import dataclass, field, fields
 
 import torch
 
 from etk.data.boxes import Example, Span
 from etk.data.vocab import single_token_id, tokenizer_name
+from etk.errors import ConfigError, EtkError
 
 SCALAR_ROLES: tuple[str, ...] = ("last", "query_label", "prev_query_label", "correct_object")
 VECTOR_ROLES: tuple[str, ...] = ("objects", "labels")

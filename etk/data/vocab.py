@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from etk.errors import EtkError
-
 import csv
 from importlib import resources
 from typing import Sequence
+
+from etk.errors import EtkError
 
 LETTERS: tuple[str, ...] = tuple(chr(c) for c in range(ord("A"), ord("Z") + 1))
 

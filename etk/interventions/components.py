@@ -6,11 +6,10 @@ h // (n_heads / n_kv_heads)."""
 
 from __future__ import annotations
 
-from etk.errors import EtkError
-
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
+from etk.errors import EtkError
 from etk.models.arch import Dims
 
 

@@ -76,7 +76,7 @@ def hooked(
     """Install patches and captures for the forwards run inside the block; yields {(site, layer): [B, R, U, D]}.
 
     Captures record the value the model computed at the site, before any patch at that site is applied."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     dims = arch.dims
     by_site: dict[tuple[str, int], list[Patch]] = defaultdict(list)
     for p in patches:

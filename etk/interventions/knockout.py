@@ -112,7 +112,7 @@ def knockout(model, query_pos: torch.Tensor, key_pos: torch.Tensor,
     if query_pos.shape != key_pos.shape or start_layer.shape != query_pos.shape[:1]:
         raise ValueError(f"knockout needs query_pos/key_pos [R, P] and start_layer [R]; got "
                          f"{tuple(query_pos.shape)}, {tuple(key_pos.shape)}, {tuple(start_layer.shape)}")
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     L = arch.dims.n_layers
     start_layer = start_layer.long()
     has_pair = ((query_pos >= 0) & (key_pos >= 0)).any(1)  # [R]

@@ -5,12 +5,12 @@ PEFT-wrapped models are addressed the same way."""
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from etk.errors import ConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -49,6 +49,17 @@ class LlamaFamily:
             d_model=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
         )
+
+    @classmethod
+    def of(cls, model: "nn.Module | LlamaFamily") -> "LlamaFamily":
+        """The adapter of a model, built once and kept on the model (or the adapter itself)."""
+        if isinstance(model, LlamaFamily):
+            return model
+        arch = model.__dict__.get("_etk_arch")
+        if arch is None or arch.model is not model:
+            arch = cls(model)
+            model.__dict__["_etk_arch"] = arch
+        return arch
 
     @property
     def layers(self) -> nn.ModuleList:

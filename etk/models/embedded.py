@@ -4,8 +4,6 @@ never imported), dequantised once by transformers' GGUF loader and cached as saf
 
 from __future__ import annotations
 
-from etk.errors import EtkError
-
 import hashlib
 import importlib.metadata
 import os
@@ -14,6 +12,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from etk.errors import EtkError
 
 
 class ModelNotFoundError(EtkError, FileNotFoundError):

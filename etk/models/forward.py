@@ -10,7 +10,7 @@ from etk.models.arch import LlamaFamily
 
 def last_logits(model, batch: PromptBatch) -> torch.Tensor:
     """[B, V] logits at each example's `last` position."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     hidden = arch.base.model(**batch.model_inputs(), use_cache=False).last_hidden_state  # [B, T, d]
     b = torch.arange(hidden.shape[0], device=hidden.device)
     return arch.lm_head(hidden[b, batch.roles["last"]])  # [B, V]
@@ -23,7 +23,7 @@ class _StopForward(Exception):
 def run_through(model, batch: PromptBatch, last_layer: int) -> None:
     """Run the decoder on `batch` through layer `last_layer` only, for the hooks the caller installed; the layers
     after it (and the LM head) are skipped, since no capture there is wanted."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
 
     def stop(module, args, output):
         raise _StopForward
@@ -42,7 +42,7 @@ def cache_kwargs(model, cache) -> dict:
     `past_key_values`)."""
     import inspect
 
-    params = inspect.signature(LlamaFamily(model).base.model.forward).parameters
+    params = inspect.signature(LlamaFamily.of(model).base.model.forward).parameters
     return {"cache" if "cache" in params else "past_key_values": cache}
 
 

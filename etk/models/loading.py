@@ -4,12 +4,12 @@ before transformers is called."""
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from etk.errors import ConfigError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -128,5 +128,5 @@ def load_model(cfg: Any, device: str | torch.device | None = None):
     model = merge_adapters(model, list(cfg.get("adapters") or []))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    LlamaFamily(model)  # validates the architecture early
+    LlamaFamily.of(model)  # validates the architecture early
     return model.to(device).eval().requires_grad_(False), tokenizer

@@ -3,14 +3,13 @@ vocabulary, and identical token ids for the prompts that will be run."""
 
 from __future__ import annotations
 
-from etk.errors import ConfigError, EtkError
-
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from omegaconf import OmegaConf
 
+from etk.errors import ConfigError, EtkError
 from etk.models.arch import LlamaFamily
 
 WEIGHT_KEYS = ("source", "path", "root_subdir", "package", "gguf_file", "tiny", "dtype", "attn_implementation")
@@ -22,9 +21,9 @@ class PairMismatchError(EtkError, ValueError):
 
 def check_compatible(a, b, tok_a, tok_b, names: tuple[str, str] = ("base", "finetuned"), texts: Sequence[str] = ()) -> None:
     """Raise PairMismatchError naming the first difference (architecture, dims, tokenizer vocabulary, prompt ids)."""
-    if type(LlamaFamily(a).base) is not type(LlamaFamily(b).base):
+    if type(LlamaFamily.of(a).base) is not type(LlamaFamily.of(b).base):
         raise PairMismatchError(f"architecture differs: {names[0]} is {type(a).__name__}, {names[1]} is {type(b).__name__}")
-    da, db = LlamaFamily(a).dims, LlamaFamily(b).dims
+    da, db = LlamaFamily.of(a).dims, LlamaFamily.of(b).dims
     for field in ("n_layers", "n_heads", "n_kv_heads", "head_dim", "d_model", "vocab_size"):
         if getattr(da, field) != getattr(db, field):
             raise PairMismatchError(f"{field} differs: {names[0]} has {getattr(da, field)}, {names[1]} has {getattr(db, field)}")

@@ -42,7 +42,7 @@ def forward_from_layer(model, hidden: torch.Tensor, start: int, attention_mask: 
                        position_ids: torch.Tensor, cache) -> torch.Tensor:
     """hidden [R, Ts, d] = the residual entering layer `start` at the new positions; attention_mask [R, Tp + Ts]
     covers cached prefix + new tokens; position_ids [R, Ts]. Returns the final-normed hidden states [R, Ts, d]."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     inner = arch.base.model
     mask = create_causal_mask(config=inner.config, inputs_embeds=hidden, attention_mask=attention_mask,
                               position_ids=position_ids, **cache_kwargs(model, cache))

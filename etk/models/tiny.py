@@ -3,13 +3,12 @@ tiny Llamas with a planted, known mechanism (ground truth for circuit methods)."
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from etk.data.vocab import LETTERS, load_objects, load_words
+from etk.errors import ConfigError
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 
@@ -80,7 +79,7 @@ def planted_llama(tokenizer, mechanism: str = "last_head", head: int = 2, relay_
         raise ConfigError(f"unknown planted mechanism {mechanism!r}; choose from {PLANTED}")
     d = 128
     m = tiny_llama(len(tokenizer), n_layers=2, n_heads=4, n_kv_heads=2, d_model=d, seed=5)
-    arch = LlamaFamily(m)
+    arch = LlamaFamily.of(m)
     D, gs = arch.dims.head_dim, arch.dims.group_size
     ids = [i for i in (single_token_id(tokenizer, w) for w in load_objects()) if i is not None]
     is_obj = torch.zeros(arch.lm_head.weight.shape[0], dtype=torch.bool)

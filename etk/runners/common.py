@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import gc
 import os
 from contextlib import contextmanager
@@ -12,6 +10,8 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from etk.errors import ConfigError
 
 
 def plain_config(cfg: DictConfig) -> dict[str, Any]:
@@ -82,13 +82,25 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
 
 
-def require_circuit(cfg: DictConfig):
-    """(spec, Circuit) from `circuit=`: a shipped name, an `etk:` path or a circuit.json path."""
+def circuit_spec(cfg: DictConfig, fallback: str | None = None) -> str | None:
+    """The selected circuit: `circuit.path` (any circuit.json), else the `circuit=` option's shipped name, else
+    `fallback` (e.g. the fine-tuned member's own circuit)."""
+    c = cfg.get("circuit")
+    if isinstance(c, str):  # a plain string (older configs)
+        return c
+    spec = (c.get("path") or c.get("name")) if c else None
+    return str(spec) if spec else fallback
+
+
+def require_circuit(cfg: DictConfig, fallback: str | None = None):
+    """(spec, Circuit) of the selected circuit; a clear error when there is none."""
     from etk.circuits import load_circuit
 
-    if not cfg.get("circuit"):
-        raise ConfigError("this method needs circuit=<llama_7b|goat_7b|float_7b|path/to/circuit.json>")
-    return str(cfg.circuit), load_circuit(str(cfg.circuit))
+    spec = circuit_spec(cfg, fallback)
+    if not spec:
+        raise ConfigError("this method needs a circuit: circuit=<llama_7b|goat_7b|float_7b> (the paper's) or "
+                          "circuit.path=<circuit.json> (e.g. a path-patching or minimality run's)")
+    return spec, load_circuit(spec)
 
 
 def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:
@@ -109,3 +121,42 @@ def emit(payload: dict[str, Any], schema: str, logger=None, metrics: dict[str, f
     if logger is not None and metrics:
         logger.log_metrics(metrics)
     return payload
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """A primary config (`patching`, `dcm`, `finetune`) composed by Hydra from the packaged configs, exactly as
+    the command line would (inside a running Hydra app its search path is used)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=overrides)
+    with initialize_config_module("etk.conf", version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides)
+
+
+def hydra_value(v: Any) -> str:
+    """A Python value in Hydra's override grammar."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    s = str(v)
+    return s if s and all(c.isalnum() or c in "_-./:" for c in s) else "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def to_overrides(prefix: str, block: Any) -> list[str]:
+    """`{a: 1, b: {c: [2, 3]}}` under `prefix` -> ["prefix.a=1", "prefix.b.c=[2,3]"]."""
+    node = OmegaConf.to_container(block, resolve=True) if not isinstance(block, dict) else block
+    out = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out += to_overrides(f"{prefix}.{k}", v)
+        else:
+            out.append(f"{prefix}.{k}={hydra_value(v)}")
+    return out

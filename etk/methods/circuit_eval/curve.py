@@ -10,14 +10,13 @@ log-spaced fractions rescaled to [0, 1] (trapezoids), so a curve at 1 everywhere
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import math
 from typing import Any, Sequence
 
 import torch
 
 from etk.circuits import GROUPS, Circuit
+from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)

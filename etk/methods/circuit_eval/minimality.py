@@ -11,14 +11,13 @@ mode="greedy": partners ranked by their single-drop importance acc(C) - acc(C \\
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import math
 from typing import Any, Callable
 
 import torch
 
 from etk.circuits import Circuit, key_role
+from etk.errors import ConfigError
 from etk.methods.circuit_eval.ablation import Ablation, circuit_ablation
 from etk.models.arch import Dims
 

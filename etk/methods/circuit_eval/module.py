@@ -10,7 +10,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
-from etk.methods.accuracy import ModelHost
+from etk.methods.base import ModelHost
 from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, keep_rows
 from etk.methods.circuit_eval.vital import background, vital_logits, vital_only
 from etk.models.arch import LlamaFamily
@@ -110,9 +110,9 @@ class AblationEval(ModelHost):
         self.acc.update(correct, logp)
 
     def _means_step(self, batch: PromptBatch) -> None:
-        dims = LlamaFamily(self.net).dims
+        dims = LlamaFamily.of(self.net).dims
         with hooked(self.net, captures=[Capture("z", j) for j in range(dims.n_layers)]) as cache:
-            LlamaFamily(self.net).base.model(**batch.model_inputs(), use_cache=False)
+            LlamaFamily.of(self.net).base.model(**batch.model_inputs(), use_cache=False)
         z = torch.stack([cache[("z", j)] for j in range(dims.n_layers)])  # [L, B, T, H, D]
         m = batch.attention_mask.to(z.dtype)[None, :, :, None, None]
         s, c = (z * m).sum(1).double(), batch.attention_mask.sum(0)

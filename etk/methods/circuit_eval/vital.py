@@ -51,7 +51,7 @@ def background(model, batch: PromptBatch, means: torch.Tensor) -> tuple[list[tor
     """Keys and values [N, kv, T, D] of every layer with every head at every position mean-ablated."""
     keep = torch.zeros(*batch.input_ids.shape, means.shape[0], means.shape[2], dtype=torch.bool,
                        device=batch.input_ids.device)
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     with hooked(model, patches=ablation_patches(means, keep)):
         cache = output_cache(arch.base.model(**batch.model_inputs(), use_cache=True))
     return [lay.keys for lay in cache.layers], [lay.values for lay in cache.layers]
@@ -61,7 +61,7 @@ def background(model, batch: PromptBatch, means: torch.Tensor) -> tuple[list[tor
 def vital_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: list[Ablation],
                  bg: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
     """[K*N, V] logits at `last` of K vital-only ablations over the N prompts (row k*N + n), from the background."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     inner = arch.base.model
     N, T = batch.input_ids.shape
     K = len(ablations)

@@ -36,7 +36,7 @@ def _frozen_chain_grads(arch: LlamaFamily, c: dict, y: torch.Tensor) -> dict[int
 
 def _receiver_grads(model, batch: PPBatch, c: dict, receivers: Receivers) -> dict[int, torch.Tensor]:
     """dp/d(receiver q or v at p_s) [B, U_j, D] from an unfrozen clean forward."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     p_s = c["p_s"]
     B = len(batch)
     taps, patches = {}, []
@@ -56,7 +56,7 @@ def _receiver_grads(model, batch: PPBatch, c: dict, receivers: Receivers) -> dic
 def attribution_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
                        senders: Sequence[HeadId], chunk_rows: int = 4096, **_) -> tuple[torch.Tensor, dict[str, int]]:
     """Estimated sum over the batch of relative probability changes per sender: [n_layers, n_heads]."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     L, H = arch.dims.n_layers, arch.dims.n_heads
     y = batch.clean.answer
     B = len(batch)

@@ -112,7 +112,7 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, rows_b: torch.Tensor
 @torch.no_grad()
 def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | None) -> dict:
     """One clean and one corrupt forward; everything kept is at p_s (clean) or p'_s (corrupt), on device."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     L = arch.dims.n_layers
     clean, y = batch.clean, batch.clean.answer
     p_s, p_c = batch.positions(stage)
@@ -138,7 +138,7 @@ def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
 def sender_values(model, caches: dict, stage: Stage, receivers: Receivers | None, senders: list[HeadId], bb: torch.Tensor, y: torch.Tensor):
     """Step 2 (exact, position-local) for prompts `bb` and all senders."""
     pick = lambda d: {j: v[bb] for j, v in d.items()}  # noqa: E731
-    return _sender_chain(LlamaFamily(model), stage, receivers, senders, pick(caches["h_in"]), pick(caches["z_clean"]),
+    return _sender_chain(LlamaFamily.of(model), stage, receivers, senders, pick(caches["h_in"]), pick(caches["z_clean"]),
                          pick(caches["z_corr"]), pick(caches["a_clean"]), pick(caches["recv_clean"]), y[bb])
 
 
@@ -149,7 +149,7 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
 
     `chunk_rows` bounds the (prompt, sender) rows of one sender-step chunk; `suffix_chunk_rows` those of one
     receiver-step forward (each row holds a copy of its prompt's prefix KV cache)."""
-    arch = LlamaFamily(model)
+    arch = LlamaFamily.of(model)
     dims = arch.dims
     L, H = dims.n_layers, dims.n_heads
     clean, y = batch.clean, batch.clean.answer

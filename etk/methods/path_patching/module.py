@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 from collections import Counter
 from typing import Any, Sequence
 
 import torch
 
+from etk.errors import ConfigError
 from etk.interventions.components import HeadId
-from etk.methods.accuracy import ModelHost
+from etk.methods.base import ModelHost
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores

@@ -24,7 +24,7 @@ def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
 def naive_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
                  senders: Sequence[HeadId]) -> tuple[torch.Tensor, dict[str, int]]:
     """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads] (0 where not run)."""
-    dims = LlamaFamily(model).dims
+    dims = LlamaFamily.of(model).dims
     L, H = dims.n_layers, dims.n_heads
     clean, y = batch.clean, batch.clean.answer
     p_s, p_c = batch.positions(stage)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import random
 from dataclasses import dataclass
 from functools import partial
@@ -16,6 +14,7 @@ from etk.data.boxes import Example
 from etk.data.datasets import EncodedDataset, pad_id
 from etk.data.pairs import Pair, path_patching_pairs
 from etk.data.roles import PairBatch, PromptBatch, collate_pairs, encode_example
+from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
 from etk.models.arch import Dims

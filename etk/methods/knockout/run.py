@@ -11,10 +11,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_json
 from etk.data.datasets import prompt_loader, task_examples
-from etk.methods.knockout import KnockoutModule
+from etk.methods.knockout.module import KnockoutModule
 from etk.metrics import wilson_interval
-from etk.plots import line_plot
-from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.report.plots import line_plot
+from etk.runners.common import (
+    build_logger,
+    data_config,
+    finish_logger,
+    output_dir,
+    plain_config,
+    trainer_kwargs,
+)
 
 SCHEMA = "etk.knockout/v1"
 PLOT = "knockout.png"
@@ -74,3 +81,10 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
         return payload
     finally:
         finish_logger(logger)
+
+
+def study_jobs(study):
+    from etk.methods.study.run import Job
+
+    for m in study.members:
+        yield Job(m, [f"model={m}", *study.sizes("knockout")])

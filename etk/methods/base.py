@@ -1,17 +1,14 @@
-"""Task accuracy as a Lightning predict loop: argmax at the last position equals the answer token."""
+"""The LightningModule every single-model method builds on: it owns a frozen model loaded from its config."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import lightning as L
-import torch
-
-from etk.data.roles import PromptBatch
-from etk.metrics import TaskAccuracy
-from etk.models.forward import assert_eval, last_logits
-from etk.models.loading import load_model
 from omegaconf import OmegaConf
+
+from etk.models.arch import LlamaFamily
+from etk.models.loading import load_model
 
 
 class ModelHost(L.LightningModule):
@@ -30,21 +27,11 @@ class ModelHost(L.LightningModule):
             return
         self.net, self.tokenizer = load_model(OmegaConf.create(self.model_cfg))
 
+    @property
+    def arch(self) -> LlamaFamily:
+        """The model's architecture adapter (built once per model)."""
+        return LlamaFamily.of(self.net)
+
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """etk batches are dataclasses with a `.to(device)` that moves every tensor (roles included)."""
         return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-
-class AccuracyModule(ModelHost):
-    def __init__(self, model_cfg: dict[str, Any]):
-        super().__init__(model_cfg)
-        self.acc = TaskAccuracy()
-
-    def on_predict_epoch_start(self) -> None:
-        self.acc.reset()
-        assert_eval(self.net)
-
-    def predict_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
-        logits = last_logits(self.net, batch)  # [B, V]
-        self.acc.update(logits, batch.answer)
-        return logits.argmax(-1)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import json
 import shlex
 import shutil
@@ -21,12 +19,24 @@ from torch.utils.data import DataLoader
 
 from etk.artifacts import write_json
 from etk.data.datasets import EncodedDataset, pad_id
-from etk.data.finetune_data import TextItem, arithmetic_items, boxes_items, relation_items
-from etk.methods.accuracy import AccuracyModule
-from etk.methods.finetune import FineTuneModule, collate_lm, encode_items
+from etk.data.finetune_data import (
+    TextItem,
+    arithmetic_items,
+    boxes_items,
+    relation_items,
+)
+from etk.errors import ConfigError
+from etk.methods.eval.module import AccuracyModule
+from etk.methods.eval.run import evaluate_box_counts
+from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import resolve_path
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
-from etk.runners.eval import evaluate_box_counts
+from etk.runners.common import (
+    build_logger,
+    finish_logger,
+    output_dir,
+    plain_config,
+    trainer_kwargs,
+)
 
 SCHEMA = "etk.finetune/v1"
 

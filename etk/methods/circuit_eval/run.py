@@ -2,81 +2,34 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
+import json
 import random
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
-
-import json
+import torch
+from omegaconf import DictConfig
 
 from etk.artifacts import write_json
 from etk.circuits import Circuit, circuit_label, load_circuit, overlap
-from etk.data.boxes import generate_contexts
-from etk.data.datasets import make_template, prompt_loader, task_examples, task_vocab
-from etk.data.pairs import mean_ablation_examples
-from etk.interventions.components import check_heads
-from etk.metrics import fmt
+from etk.errors import ConfigError
 from etk.methods.circuit_eval.completeness import completeness
+from etk.methods.circuit_eval.evaluator import Evaluator
 from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
-from etk.methods.circuit_eval.module import AblationEval
-from etk.models.arch import LlamaFamily
-from etk.runners.common import data_config, emit, build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
-
-
-class Evaluator:
-    """Loads the model, computes the per-position means on the ablation set, and evaluates ablations on the
-    evaluation prompts (`data` with `n_examples`, default `method.n_examples`)."""
-
-    def __init__(self, cfg: DictConfig, circuit: Circuit | None = None, n_examples: int | None = None,
-):
-        m = cfg.method
-        self.module = AblationEval(OmegaConf.to_container(cfg.model, resolve=True), int(m.ablations_per_forward),
-                                   int(m.get("vital_rows_per_forward", 2048)), bool(m.get("vital_fast_path", True)))
-        self.module.configure_model()
-        self.dims = LlamaFamily(self.module.net).dims
-        for heads in (circuit.groups.values() if circuit is not None else []):
-            check_heads(heads, self.dims)
-        tok = self.module.tokenizer
-        self.trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
-        objects, labels = task_vocab(tok, cfg.data.n_boxes, cfg.data.get("objects", "objects.csv"))
-        contexts = generate_contexts(int(cfg.ablation.n_prompts), cfg.data.n_boxes, objects, labels, cfg.data.seed)
-        abl = mean_ablation_examples(contexts, random.Random(int(cfg.ablation.seed)), make_template(cfg.data.get("template")))
-        self.module.mode = "means"
-        self.trainer.predict(self.module, prompt_loader(tok, abl, int(m.batch_size), cfg.data.padding_side),
-                             return_predictions=False)
-        self.module.finish_means()
-        self.module.mode = "eval"
-        self.cfg = cfg
-        self.use(n_examples if n_examples is not None else int(m.n_examples))
-        self.evaluations = 0
-
-    def use(self, n_examples: int, start: int = 0, batch_size: int | None = None) -> None:
-        """Evaluate on prompts [start, start + n_examples) of the generated dataset (line order: one context's
-        queries are consecutive, so splits at multiples of data.n_boxes never share a context)."""
-        data_cfg = data_config(self.cfg, start + n_examples)
-        self.module.forget_backgrounds()
-        tok = self.module.tokenizer
-        self.loader = prompt_loader(tok, task_examples(data_cfg, tok)[start:], int(batch_size or self.cfg.method.batch_size),
-                                    self.cfg.data.padding_side)
-
-    def __call__(self, ablations):
-        """[K, N] correctness of K ablations on the evaluation prompts."""
-        self.module.ablations = list(ablations)
-        self.trainer.predict(self.module, self.loader, return_predictions=False)
-        self.evaluations += len(ablations)
-        return self.module.acc.per_example()
-
-    def logp(self) -> torch.Tensor:
-        """[K, N] answer log-probabilities of the last call's ablations."""
-        return self.module.acc.per_example_logp()
+from etk.metrics import fmt
+from etk.runners.common import (
+    build_logger,
+    circuit_spec,
+    emit,
+    finish_logger,
+    output_dir,
+    plain_config,
+    require_circuit,
+    trainer_kwargs,
+)
 
 
 def _run(cfg: DictConfig, schema: str, body, needs_circuit: bool = True) -> dict[str, Any]:
@@ -104,7 +57,7 @@ def run_faithfulness(cfg: DictConfig) -> dict[str, Any]:
         r = faithfulness(ev, circuit, ev.dims, int(m.n_random), int(m.random_seed), bool(m.ablate_non_vital),
                          bool(m.legacy_rounding), int(m.n_bootstrap))
         c = r["ceiling"]
-        print(f"[etk] faithfulness of {cfg.circuit} on {cfg.model.name}: {fmt(r['faithfulness'])} "
+        print(f"[etk] faithfulness of {circuit_spec(cfg)} on {cfg.model.name}: {fmt(r['faithfulness'])} "
               f"(95% CI {fmt(r['ci_low'])}-{fmt(r['ci_high'])}; circuit acc {r['accuracy_circuit']:.3f}, model acc "
               f"{r['accuracy_model']:.3f}); ceiling of three-position circuits {fmt(c['faithfulness'])} (acc "
               f"{c['accuracy']:.3f}), relative to ceiling {fmt(r['relative_to_ceiling'])}; random circuits "
@@ -119,7 +72,7 @@ def run_completeness(cfg: DictConfig) -> dict[str, Any]:
     def body(ev, circuit):
         r = completeness(ev, circuit, ev.dims, int(m.n_random), float(m.p), int(m.random_seed))
         rs = r["random"].get("incompleteness", {})
-        print(f"[etk] incompleteness of {cfg.circuit} on {cfg.model.name}: random K {rs.get('mean', float('nan')):.3f} "
+        print(f"[etk] incompleteness of {circuit_spec(cfg)} on {cfg.model.name}: random K {rs.get('mean', float('nan')):.3f} "
               f"± {rs.get('sd', float('nan')):.3f}; groups " +
               ", ".join(f"{g} {v['incompleteness']:.3f}" for g, v in r["groups"].items()))
         return r
@@ -132,7 +85,7 @@ def run_minimality(cfg: DictConfig) -> dict[str, Any]:
     def body(ev, circuit):
         r = minimality(ev, circuit, ev.dims, float(m.threshold), str(m.mode), float(m.frac))
         pruned: Circuit = r.pop("circuit")
-        pruned.meta.update({"model": cfg.model.name, "source_circuit": str(cfg.circuit)})
+        pruned.meta.update({"model": cfg.model.name, "source_circuit": circuit_spec(cfg)})
         pruned.save(output_dir() / "circuit.json")
         done = sum(g["evaluations"] for g in r["groups"].values() if "evaluations" in g)
         paper = sum(g["paper_evaluations"] for g in r["groups"].values() if "paper_evaluations" in g)
@@ -152,7 +105,7 @@ def run_overlap(cfg: DictConfig) -> dict[str, Any]:
     res = overlap(a, b)
     for g, v in res.items():
         print(f"[etk] {g}: shared {v['shared']} (precision {v['precision']:.2f}, recall {v['recall']:.2f})")
-    payload = {"a": str(cfg.circuit), "b": str(cfg.method.other), "overlap": res}
+    payload = {"a": spec_a, "b": str(cfg.method.other), "overlap": res}
     write_json(output_dir() / "results.json", payload, "etk.overlap/v1")
     return payload
 
@@ -185,10 +138,14 @@ def pp_scores(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 def run_faithfulness_curve(cfg: DictConfig) -> dict[str, Any]:
     """Faithfulness of each group's top-x% heads, x over `method.fractions`, with CIs, CPR/CMD and curve.png."""
-    from etk.methods.circuit_eval.ablation import ceiling_ablation, circuit_ablation, full_model
+    from etk.methods.circuit_eval.ablation import (
+        ceiling_ablation,
+        circuit_ablation,
+        full_model,
+    )
     from etk.methods.circuit_eval.curve import curve_circuits, curve_points, integrated
     from etk.methods.circuit_eval.faithfulness import random_ablation, summarise
-    from etk.plots import curve_plot
+    from etk.report.plots import curve_plot
 
     m = cfg.method
     if not cfg.get("scores"):
@@ -237,9 +194,15 @@ def run_circuit_search(cfg: DictConfig) -> dict[str, Any]:
     from etk.data.roles import ROLE_VOCAB
     from etk.methods.circuit_eval.ablation import Ablation, ceiling_ablation, full_model
     from etk.methods.circuit_eval.faithfulness import random_ablation, summarise
-    from etk.methods.circuit_eval.search import (UnitAttribution, circuit_from_keep, exact_removal_effects,
-                                                 grow_and_prune, spearman, verify_subset)
-    from etk.plots import role_head_heatmap
+    from etk.methods.circuit_eval.search import (
+        UnitAttribution,
+        circuit_from_keep,
+        exact_removal_effects,
+        grow_and_prune,
+        spearman,
+        verify_subset,
+    )
+    from etk.report.plots import role_head_heatmap
 
     m = cfg.method
     nb = int(cfg.data.n_boxes)
@@ -342,3 +305,39 @@ def run_circuit_search(cfg: DictConfig) -> dict[str, Any]:
                 "seconds": {"scoring": round(t_score, 1), "search": round(t_search, 1),
                             "total": round(time.time() - t0, 1)}}
     return _run(cfg, "etk.circuit_search/v1", body, needs_circuit=False)
+
+
+def minimality_jobs(study):
+    """The paper's construction: each member's candidates pruned at its model's threshold
+    (`discovery.minimality_threshold`); the pruned circuit is what later steps use."""
+    from etk.methods.study.run import Job
+
+    for m in study.members:
+        threshold = (study.member(m).get("discovery") or {}).get("minimality_threshold", 0.01)
+        yield Job(m, [f"model={m}", f"circuit.path={study.dir('path_patching', m) / 'circuit.json'}",
+                      f"method.threshold={threshold}", *study.sizes("minimality"), *study.ablation()])
+
+
+def faithfulness_jobs(study):
+    """Each member's circuit on each member: the cross-model faithfulness matrix."""
+    from etk.methods.study.run import Job
+
+    for c in study.members:
+        for m in study.members:
+            yield Job(f"{c}_circuit-on-{m}", [f"model={m}", f"circuit.path={study.circuit_path(c)}",
+                                               *study.sizes("faithfulness"), *study.ablation()])
+
+
+def curve_jobs(study):
+    from etk.methods.study.run import Job
+
+    for m in study.members:
+        yield Job(m, [f"model={m}", f"scores={study.dir('path_patching', m)}", *study.sizes("faithfulness_curve"),
+                      *study.ablation()])
+
+
+def search_jobs(study):
+    from etk.methods.study.run import Job
+
+    for m in study.members:
+        yield Job(m, [f"model={m}", *study.sizes("circuit_search"), *study.ablation()])

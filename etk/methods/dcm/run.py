@@ -15,9 +15,16 @@ from etk.circuits import circuit_label
 from etk.data.boxes import generate_examples
 from etk.data.datasets import make_template, task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
-from etk.methods.dcm import DCMModule
-from etk.plots import mask_plot
-from etk.runners.common import build_logger, finish_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.methods.dcm.module import DCMModule
+from etk.report.plots import mask_plot
+from etk.runners.common import (
+    build_logger,
+    finish_logger,
+    output_dir,
+    plain_config,
+    require_circuit,
+    trainer_kwargs,
+)
 
 SCHEMA = "etk.dcm/v1"
 
@@ -93,3 +100,18 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
         return payload
     finally:
         finish_logger(logger)
+
+
+def study_jobs(study):
+    """A mask per (member in plan.dcm_members, group with heads in its circuit, desideratum)."""
+    from etk.circuits import load_circuit
+    from etk.methods.study.run import Job
+
+    for owner in study.plan.dcm_members:
+        circuit = load_circuit(study.circuit_path(owner))
+        for group in study.plan.dcm_groups:
+            if not circuit.groups.get(group):
+                continue
+            for d in study.plan.dcm_desiderata:
+                yield Job(f"{owner}-{group}-{d}", [f"model={owner}", f"circuit.path={study.circuit_path(owner)}",
+                                                   f"group={group}", f"desideratum={d}", *study.sizes("dcm", "dcm")])

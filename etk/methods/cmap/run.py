@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
-import random
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -13,16 +9,24 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json, write_text
-from etk.circuits import GROUPS, SHORT, circuit_label, key_role, load_circuit
+from etk.circuits import GROUPS, SHORT, circuit_label
 from etk.data.datasets import prompt_loader, task_examples
-from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
-from etk.methods.cmap import ActivationPatchingModule, CMAPModule
+from etk.methods.cmap.module import CMAPModule
 from etk.metrics import share_of_gap, wilson_interval
 from etk.models.arch import LlamaFamily
-from etk.runners.collect import markdown, with_ci
-from etk.runners.common import data_config, emit, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.report.tables import markdown, with_ci
+from etk.runners.common import (
+    build_logger,
+    data_config,
+    emit,
+    finish_logger,
+    output_dir,
+    plain_config,
+    require_circuit,
+    trainer_kwargs,
+)
 
 
 def _acc(correct: torch.Tensor) -> dict[str, float]:
@@ -33,10 +37,7 @@ def _acc(correct: torch.Tensor) -> dict[str, float]:
 
 def cmap_circuit(cfg: DictConfig):
     """circuit= if given, else the fine-tuned member's own circuit (the paper patches the fine-tuned circuit)."""
-    spec = cfg.get("circuit") or cfg.pair.finetuned.get("circuit")
-    if not spec:
-        raise ConfigError("method=cmap needs circuit=<name or circuit.json> (or a `circuit` entry in the fine-tuned model's config)")
-    return str(spec), load_circuit(str(spec))
+    return require_circuit(cfg, cfg.pair.finetuned.get("circuit"))
 
 
 def run_cmap(cfg: DictConfig) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
                         OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction,
                         bool(m.get("toggle_adapter", True)))
     module.configure_model()
-    dims = LlamaFamily(module.base_net).dims
+    dims = LlamaFamily.of(module.base_net).dims
     sets = {}
     for name in m.groups:
         chosen = {g: groups.get(g, []) for g in GROUPS} if name == "all" else {name: groups.get(name, [])}
@@ -93,48 +94,15 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         finish_logger(logger)
 
 
-def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
-    m = cfg.method
-    if not m.get("heads"):
-        raise ConfigError("method=activation_patching needs method.heads=<DCM results.json or selected_heads.json>")
-    doc = read_json(Path(m.heads))
-    group = doc["group"]
-    desideratum = m.get("desideratum") or doc["desideratum"]
-    heads = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
-    L.seed_everything(cfg.seed, verbose=False)
-    module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True))
-    module.configure_model()
-    dims = LlamaFamily(module.net).dims
-    selected = HeadSet.from_circuit({group: heads}).check(dims)
-    rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
-    rand = rand_set.heads(key_role(group))
-    module.head_sets = {"selected": selected, "random": rand_set}
-    data_cfg = data_config(cfg, m.n_examples)
-    bases = task_examples(data_cfg, module.tokenizer)
-    logger = build_logger(cfg)
-    try:
-        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
-        per_repeat = []
-        for r in range(int(m.repeats)):
-            pairs = desideratum_pairs(desideratum, bases, int(m.random_seed) + r)
-            trainer.predict(module, pair_loader(module.tokenizer, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
-                            return_predictions=False)
-            per_repeat.append(module.acc.compute().tolist())  # [unpatched, selected, random]
-        a = torch.tensor(per_repeat) * 100  # [repeats, 3], percent
-        names = ["unpatched_floor", "selected_heads", "random_heads"]
-        summary = {}
-        for i, n in enumerate(names):
-            k = int(round(float((a[:, i] / 100 * len(bases)).sum())))
-            lo, hi = wilson_interval(k, len(bases) * int(m.repeats))
-            summary[n] = {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std(unbiased=False)),
-                          "per_repeat": a[:, i].tolist(),
-                          "pooled": {"accuracy": k / (len(bases) * int(m.repeats)), "ci_low": lo, "ci_high": hi,
-                                     "n": len(bases) * int(m.repeats)}}
-        print(f"[etk] activation patching {cfg.model.name} {group}/{desideratum}, {len(heads)} heads: "
-              + ", ".join(f"{n} {v['mean']:.2f} ± {v['sd']:.2f} %" for n, v in summary.items()))
-        payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],
-                   "random_heads": [list(h) for h in rand], "repeats": int(m.repeats), "n": len(bases),
-                   "accuracy_percent": summary, "config": plain_config(cfg)}
-        return emit(payload, "etk.activation_patching/v1", logger, {f"ap/{n}": v["mean"] for n, v in summary.items()})
-    finally:
-        finish_logger(logger)
+def study_jobs(study):
+    """The fine-tuned circuit patched across the pair in each direction, with the paper's head choice: DCM
+    selections for VF (object value), PT and PD (positional), all SR heads."""
+    from etk.methods.study.run import Job
+    from etk.runners.common import hydra_value
+
+    chosen = [str(p) for p in study.docs("dcm")
+              if p.parent.name in ("finetuned-value_fetcher-object", "finetuned-pos_transmitter-position",
+                                   "finetuned-pos_detector-position")]
+    for direction in study.plan.cmap_directions:
+        yield Job(direction, [f"circuit.path={study.circuit_path('finetuned')}", f"method.direction={direction}",
+                              f"method.dcm_runs={hydra_value(chosen)}", *study.sizes("cmap")])

@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import torch
 from torch import nn
+
+from etk.errors import ConfigError
 
 
 class ClampMask(nn.Module):

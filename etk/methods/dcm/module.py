@@ -6,19 +6,17 @@ the mask (plus hyper-parameters) is checkpointed."""
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 from typing import Any
 
 import torch
 
 from etk.circuits import GROUPS, key_role
-from etk.data.roles import ROLE_ID
-from etk.data.roles import PairBatch
+from etk.data.roles import ROLE_ID, PairBatch
+from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
-from etk.methods.accuracy import ModelHost
-from etk.methods.masks import make_mask
+from etk.methods.base import ModelHost
+from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
@@ -44,7 +42,7 @@ class DCMModule(ModelHost):
 
     def configure_model(self) -> None:
         super().configure_model()
-        self.headset.check(LlamaFamily(self.net).dims)
+        self.headset.check(LlamaFamily.of(self.net).dims)
         self.net.requires_grad_(False)
         self.net.eval()
 
@@ -58,7 +56,7 @@ class DCMModule(ModelHost):
     def logits(self, batch: PairBatch, m: torch.Tensor) -> torch.Tensor:
         """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value)."""
         src = capture(self.net, batch.source, self.headset)
-        n_heads = LlamaFamily(self.net).dims.n_heads
+        n_heads = LlamaFamily.of(self.net).dims.n_heads
         with hooked(self.net, patches=self.headset.patches(src, batch.base, n_heads, m)):
             return last_logits(self.net, batch.base)
 

@@ -6,17 +6,15 @@ model on the pair's source prompt. Only the needed positions of the source run a
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 from typing import Any
 
 import lightning as L
 import torch
 
-from etk.data.roles import PairBatch, PromptBatch
+from etk.data.roles import PromptBatch
+from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
-from etk.methods.accuracy import ModelHost
 from etk.methods.circuit_eval.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
@@ -73,32 +71,9 @@ class CMAPModule(L.LightningModule):
             # one source forward serves every head set (and gives the source model's own prediction)
             src, source_logits = capture(model, batch, HeadSet.union(self.head_sets.values()), logits=True)
         with self.pair.use(target) as model:
-            n_heads = LlamaFamily(model).dims.n_heads
+            n_heads = LlamaFamily.of(model).dims.n_heads
             rows = [source_logits, last_logits(model, batch)]  # the two models alone
             for hs in self.head_sets.values():
                 with hooked(model, patches=hs.patches(src, batch, n_heads)):
                     rows.append(last_logits(model, batch))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]))
-
-
-class ActivationPatchingModule(ModelHost):
-    """Activation patching of head sets within one model: base prompts, source activations from the pair's source
-    prompt at the same role (the source's own position, [BUG-SRpos] fixed). Rows: unpatched, then each head set."""
-
-    def __init__(self, model_cfg: dict[str, Any]):
-        super().__init__(model_cfg)
-        self.head_sets: HeadSets = {}
-        self.acc = AblationAccuracy()
-
-    def on_predict_epoch_start(self) -> None:
-        assert_eval(self.net)
-        self.acc.reset()
-
-    def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
-        n_heads = LlamaFamily(self.net).dims.n_heads
-        rows = [last_logits(self.net, batch.base)]
-        src = capture(self.net, batch.source, HeadSet.union(self.head_sets.values()))  # one source run for all sets
-        for hs in self.head_sets.values():
-            with hooked(self.net, patches=hs.patches(src, batch.base, n_heads)):
-                rows.append(last_logits(self.net, batch.base))
-        self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]))

@@ -3,17 +3,21 @@ plus the unablated baseline, many configurations per forward (rows = configs x p
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 from typing import Any, Sequence
 
 import torch
 
 from etk.data.roles import PromptBatch
+from etk.errors import ConfigError
 from etk.interventions.knockout import (
-    RANDOM, config_rows, edge_positions, knockout, parse_edge, random_context_positions,
+    RANDOM,
+    config_rows,
+    edge_positions,
+    knockout,
+    parse_edge,
+    random_context_positions,
 )
-from etk.methods.accuracy import ModelHost
+from etk.methods.base import ModelHost
 from etk.methods.circuit_eval.ablation import repeat_batch
 from etk.methods.circuit_eval.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
@@ -42,7 +46,7 @@ class KnockoutModule(ModelHost):
 
     @property
     def n_layers(self) -> int:
-        return LlamaFamily(self.net).dims.n_layers
+        return LlamaFamily.of(self.net).dims.n_layers
 
     def start_layers(self) -> list[int]:
         """The swept start layers (default: every layer, or every `start_layers_every`-th)."""
@@ -80,7 +84,7 @@ class KnockoutModule(ModelHost):
         clean forward gives the baseline and the residual entering every start layer; each configuration then
         runs only layers s..L-1 of its rows (many configurations per forward)."""
         N, L = len(batch), self.n_layers
-        arch = LlamaFamily(self.net)
+        arch = LlamaFamily.of(self.net)
         q, k, s = self._positions(batch)  # [K, N], [K, N], [K]
         starts = sorted(set(s.tolist()) - {L})
         with LayerInputs(arch, None, starts) as h:  # {s: [N, T, d]}

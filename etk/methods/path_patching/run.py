@@ -4,8 +4,6 @@ paper's candidate sets (each group's top candidates, PT candidates removed from 
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
-
 import time
 from typing import Any
 
@@ -16,12 +14,26 @@ from omegaconf import DictConfig, OmegaConf
 from etk.artifacts import write_json
 from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
+from etk.errors import ConfigError
 from etk.interventions.components import all_heads
 from etk.methods.path_patching.module import PathPatchingModule
-from etk.methods.path_patching.stages import STAGES, discovery_schedule, pp_loader, reachable_layers, receivers_from
+from etk.methods.path_patching.stages import (
+    STAGES,
+    discovery_schedule,
+    pp_loader,
+    reachable_layers,
+    receivers_from,
+)
 from etk.models.arch import LlamaFamily
-from etk.plots import head_heatmap
-from etk.runners.common import data_config, build_logger, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.report.plots import head_heatmap
+from etk.runners.common import (
+    build_logger,
+    data_config,
+    finish_logger,
+    output_dir,
+    plain_config,
+    trainer_kwargs,
+)
 
 SCHEMA = "etk.path_patching/v1"
 
@@ -44,7 +56,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     module = PathPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), m.algorithm, m.chunk_rows,
                                 m.suffix_chunk_rows)
     module.configure_model()
-    dims = LlamaFamily(module.net).dims
+    dims = LlamaFamily.of(module.net).dims
     schedule = discovery_schedule(m, cfg.model, dims)
     seed = int(m.seed if m.get("seed") is not None else (cfg.model.get("discovery") or {}).get("seed", 20))
     data_cfg = data_config(cfg, m.n_examples)
@@ -119,3 +131,11 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
         return payload
     finally:
         finish_logger(logger)
+
+
+def study_jobs(study):
+    """Circuit discovery on both members (their candidate sets)."""
+    from etk.methods.study.run import Job
+
+    for m in study.members:
+        yield Job(m, [f"model={m}", *study.sizes("path_patching")])

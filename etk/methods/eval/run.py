@@ -9,8 +9,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from etk.artifacts import write_json
 from etk.data.datasets import prompt_loader, task_examples
-from etk.methods.accuracy import AccuracyModule
-from etk.runners.common import build_logger, data_config, finish_logger, output_dir, plain_config, trainer_kwargs
+from etk.methods.eval.module import AccuracyModule
+from etk.runners.common import (
+    build_logger,
+    data_config,
+    finish_logger,
+    output_dir,
+    plain_config,
+    trainer_kwargs,
+)
 
 SCHEMA = "etk.eval/v1"
 
@@ -58,3 +65,11 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         return payload
     finally:
         finish_logger(logger)
+
+
+def study_jobs(study):
+    """Accuracy of both members."""
+    from etk.methods.study.run import Job
+
+    for m in study.members:
+        yield Job(m, [f"model={m}", *study.sizes("eval")])

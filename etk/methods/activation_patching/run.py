@@ -1,0 +1,94 @@
+"""`method=activation_patching`: a DCM head set patched from source prompts inside a model (repeats x resampled
+sources), against the unpatched floor and a random head set of the same size."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from etk.artifacts import read_json
+from etk.circuits import key_role
+from etk.data.datasets import task_examples
+from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.errors import ConfigError
+from etk.interventions.components import HeadId
+from etk.interventions.heads import HeadSet
+from etk.methods.activation_patching.module import ActivationPatchingModule
+from etk.metrics import wilson_interval
+from etk.models.arch import LlamaFamily
+from etk.runners.common import (
+    build_logger,
+    data_config,
+    emit,
+    finish_logger,
+    plain_config,
+    trainer_kwargs,
+)
+
+
+def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
+    m = cfg.method
+    if not m.get("heads"):
+        raise ConfigError("method=activation_patching needs method.heads=<DCM results.json or selected_heads.json>")
+    doc = read_json(Path(m.heads))
+    group = doc["group"]
+    desideratum = m.get("desideratum") or doc["desideratum"]
+    heads = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
+    L.seed_everything(cfg.seed, verbose=False)
+    module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True))
+    module.configure_model()
+    dims = LlamaFamily.of(module.net).dims
+    selected = HeadSet.from_circuit({group: heads}).check(dims)
+    rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
+    rand = rand_set.heads(key_role(group))
+    module.head_sets = {"selected": selected, "random": rand_set}
+    data_cfg = data_config(cfg, m.n_examples)
+    bases = task_examples(data_cfg, module.tokenizer)
+    logger = build_logger(cfg)
+    try:
+        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        per_repeat = []
+        for r in range(int(m.repeats)):
+            pairs = desideratum_pairs(desideratum, bases, int(m.random_seed) + r)
+            trainer.predict(module, pair_loader(module.tokenizer, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
+                            return_predictions=False)
+            per_repeat.append(module.acc.compute().tolist())  # [unpatched, selected, random]
+        a = torch.tensor(per_repeat) * 100  # [repeats, 3], percent
+        names = ["unpatched_floor", "selected_heads", "random_heads"]
+        summary = {}
+        for i, n in enumerate(names):
+            k = int(round(float((a[:, i] / 100 * len(bases)).sum())))
+            lo, hi = wilson_interval(k, len(bases) * int(m.repeats))
+            summary[n] = {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std(unbiased=False)),
+                          "per_repeat": a[:, i].tolist(),
+                          "pooled": {"accuracy": k / (len(bases) * int(m.repeats)), "ci_low": lo, "ci_high": hi,
+                                     "n": len(bases) * int(m.repeats)}}
+        print(f"[etk] activation patching {cfg.model.name} {group}/{desideratum}, {len(heads)} heads: "
+              + ", ".join(f"{n} {v['mean']:.2f} ± {v['sd']:.2f} %" for n, v in summary.items()))
+        payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],
+                   "random_heads": [list(h) for h in rand], "repeats": int(m.repeats), "n": len(bases),
+                   "accuracy_percent": summary, "config": plain_config(cfg)}
+        return emit(payload, "etk.activation_patching/v1", logger, {f"ap/{n}": v["mean"] for n, v in summary.items()})
+    finally:
+        finish_logger(logger)
+
+
+def study_jobs(study):
+    """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members."""
+    from etk.methods.study.run import Job
+
+    wanted = set(study.plan.ap_desiderata or study.plan.dcm_desiderata)
+    for run in study.docs("dcm"):
+        if run.parent.name.rsplit("-", 1)[-1] not in wanted:
+            continue
+        if not read_json(run).get("selected_heads"):
+            study.note(f"activation_patching/{run.parent.name}: DCM selected no heads, nothing to patch")
+            continue
+        for m in study.plan.ap_members:
+            yield Job(f"{run.parent.name}-in-{m}", [f"model={m}", f"method.heads={run}",
+                                                    *study.sizes("activation_patching")])

@@ -1,0 +1,27 @@
+"""Task accuracy as a Lightning predict loop: argmax at the last position equals the answer token."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from etk.data.roles import PromptBatch
+from etk.methods.base import ModelHost
+from etk.metrics import TaskAccuracy
+from etk.models.forward import assert_eval, last_logits
+
+
+class AccuracyModule(ModelHost):
+    def __init__(self, model_cfg: dict[str, Any]):
+        super().__init__(model_cfg)
+        self.acc = TaskAccuracy()
+
+    def on_predict_epoch_start(self) -> None:
+        self.acc.reset()
+        assert_eval(self.net)
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
+        logits = last_logits(self.net, batch)  # [B, V]
+        self.acc.update(logits, batch.answer)
+        return logits.argmax(-1)

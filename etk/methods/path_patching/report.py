@@ -1,0 +1,44 @@
+"""Report section of `path_patching` (with `minimality`'s pruning): the candidates, the pruned circuits, their
+heatmaps and their overlap between the two members."""
+
+from __future__ import annotations
+
+from etk.circuits import GROUPS, SHORT, load_circuit, overlap
+from etk.metrics import fmt
+from etk.report.context import ReportContext, Section
+from etk.report.tables import markdown
+
+
+def section(ctx: ReportContext) -> Section | None:
+    pp = ctx.docs("path_patching")
+    if not pp:
+        return None
+    mini = {d["model"]: d for d in ctx.docs("minimality")}
+    lines = ["The paper's construction (SPEC §2.5, §3.4): each group's top candidates by path-patching score (PT "
+             "candidates removed from VF), pruned by minimality's significance rule; the pruned circuit is what the "
+             "later sections use.", ""]
+    rows = []
+    for d in pp:
+        md = mini.get(d["model"])
+        sizes = "/".join(str(len(d["circuit"].get(g, []))) for g in GROUPS)
+        pruned = ("/".join(str(md["groups"].get(g, {}).get("kept", 0)) for g in GROUPS)
+                  + f" ({md['mode']}, threshold {md['threshold']})") if md else "not pruned"
+        rows.append([d["model"]] + [", ".join(f"({a},{b})" for a, b in d["circuit"].get(g, [])[:6]) for g in GROUPS]
+                    + [f"{sizes} → {pruned}"])
+    lines += [markdown(["model"] + [f"{SHORT[g]} (top heads)" for g in GROUPS] + ["candidates → pruned"], rows)]
+    for d in pp:
+        lines += [f"`{d['model']}`: " + " ".join(f"![{g}]({ctx.rel(d['_dir'])}/heatmaps/{g}.png)" for g in GROUPS), ""]
+    findings = []
+    paths = {m: ctx.circuit_path(m) for m in ("base", "finetuned")}
+    if all(paths.values()):
+        base_c, ft_c = load_circuit(paths["base"]), load_circuit(paths["finetuned"])
+        ov = overlap(base_c, ft_c)
+        lines += ["Overlap of the two circuits (base ∩ fine-tuned):", "",
+                  markdown(["group", "shared", "precision", "recall"],
+                           [[SHORT.get(g, g), str(v["shared"]), fmt(v["precision"], 2), fmt(v["recall"], 2)]
+                            for g, v in ov.items()])]
+        sizes = ft_c.sizes()
+        per = ", ".join(f"{SHORT.get(g, g)} {v['shared']}/{sizes.get(g, 0)}" for g, v in ov.items())
+        findings.append(f"**Overlap.** {sum(v['shared'] for v in ov.values())} of the fine-tuned circuit's "
+                        f"{sum(sizes.values())} heads are also in the base circuit ({per}).")
+    return Section("Circuits found by path patching", lines, findings)

@@ -1,0 +1,1 @@
+"""Reporting: tables, findings, report.md, figures."""
