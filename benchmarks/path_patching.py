@@ -23,23 +23,18 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from etk.circuits import top_k  # noqa: E402
 from etk.data.datasets import task_examples  # noqa: E402
 from etk.interventions.components import all_heads  # noqa: E402
 from etk.methods.path_patching.attribution import attribution_scores  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import naive_scores  # noqa: E402
-from etk.methods.path_patching.stages import (  # noqa: E402
-    STAGES,
-    pp_loader,
-    reachable_layers,
-    receivers_from,
-)
+from etk.methods.path_patching.discover import discover  # noqa: E402
+from etk.methods.path_patching.stages import LLAMA_SCHEDULE, STAGES, pp_loader  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "etk" / "conf"
-RECEIVERS_TOP_K = {"value_fetcher": 20, "pos_transmitter": 5, "pos_detector": 10}
+RECEIVERS_TOP_K = LLAMA_SCHEDULE["receivers_top_k"]
 
 
 def timed(fn, *a, **kw):
@@ -84,13 +79,17 @@ def main() -> None:
     print(f"{'stage':<16}{'naive s (all)':>14}{'fast s':>9}{'attr s':>9}{'naive blocks':>15}{'fast blocks':>13}"
           f"{'naive fwd':>11}{'max|diff|':>11}{'spearman':>10}")
     tot = {"naive": 0.0, "fast": 0.0, "attr": 0.0, "nb": 0, "fb": 0}
-    max_diff, prev = 0.0, None
-    for group, st in STAGES.items():
-        rec = None if st.receiver_site is None else receivers_from(prev, st.receiver_site, dims)
-        reach_layers = reachable_layers(st, rec, dims.n_layers)
-        reach = [h for h in all_heads(dims) if h.layer in reach_layers]
+    max_diff = 0.0
+
+    def score(st, rec, reach):
+        """One stage: fast and attribution on every reachable sender, naive on the heads of a few layers."""
+        nonlocal max_diff
+        if not reach:
+            print(f"{st.group:<16}no reachable sender")
+            return torch.zeros(dims.n_layers, dims.n_heads), {}
         (fast, fcost), t_fast = timed(run_all, fast_scores, model, batches, st, rec, reach)
         (attr, acost), t_attr = timed(run_all, attribution_scores, model, batches, st, rec, reach)
+        reach_layers = sorted({h.layer for h in reach})
         idx = torch.linspace(0, len(reach_layers) - 1, args.naive_layers).round().long().unique().tolist()
         sub = [h for h in all_heads(dims) if h.layer in [reach_layers[i] for i in idx]]
         (naive, ncost), t_naive = timed(run_all, naive_scores, model, batches, st, rec, sub)
@@ -106,15 +105,16 @@ def main() -> None:
         mask[reach_layers] = True
         a, f = attr[mask].double(), fast[mask].double()
         rho = float(torch.corrcoef(torch.stack([a.argsort().argsort().double(), f.argsort().argsort().double()]))[0, 1])
-        print(f"{group:<16}{naive_all_s:>14.1f}{t_fast:>9.1f}{t_attr:>9.1f}{naive_all_blocks:>15.3g}"
+        print(f"{st.group:<16}{naive_all_s:>14.1f}{t_fast:>9.1f}{t_attr:>9.1f}{naive_all_blocks:>15.3g}"
               f"{fcost['token_layer_blocks']:>13.3g}{naive_fwd:>11.0f}{d:>11.2e}{rho:>10.3f}")
         tot["naive"] += naive_all_s
         tot["fast"] += t_fast
         tot["attr"] += t_attr
         tot["nb"] += naive_all_blocks
         tot["fb"] += fcost["token_layer_blocks"]
-        if group in RECEIVERS_TOP_K:
-            prev = top_k(fast, RECEIVERS_TOP_K[group], mask)
+        return fast / args.pairs, {}
+
+    discover(list(STAGES), dims, RECEIVERS_TOP_K, score)
     print(f"{'total':<16}{tot['naive']:>14.1f}{tot['fast']:>9.1f}{tot['attr']:>9.1f}{tot['nb']:>15.3g}{tot['fb']:>13.3g}")
     print(f"speedup_fast_vs_naive={tot['naive'] / tot['fast']:.1f} block_ratio={tot['nb'] / tot['fb']:.1f} "
           f"speedup_attribution_vs_naive={tot['naive'] / tot['attr']:.1f} max_abs_diff={max_diff:.2e}")

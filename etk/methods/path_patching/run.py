@@ -14,15 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from etk.artifacts import write_json
 from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
-from etk.errors import ConfigError
-from etk.interventions.components import all_heads
+from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import (
-    STAGES,
     discovery_schedule,
     pp_loader,
-    reachable_layers,
-    receivers_from,
 )
 from etk.models.arch import LlamaFamily
 from etk.report.plots import head_heatmap
@@ -66,60 +62,54 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     try:
         kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
         trainer = L.Trainer(**kw)
-        chosen_scores: dict[str, torch.Tensor] = {}
-        scored: dict[str, torch.Tensor] = {}
-        reports: dict[str, Any] = {}
-        prev = None
-        for group in m.stages:
-            stage = STAGES[group]
-            if stage.receiver_site is not None and prev is None:
-                raise ConfigError(f"stage {group!r} needs the previous stage's receivers; list the stages in order")
-            if stage.receiver_site is not None and not prev:
-                print(f"[etk] {SHORT[group]}: skipped, the previous stage scored no sender (no receivers)")
-                reports[group] = {"skipped": "no receivers"}
-                prev = []
-                continue
-            rec = None if stage.receiver_site is None else receivers_from(prev, stage.receiver_site, dims)
-            reach = reachable_layers(stage, rec, dims.n_layers)
-            senders = [h for h in all_heads(dims) if h.layer in reach]
-            runs = [m.algorithm] + (["fast"] if m.algorithm == "attribution" and m.compare_exact else [])
-            scores, report = {}, {"receivers": None if rec is None else {"site": rec.site, "units": rec.units},
-                                  "n_senders_scored": len(senders), "n_senders_skipped": dims.n_layers * dims.n_heads - len(senders)}
+        runs = [m.algorithm] + (["fast"] if m.algorithm == "attribution" and m.compare_exact else [])
+        by_alg: dict[str, dict[str, torch.Tensor]] = {}
+
+        def score(stage, rec, senders):
+            """Every algorithm of the run on this stage, as Lightning predict loops; the exact scores pass on."""
+            report, scores = {}, {}
             for alg in runs:
                 module.begin_stage(stage, rec, senders, alg)
                 t0 = time.time()
                 trainer.predict(module, loader, return_predictions=False)
                 report[alg] = {"wall_s": round(time.time() - t0, 3), **dict(module.cost)}
                 scores[alg] = module.scores()
+            by_alg[stage.group] = scores
             exact = scores.get("fast", scores.get("naive"))
-            chosen = exact if exact is not None else scores["attribution"]
-            mask = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
-            mask[reach] = True
-            if "attribution" in scores and exact is not None:
+            return (exact if exact is not None else scores["attribution"]), report
+
+        results = discover(list(m.stages), dims, schedule["receivers_top_k"], score)
+        reports: dict[str, Any] = {}
+        for r in results:
+            group = r.group
+            reports[group] = r.report
+            if r.scores is None:
+                print(f"[etk] {SHORT[group]}: skipped, the previous stage scored no sender (no receivers)")
+                continue
+            scores, chosen = by_alg[group], r.scores
+            if "attribution" in scores and len(scores) > 1:
                 k = schedule["candidates_top_k"][group]
-                report["attribution_vs_exact"] = rank_agreement(scores["attribution"], exact, k, mask)
+                r.report["attribution_vs_exact"] = rank_agreement(scores["attribution"], chosen, k, r.scored)
             for alg, s in scores.items():
                 suffix = "" if s is chosen else f".{alg}"
                 save_score_map(out / "scores" / f"{group}{suffix}.json", s, algorithm=alg, exact=alg != "attribution",
-                               model=cfg.model.name, reachable_layers=reach)
+                               model=cfg.model.name, reachable_layers=r.report["reachable_layers"])
                 torch.save({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
-            chosen_scores[group], scored[group] = chosen, mask
-            top = top_k(chosen, schedule["candidates_top_k"][group], mask)
-            if group in schedule["receivers_top_k"]:
-                prev = top_k(chosen, schedule["receivers_top_k"][group], mask)
+            top = top_k(chosen, schedule["candidates_top_k"][group], r.scored)
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
                          f"{cfg.model.name}: {SHORT[group]} path-patching scores", top)
-            reports[group] = report
-            walls = ", ".join(f"{a} {report[a]['wall_s']:.1f}s" for a in runs)
+            walls = ", ".join(f"{a} {r.report[a]['wall_s']:.1f}s" for a in runs)
             print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in top[:5]]} ({walls})")
             if logger is not None:
-                logger.log_metrics({f"path_patching/{group}/{a}_wall_s": report[a]["wall_s"] for a in runs})
+                logger.log_metrics({f"path_patching/{group}/{a}_wall_s": r.report[a]["wall_s"] for a in runs})
                 if hasattr(logger, "log_image"):
                     logger.log_image(key=f"path_patching/{group}", images=[str(out / "heatmaps" / f"{group}.png")])
                 if hasattr(logger, "log_table"):  # long format: one row per head
                     logger.log_table(key=f"path_patching/{group}_scores", columns=["layer", "head", "score"],
                                      data=[[lay, h, float(chosen[lay, h])] for lay in range(dims.n_layers)
                                            for h in range(dims.n_heads)])
+        chosen_scores = {r.group: r.scores for r in results if r.scores is not None}
+        scored = {r.group: r.scored for r in results if r.scores is not None}
         meta = {"model": cfg.model.name, "kind": "candidates", "seed": seed, "n_examples": len(examples),
                 "algorithm": m.algorithm, "exact": m.algorithm != "attribution" or bool(m.compare_exact),
                 "schedule": schedule, "n_boxes": int(cfg.data.n_boxes)}
