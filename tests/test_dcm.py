@@ -89,21 +89,34 @@ SMALL = ["logger=none", "dcm.n_train=48", "dcm.n_eval=24", "dcm.n_test=24", "dcm
          "trainer.enable_progress_bar=false"]
 
 
-def test_gradients_only_to_mask_and_checkpoint_is_mask_only(tmp_path):
-    cfg = compose_dcm(tmp_path, ["model=tiny", "desideratum=object"] + SMALL)
-    from etk.models.loading import load_model
+def test_gradients_only_to_mask_and_checkpoint_is_mask_only(tmp_path, monkeypatch):
+    import etk.methods.dcm.run as dcm_run
 
-    before = {k: v.clone() for k, v in load_model(cfg.model)[0].state_dict().items()}
+    cfg = compose_dcm(tmp_path, ["model=tiny", "desideratum=object"] + SMALL)
+    used = []
+
+    class Recording(DCMModule):  # the module the run itself builds and trains
+        def configure_model(self):  # Lightning calls it at fit, validate and test: record the first load
+            super().configure_model()
+            if not used:
+                self.loaded = {k: v.clone() for k, v in self.net.state_dict().items()}
+                self.mask_at_start = self.mask.values.detach().clone()
+                used.append(self)
+
+    monkeypatch.setattr(dcm_run, "DCMModule", Recording)
     res = run_dcm(cfg)
     assert res["checkpoint_bytes"] < 100_000
     ck = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=False)
     assert set(ck["state_dict"]) == {"mask.values"}
     again = DCMModule.load_from_checkpoint(tmp_path / "checkpoints" / "best.ckpt")
     assert torch.equal(again.mask.values.detach(), torch.tensor(res["mask_raw"]))
-    # the frozen model is bit-for-bit what it was, and a step sends gradient to the mask only
+    # the model the run trained over is bit-for-bit what it loaded, while its mask moved
+    run_module = used[0]
+    assert all(torch.equal(run_module.loaded[k], v) for k, v in run_module.net.state_dict().items())
+    assert not torch.equal(run_module.mask.values.detach(), run_module.mask_at_start)
+    # and a step sends gradient to the mask only
     module = DCMModule(dict(TINY_CFG), "pos_transmitter", [[1, 1], [0, 2]])
     module.configure_model()
-    assert all(torch.equal(before[k], v) for k, v in module.net.state_dict().items())
     batch = pair_batch(module.tokenizer)
     module.training_step(batch, 0).backward()
     assert module.mask.values.grad is not None and module.mask.values.grad.abs().sum() > 0

@@ -46,14 +46,31 @@ def compose_finetune(tmp_path, overrides):
     return compose_cfg("finetune", tmp_path, overrides)
 
 
-def test_finetune_tiny_end_to_end(tmp_path, tiny):
+def test_finetune_tiny_end_to_end(tmp_path, tiny, monkeypatch):
+    import etk.methods.finetune.run as ft_run
+    from etk.methods.finetune.module import FineTuneModule
+
+    used = []
+
+    class Recording(FineTuneModule):  # the module the run itself trains: frozen weights before/after, LoRA moved
+        def on_fit_start(self):
+            self.at_start = {n: p.detach().clone() for n, p in self.net.named_parameters()}
+            used.append(self)
+
+        def on_fit_end(self):
+            self.at_end = {n: p.detach().clone() for n, p in self.net.named_parameters()}
+
+    monkeypatch.setattr(ft_run, "FineTuneModule", Recording)
     cfg = compose_finetune(tmp_path / "run", [
         "model=tiny", "logger=csv", "train.steps=30", "train.batch_size=8", "train.checkpoint_every=10",
         "optim.lr=5e-2", "lora.target_modules=[q_proj,v_proj,o_proj,lm_head]", "eval.n_examples=14", "eval.box_counts=[2]", "trainer.enable_progress_bar=false",
         f"export={tmp_path / 'exported'}",
     ])
-    before = {k: v.clone() for k, v in load_model(cfg.model)[0].state_dict().items()}
     card = run_finetune(cfg)
+    m = used[0]
+    lora = [n for n in m.at_start if "lora_" in n]
+    assert lora and all(torch.equal(m.at_start[n], m.at_end[n]) for n in m.at_start if n not in lora)
+    assert any(not torch.equal(m.at_start[n], m.at_end[n]) for n in lora)
     # loss goes down
     import csv
 
@@ -63,13 +80,12 @@ def test_finetune_tiny_end_to_end(tmp_path, tiny):
     # checkpoints hold only the adapter weights
     ck = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ck["state_dict"] and all("lora_" in k for k in ck["state_dict"])
-    # exported adapter + card; loading merges it and changes the logits; base weights untouched
+    # exported adapter + card; loading merges it and changes the logits
     exported = tmp_path / "exported"
     assert (exported / "adapter_model.safetensors").exists()
     doc = json.loads((exported / "card.json").read_text())
     assert doc["steps"] == 30 and doc["command"].startswith("python finetune.py") and doc["eval"][0]["n"] == 14
     base, _ = load_model(cfg.model)
-    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
     cfg.model.adapters = [str(exported)]
     tuned, _ = load_model(cfg.model)
     ids = torch.tensor([[1, 10, 20, 30, 40, 50]])

@@ -169,3 +169,113 @@ def test_partial_depth_forward_equals_plain(deep_gqa, tok, start):
     cache = DynamicCache([(lay.keys[:, :, :ps], lay.values[:, :, :ps]) for lay in full.layers], config=arch.base.config)
     hid = forward_from_layer(deep_gqa, h[start], start, batch.attention_mask, batch.position_ids[:, ps:], cache)
     assert torch.allclose(hid, out.last_hidden_state[:, ps:], atol=1e-5)
+
+
+def test_fast_equals_naive_relative_on_large_scores(tok):
+    """Weights scaled up so that every stage's scores are large (>= 1e-3): fast matches the definition to a relative
+    tolerance, stage after stage with the receivers each stage passes on."""
+    model = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(4.0)
+    dims = LlamaFamily(model).dims
+    batch = pp_batch(tok, n=10, n_boxes=4)
+    prev = None
+    for group in GROUPS:
+        st = STAGES[group]
+        rec = None if st.receiver_site is None else receivers_from(prev, st.receiver_site, dims)
+        reach = reachable_layers(st, rec, dims.n_layers)
+        naive = naive_scores(model, batch, st, rec, all_heads(dims))[0] / len(batch)
+        fast = fast_scores(model, batch, st, rec, [h for h in all_heads(dims) if h.layer in reach])[0] / len(batch)
+        scale = float(naive.abs().max())
+        assert scale >= 1e-3, group
+        assert torch.allclose(fast, naive, rtol=1e-3, atol=1e-4 * scale), (group, (fast - naive).abs().max())
+        mask = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
+        mask[reach] = True
+        prev = top_k(fast, 4, mask)
+
+
+def composition_chain(tok, sender=1, decoy=3, receiver=2):
+    """A 2-layer model whose only writers are: layer-0 `sender` (token identity into a subspace S) and `decoy` (into
+    S'), and layer-1 `receiver`, whose query and value read S (plus an object-finding key) and whose output writes
+    the objects' identity to the logits. Composition runs sender -> receiver through q and v; the decoy reaches the
+    receiver only through the normalisation."""
+    from etk.data.vocab import load_objects, single_token_id
+
+    m = tiny_llama(len(tok), n_layers=2, n_heads=4, n_kv_heads=2, d_model=128, seed=5)
+    arch = LlamaFamily(m)
+    D, gs, d = arch.dims.head_dim, arch.dims.group_size, 128
+    is_obj = torch.zeros(arch.lm_head.weight.shape[0], dtype=torch.bool)
+    is_obj[[i for i in (single_token_id(tok, w) for w in load_objects()) if i is not None]] = True
+    g = torch.Generator().manual_seed(1)
+
+    def basis(lo, hi):  # an orthonormal D-dim basis inside dims [lo, hi), zero elsewhere: [d, D]
+        out = torch.zeros(d, D)
+        out[lo:hi] = torch.linalg.qr(torch.randn(hi - lo, D, generator=g))[0]
+        return out
+
+    with torch.no_grad():
+        emb = arch.base.model.embed_tokens.weight
+        emb.copy_(torch.randn(emb.shape, generator=g))
+        emb[:, 64:] = 0
+        emb[:, 0], emb[:, 1] = 1.0, torch.where(is_obj, 3.0, 0.0)
+        for j in range(2):
+            for n in ("q_proj", "k_proj", "o_proj"):
+                arch.proj(j, n).weight.zero_()
+            arch.mlp(j).down_proj.weight.zero_()
+        ident, S, S2 = basis(2, 64), basis(64, 96), basis(96, 128)
+        for h, out in ((sender, S), (decoy, S2)):  # uniform attention (q = 0), values = token identity
+            arch.proj(0, "v_proj").weight[(h // gs) * D:(h // gs + 1) * D] = ident.T * 4
+            arch.proj(0, "o_proj").weight[:, h * D:(h + 1) * D] = out * 0.5
+        slow, r, gr = D // 2 - 1, receiver, receiver // gs
+        arch.proj(1, "q_proj").weight[r * D:(r + 1) * D] = S.T * 6
+        arch.proj(1, "q_proj").weight[r * D + slow, 0] = 20.0
+        arch.proj(1, "k_proj").weight[gr * D + slow, 1] = 1.0
+        arch.proj(1, "v_proj").weight[gr * D:(gr + 1) * D] = S.T * 8
+        arch.proj(1, "o_proj").weight[:, r * D:(r + 1) * D] = ident
+        arch.lm_head.weight.copy_(emb * 0.5)
+        arch.lm_head.weight[~is_obj] = 0
+        arch.lm_head.weight[~is_obj, 0] = -20.0
+    return m.eval()
+
+
+@pytest.mark.parametrize("group", ["pos_transmitter", "pos_detector", "struct_reader"])
+def test_planted_q_and_v_composition_is_ranked_first(tok, group):
+    """PT (through the receiver's q at `last`), PD and SR (through its v at query_label / prev_query_label) rank the
+    planted sender first, far above the decoy; heads that write nothing score 0 in the definition."""
+    model = composition_chain(tok)
+    dims = LlamaFamily(model).dims
+    batch = pp_batch(tok, n=12, n_boxes=3)
+    st = STAGES[group]
+    rec = receivers_from([HeadId(1, 2)], st.receiver_site, dims)
+    reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
+    naive = naive_scores(model, batch, st, rec, all_heads(dims))[0] / len(batch)
+    fast = fast_scores(model, batch, st, rec, reach)[0] / len(batch)
+    for s in (naive, fast):
+        assert top_k(s, 1)[0] == (0, 1)
+        assert abs(float(s[0, 1])) > 5 * abs(float(s[0, 3]))
+    assert naive[0, 0] == 0 and naive[0, 2] == 0
+    assert torch.allclose(fast, naive, rtol=1e-3, atol=1e-4 * float(naive.abs().max()))
+
+
+def test_structure_reader_with_mixed_box_counts(tok, deep_gqa):
+    """Prompts of 2-4 boxes in one batch: every prompt keeps its label positions (padded with -1), corrupt prompts
+    come from contexts of every size (contexts are told apart by content, not by their reused sample ids), and the
+    SR stage's fast scores still equal the definition."""
+    from etk.data.pairs import path_patching_pairs
+
+    exs = mixed_length_examples(tok, n=12, seed=2)
+    assert len({e.context.sample_id for e in exs}) < len({e.context for e in exs})  # ids collide across box counts
+    pairs = path_patching_pairs(exs, __import__("random").Random(0))
+    assert {p.source.context.n_boxes for p in pairs} == {2, 3, 4}
+    assert all(0 <= p.source_box < p.source.context.n_boxes for p in pairs)
+    batch = next(iter(pp_loader(tok, exs, seed=0, batch_size=12, padding_side="right")))
+    labels = batch.corrupt.roles["labels"]
+    assert labels.shape == (12, 4) and (labels[:, :2] >= 0).all() and (labels == -1).any()
+    p_s, p_c = batch.positions(STAGES["struct_reader"])
+    assert (p_c >= 0).all() and torch.equal(batch.corrupt.input_ids[torch.arange(12), p_c] >= 0, torch.ones(12, dtype=torch.bool))
+    st, rec, reach, dims = stage_setup(deep_gqa, "struct_reader", RECV)
+    naive = naive_scores(deep_gqa, batch, st, rec, all_heads(dims))[0] / 12
+    fast = fast_scores(deep_gqa, batch, st, rec, reach)[0] / 12
+    assert naive.abs().max() > 0 and (naive - fast).abs().max() <= 1e-5

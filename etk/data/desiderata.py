@@ -1,4 +1,4 @@
-"""DCM / activation-patching data: base prompts split by context (sample_id), sources drawn within each split,
+"""DCM / activation-patching data: base prompts split by context, sources drawn within each split,
 targets from the desideratum (SPEC §4.1, with [BUG-pos], [BUG-substr], [BUG-label] fixed)."""
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ def split_by_context(examples: Sequence[Example], sizes: Sequence[int]) -> list[
     for n in sizes:
         part: list[Example] = []
         while i < len(examples) and len(part) < n:
-            sid = examples[i].context.sample_id
-            while i < len(examples) and examples[i].context.sample_id == sid:
+            ctx = examples[i].context
+            while i < len(examples) and examples[i].context == ctx:
                 part.append(examples[i])
                 i += 1
         if len(part) < n:

@@ -30,10 +30,11 @@ class Pair:
     source_box: int = -1
 
 
-def _group_by_context(examples: Sequence[Example]) -> dict[int, list[Example]]:
-    groups: dict[int, list[Example]] = {}
+def _group_by_context(examples: Sequence[Example]) -> dict[Context, list[Example]]:
+    """Examples by their context (the context itself, not its sample_id: datasets of several box counts reuse ids)."""
+    groups: dict[Context, list[Example]] = {}
     for ex in examples:
-        groups.setdefault(ex.context.sample_id, []).append(ex)
+        groups.setdefault(ex.context, []).append(ex)
     return groups
 
 

@@ -175,11 +175,13 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
     for name in SCALAR_ROLES:
         r = torch.tensor([it.roles[name] for it in items], dtype=torch.long)
         roles[name] = torch.where(r >= 0, r + shift, r)
-    for name in VECTOR_ROLES:
-        widths = {len(it.roles[name]) for it in items}  # type: ignore[arg-type]
-        if len(widths) == 1:
-            r = torch.tensor([it.roles[name] for it in items], dtype=torch.long)
-            roles[name] = r + shift[:, None]
+    for name in VECTOR_ROLES:  # [B, max boxes]; prompts with fewer boxes are padded with -1
+        width = max(len(it.roles[name]) for it in items)  # type: ignore[arg-type]
+        r = torch.full((B, width), -1, dtype=torch.long)
+        for b, it in enumerate(items):
+            v = torch.tensor(it.roles[name], dtype=torch.long)
+            r[b, : len(v)] = v + shift[b]
+        roles[name] = r
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
     return PromptBatch(ids, mask, position_ids, roles, answer, troles)
