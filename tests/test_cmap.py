@@ -236,3 +236,36 @@ def test_shipped_enhancement_pair_is_a_toggled_lora_pair():
     assert base["name"] == "smollm2_tracker_weak" and ft["name"] == "smollm2_weak_enhanced"
     assert toggled_adapter(base, ft) == "etk:assets/adapters/weak_enhanced"
     assert cfg.pair.name == "smol_enhance"
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_cmap_module_between_two_different_models_patches_in_its_direction(tok, direction):
+    """CMAPModule on two different tiny models (loaded separately, no adapter): row 0 is the source model, row 1 the
+    target, and each head set's row equals the target with the source's z patched in by hand-built hooks — with
+    source and target swapped by `direction`."""
+    from etk.methods.cmap.module import CMAPModule
+    from etk.models.loading import load_model
+
+    base_cfg = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "seed": 0},
+                "dtype": "float32"}
+    ft_cfg = {**base_cfg, "name": "tiny_other", "tiny": {**base_cfg["tiny"], "seed": 1}}
+    module = CMAPModule(base_cfg, ft_cfg, direction)
+    module.configure_model()
+    assert not module.pair.toggled
+    batch, _ = batch_of(tok, n=8, n_boxes=3)
+    base, ft = (load_model(OmegaConf.create(c))[0] for c in (base_cfg, ft_cfg))
+    src, tgt = (ft, base) if direction == "forward" else (base, ft)
+    sets = {"vf": HeadSet.from_circuit({"value_fetcher": GROUPS["value_fetcher"]}), "all": HeadSet.from_circuit(GROUPS)}
+    module.head_sets = sets
+    module.on_predict_epoch_start()
+    module.predict_step(batch, 0)
+    rows, logp = module.acc.per_example(), module.acc.per_example_logp()  # [4, N]
+    hand = [last_logits(src, batch), last_logits(tgt, batch)] + [cmap_logits(src, tgt, batch, g) for g in
+                                                                  ({"value_fetcher": GROUPS["value_fetcher"]}, GROUPS)]
+    for r, lp, logits in zip(rows, logp, hand):
+        assert torch.equal(r.bool(), logits.argmax(-1) == batch.answer)
+        assert torch.allclose(lp, logits.log_softmax(-1)[torch.arange(len(batch)), batch.answer], atol=1e-5)
+    assert not torch.allclose(hand[3], hand[1], atol=1e-4) and not torch.allclose(hand[0], hand[1], atol=1e-4)
+    # the logits the rows come from: recompute the patched target through the module's own pair
+    with module.pair.use("base" if direction == "forward" else "finetuned") as m:
+        assert torch.allclose(last_logits(m, batch), hand[1], atol=1e-6)

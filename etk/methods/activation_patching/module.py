@@ -11,7 +11,7 @@ from etk.data.roles import PairBatch
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
 from etk.methods.base import ModelHost
-from etk.methods.circuit_eval.module import AblationAccuracy
+from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
 
@@ -38,4 +38,5 @@ class ActivationPatchingModule(ModelHost):
         for hs in self.head_sets.values():
             with hooked(self.net, patches=hs.patches(src, batch.base, n_heads)):
                 rows.append(last_logits(self.net, batch.base))
-        self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]))
+        self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]),
+                        torch.stack([answer_logp(r, batch.base.answer) for r in rows]))

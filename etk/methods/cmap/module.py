@@ -15,7 +15,7 @@ from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
-from etk.methods.circuit_eval.module import AblationAccuracy
+from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
 from etk.models.pair import PairModels, load_pair
@@ -76,4 +76,5 @@ class CMAPModule(L.LightningModule):
             for hs in self.head_sets.values():
                 with hooked(model, patches=hs.patches(src, batch, n_heads)):
                     rows.append(last_logits(model, batch))
-        self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]))
+        self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]),
+                        torch.stack([answer_logp(r, batch.answer) for r in rows]))
