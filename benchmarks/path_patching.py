@@ -26,9 +26,9 @@ from omegaconf import open_dict  # noqa: E402
 from etk.data.datasets import task_examples  # noqa: E402
 from etk.interventions.components import all_heads  # noqa: E402
 from etk.methods.path_patching.attribution import attribution_scores  # noqa: E402
+from etk.methods.path_patching.discover import discover  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import naive_scores  # noqa: E402
-from etk.methods.path_patching.discover import discover  # noqa: E402
 from etk.methods.path_patching.stages import LLAMA_SCHEDULE, STAGES, pp_loader  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402

@@ -9,15 +9,8 @@ import torch
 from etk.circuits import Circuit, load_circuit, overlap
 from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
-from etk.methods.circuit_eval.ablation import (
-    VITAL_ROLES,
-    ablation_patches,
-    ceiling_ablation,
-    circuit_ablation,
-    full_model,
-    keep_rows,
-    repeat_batch,
-)
+from etk.methods.circuit_eval.ablation import (VITAL_ROLES, ablation_patches, ceiling_ablation, circuit_ablation,
+                                               full_model, keep_rows, repeat_batch)
 from etk.methods.circuit_eval.completeness import completeness
 from etk.methods.circuit_eval.faithfulness import faithfulness, random_ablation
 from etk.methods.circuit_eval.minimality import minimality

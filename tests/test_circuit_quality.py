@@ -9,20 +9,10 @@ import torch
 from etk.circuits import GROUPS, Circuit, load_circuit
 from etk.data.roles import ROLE_ID, ROLE_VOCAB
 from etk.interventions.hooks import hooked
-from etk.methods.circuit_eval.ablation import (
-    Ablation,
-    ablation_patches,
-    ceiling_ablation,
-    empty_keep,
-    full_model,
-)
+from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, ceiling_ablation, empty_keep, full_model
 from etk.methods.circuit_eval.curve import curve_circuits, integrated, ranked_heads
 from etk.methods.circuit_eval.faithfulness import faithfulness
-from etk.methods.circuit_eval.search import (
-    UnitAttribution,
-    exact_removal_effects,
-    grow_and_prune,
-)
+from etk.methods.circuit_eval.search import UnitAttribution, exact_removal_effects, grow_and_prune
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from tests.helpers import batch_of, planted_model

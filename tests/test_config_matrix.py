@@ -1,7 +1,6 @@
 """Every method x pair x desideratum config composes, resolves and passes validation; every method config names a
 registered method, and every registered method with a study step is a valid study step."""
 
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

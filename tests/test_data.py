@@ -8,13 +8,8 @@ import pytest
 from etk.data.boxes import Context, Example, generate_examples
 from etk.data.datasets import pad_id, task_vocab
 from etk.data.jsonl import read_jsonl, write_jsonl
-from etk.data.pairs import (
-    box_label_value_pairs,
-    mean_ablation_examples,
-    object_value_pairs,
-    path_patching_pairs,
-    positional_pairs,
-)
+from etk.data.pairs import (box_label_value_pairs, mean_ablation_examples, object_value_pairs, path_patching_pairs,
+                            positional_pairs)
 from etk.data.roles import TokenizationError, collate, encode_example
 from etk.data.vocab import VocabularyError, load_objects
 from etk.models.tiny import tiny_tokenizer

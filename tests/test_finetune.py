@@ -96,11 +96,7 @@ def test_finetune_tiny_end_to_end(tmp_path, tiny, monkeypatch):
 def test_relation_frames_never_emit_the_box_template_and_are_seeded(tok):
     import re
 
-    from etk.data.finetune_data import (
-        BOX_TEMPLATE_WORDS,
-        RELATION_FRAMES,
-        relation_items,
-    )
+    from etk.data.finetune_data import BOX_TEMPLATE_WORDS, RELATION_FRAMES, relation_items
 
     items = relation_items(300, tok, seed=3, arithmetic_fraction=0.2)
     box = re.compile(r"\bis in \w+ [A-Z]\b|\bBox\b|\bcontains the\b")

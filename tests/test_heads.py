@@ -30,7 +30,7 @@ def test_from_circuit_merges_groups_at_a_role_and_keeps_order():
 def test_random_like_draws_without_replacement_per_role(tiny):
     dims = LlamaFamily(tiny).dims
     n = dims.n_layers * dims.n_heads
-    hs = HeadSet({"last": [(l, h) for l in range(dims.n_layers) for h in range(dims.n_heads)][:n - 1],
+    hs = HeadSet({"last": [(la, h) for la in range(dims.n_layers) for h in range(dims.n_heads)][:n - 1],
                   "query_label": [(0, 0), (1, 1)]})
     for seed in range(10):
         r = hs.random_like(dims, random.Random(seed))

@@ -8,15 +8,8 @@ import pytest
 import torch
 
 from etk.data.roles import PromptBatch
-from etk.interventions.knockout import (
-    KNOCKOUT_ATTN,
-    STATE_ATTR,
-    config_rows,
-    edge_positions,
-    knockout,
-    parse_edge,
-    random_context_positions,
-)
+from etk.interventions.knockout import (KNOCKOUT_ATTN, STATE_ATTR, config_rows, edge_positions, knockout, parse_edge,
+                                        random_context_positions)
 from etk.methods.knockout.module import KnockoutModule
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits

@@ -7,14 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from etk.circuits import (
-    GROUPS,
-    Circuit,
-    load_circuit,
-    load_score_map,
-    save_score_map,
-    top_k,
-)
+from etk.circuits import GROUPS, Circuit, load_circuit, load_score_map, save_score_map, top_k
 from etk.data.boxes import generate_examples
 from etk.data.datasets import task_vocab
 from etk.interventions.components import HeadId, all_heads
@@ -22,12 +15,7 @@ from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
 from etk.methods.path_patching.run import rank_agreement
-from etk.methods.path_patching.stages import (
-    STAGES,
-    pp_loader,
-    reachable_layers,
-    receivers_from,
-)
+from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from
 from etk.models.arch import LlamaFamily
 from etk.models.tiny import tiny_llama
 from tests.helpers import mixed_length_examples, planted_model

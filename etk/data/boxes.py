@@ -199,14 +199,8 @@ def query_examples(context: Context, template: Template = PAPER_TEMPLATE) -> lis
     return [Example(context, lab, template) for lab in context.labels]
 
 
-def generate_contexts(
-    n_contexts: int,
-    n_boxes: int,
-    objects: Sequence[str],
-    labels: Sequence[str] = LETTERS,
-    seed: int = 0,
-    start_id: int = 0,
-) -> list[Context]:
+def generate_contexts(n_contexts: int, n_boxes: int, objects: Sequence[str], labels: Sequence[str] = LETTERS,
+                      seed: int = 0, start_id: int = 0) -> list[Context]:
     """Seeded random contexts with distinct objects and distinct one-letter labels."""
     if not 1 <= n_boxes <= 26:
         raise ValueError(f"n_boxes must be in 1..26, got {n_boxes}")
@@ -222,14 +216,8 @@ def generate_contexts(
     ]
 
 
-def generate_examples(
-    n_examples: int,
-    n_boxes: int,
-    objects: Sequence[str],
-    labels: Sequence[str] = LETTERS,
-    seed: int = 0,
-    template: Template = PAPER_TEMPLATE,
-) -> list[Example]:
+def generate_examples(n_examples: int, n_boxes: int, objects: Sequence[str], labels: Sequence[str] = LETTERS,
+                      seed: int = 0, template: Template = PAPER_TEMPLATE) -> list[Example]:
     """The first `n_examples` query lines of a generated dataset (each context yields n_boxes lines)."""
     n_contexts = -(-n_examples // n_boxes)
     contexts = generate_contexts(n_contexts, n_boxes, objects, labels, seed)

@@ -58,6 +58,17 @@ def build_logger(cfg: DictConfig):
     return logger
 
 
+@contextmanager
+def run_logger(cfg: DictConfig):
+    """The run's logger (`logger=wandb|csv|none`, None for none) for the block; finished (W&B run ended) on exit,
+    also on errors."""
+    logger = build_logger(cfg)
+    try:
+        yield logger
+    finally:
+        finish_logger(logger)
+
+
 def finish_logger(logger) -> None:
     """End the W&B run (multirun jobs in one process must not merge) and flush other loggers."""
     if logger is None:

@@ -21,14 +21,7 @@ from etk.interventions.heads import HeadSet
 from etk.methods.activation_patching.module import ActivationPatchingModule
 from etk.metrics import wilson_interval
 from etk.models.arch import LlamaFamily
-from etk.runners.common import (
-    build_logger,
-    data_config,
-    emit,
-    finish_logger,
-    plain_config,
-    trainer_kwargs,
-)
+from etk.runners.common import run_logger, data_config, emit, plain_config, trainer_kwargs
 
 
 def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
@@ -49,8 +42,7 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     module.head_sets = {"selected": selected, "random": rand_set}
     data_cfg = data_config(cfg, m.n_examples)
     bases = task_examples(data_cfg, module.tokenizer)
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
         per_repeat = []
         for r in range(int(m.repeats)):
@@ -74,8 +66,6 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
                    "random_heads": [list(h) for h in rand], "repeats": int(m.repeats), "n": len(bases),
                    "accuracy_percent": summary, "config": plain_config(cfg)}
         return emit(payload, "etk.activation_patching/v1", logger, {f"ap/{n}": v["mean"] for n, v in summary.items()})
-    finally:
-        finish_logger(logger)
 
 
 def study_jobs(study):

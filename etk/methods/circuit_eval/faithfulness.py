@@ -11,12 +11,7 @@ import torch
 
 from etk.circuits import Circuit
 from etk.data.roles import ROLE_ID
-from etk.methods.circuit_eval.ablation import (
-    Ablation,
-    ceiling_ablation,
-    circuit_ablation,
-    full_model,
-)
+from etk.methods.circuit_eval.ablation import Ablation, ceiling_ablation, circuit_ablation, full_model
 from etk.metrics import bootstrap_ratio
 from etk.models.arch import Dims
 

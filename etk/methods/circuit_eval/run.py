@@ -20,23 +20,14 @@ from etk.methods.circuit_eval.evaluator import Evaluator
 from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
 from etk.metrics import fmt
-from etk.runners.common import (
-    build_logger,
-    circuit_spec,
-    emit,
-    finish_logger,
-    output_dir,
-    plain_config,
-    require_circuit,
-    trainer_kwargs,
-)
+from etk.runners.common import (run_logger, circuit_spec, emit, output_dir, plain_config,
+                                require_circuit, trainer_kwargs)
 
 
 def _run(cfg: DictConfig, schema: str, body, needs_circuit: bool = True) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     spec, circuit = require_circuit(cfg) if needs_circuit else (None, None)
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         t0 = time.time()
         ev = Evaluator(cfg, circuit)
         res = body(ev, circuit)
@@ -46,37 +37,41 @@ def _run(cfg: DictConfig, schema: str, body, needs_circuit: bool = True) -> dict
                    "forwards": {"full": ev.module.forwards, "vital_only": ev.module.vital_forwards},
                    "wall_s": round(time.time() - t0, 1), "config": plain_config(cfg)}
         return emit(payload, schema, logger, {k: v for k, v in res.items() if isinstance(v, (int, float))})
-    finally:
-        finish_logger(logger)
+
+
+def _evaluated(cfg: DictConfig, schema: str, compute, describe) -> dict[str, Any]:
+    """A circuit method that computes one document from the evaluator and prints one line describing it."""
+    def body(ev, circuit):
+        r = compute(ev, circuit)
+        print(f"[etk] {describe(r)}")
+        return r
+    return _run(cfg, schema, body)
 
 
 def run_faithfulness(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
 
-    def body(ev, circuit):
-        r = faithfulness(ev, circuit, ev.dims, int(m.n_random), int(m.random_seed), bool(m.ablate_non_vital),
-                         bool(m.legacy_rounding), int(m.n_bootstrap))
+    def describe(r):
         c = r["ceiling"]
-        print(f"[etk] faithfulness of {circuit_spec(cfg)} on {cfg.model.name}: {fmt(r['faithfulness'])} "
-              f"(95% CI {fmt(r['ci_low'])}-{fmt(r['ci_high'])}; circuit acc {r['accuracy_circuit']:.3f}, model acc "
-              f"{r['accuracy_model']:.3f}); ceiling of three-position circuits {fmt(c['faithfulness'])} (acc "
-              f"{c['accuracy']:.3f}), relative to ceiling {fmt(r['relative_to_ceiling'])}; random circuits "
-              f"{fmt(r['random']['faithfulness_mean'])} ± {fmt(r['random']['faithfulness_sd'])}")
-        return r
-    return _run(cfg, "etk.faithfulness/v1", body)
+        return (f"faithfulness of {circuit_spec(cfg)} on {cfg.model.name}: {fmt(r['faithfulness'])} (95% CI "
+                f"{fmt(r['ci_low'])}-{fmt(r['ci_high'])}; circuit acc {r['accuracy_circuit']:.3f}, model acc "
+                f"{r['accuracy_model']:.3f}); ceiling of three-position circuits {fmt(c['faithfulness'])} (acc "
+                f"{c['accuracy']:.3f}), relative to ceiling {fmt(r['relative_to_ceiling'])}; random circuits "
+                f"{fmt(r['random']['faithfulness_mean'])} ± {fmt(r['random']['faithfulness_sd'])}")
+    return _evaluated(cfg, "etk.faithfulness/v1", lambda ev, c: faithfulness(
+        ev, c, ev.dims, int(m.n_random), int(m.random_seed), bool(m.ablate_non_vital), bool(m.legacy_rounding),
+        int(m.n_bootstrap)), describe)
 
 
 def run_completeness(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
 
-    def body(ev, circuit):
-        r = completeness(ev, circuit, ev.dims, int(m.n_random), float(m.p), int(m.random_seed))
+    def describe(r):
         rs = r["random"].get("incompleteness", {})
-        print(f"[etk] incompleteness of {circuit_spec(cfg)} on {cfg.model.name}: random K {rs.get('mean', float('nan')):.3f} "
-              f"± {rs.get('sd', float('nan')):.3f}; groups " +
-              ", ".join(f"{g} {v['incompleteness']:.3f}" for g, v in r["groups"].items()))
-        return r
-    return _run(cfg, "etk.completeness/v1", body)
+        return (f"incompleteness of {circuit_spec(cfg)} on {cfg.model.name}: random K {fmt(rs.get('mean'))} ± "
+                f"{fmt(rs.get('sd'))}; groups " + ", ".join(f"{g} {v['incompleteness']:.3f}" for g, v in r["groups"].items()))
+    return _evaluated(cfg, "etk.completeness/v1",
+                      lambda ev, c: completeness(ev, c, ev.dims, int(m.n_random), float(m.p), int(m.random_seed)), describe)
 
 
 def run_minimality(cfg: DictConfig) -> dict[str, Any]:
@@ -138,11 +133,7 @@ def pp_scores(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, t
 
 def run_faithfulness_curve(cfg: DictConfig) -> dict[str, Any]:
     """Faithfulness of each group's top-x% heads, x over `method.fractions`, with CIs, CPR/CMD and curve.png."""
-    from etk.methods.circuit_eval.ablation import (
-        ceiling_ablation,
-        circuit_ablation,
-        full_model,
-    )
+    from etk.methods.circuit_eval.ablation import ceiling_ablation, circuit_ablation, full_model
     from etk.methods.circuit_eval.curve import curve_circuits, curve_points, integrated
     from etk.methods.circuit_eval.faithfulness import random_ablation, summarise
     from etk.report.plots import curve_plot
@@ -329,15 +320,13 @@ def faithfulness_jobs(study):
 
 
 def curve_jobs(study):
+    """Each member's curve from its own path-patching scores."""
     from etk.methods.study.run import Job
 
-    for m in study.members:
-        yield Job(m, [f"model={m}", f"scores={study.dir('path_patching', m)}", *study.sizes("faithfulness_curve"),
-                      *study.ablation()])
+    return [Job(m, [f"model={m}", f"scores={study.dir('path_patching', m)}", *study.sizes("faithfulness_curve"),
+                    *study.ablation()]) for m in study.members]
 
 
 def search_jobs(study):
-    from etk.methods.study.run import Job
-
-    for m in study.members:
-        yield Job(m, [f"model={m}", *study.sizes("circuit_search"), *study.ablation()])
+    """Each member's position-aware circuit."""
+    return study.per_member("circuit_search", *study.ablation())

@@ -17,16 +17,8 @@ from etk.methods.cmap.module import CMAPModule
 from etk.metrics import share_of_gap, wilson_interval
 from etk.models.arch import LlamaFamily
 from etk.report.tables import markdown, with_ci
-from etk.runners.common import (
-    build_logger,
-    data_config,
-    emit,
-    finish_logger,
-    output_dir,
-    plain_config,
-    require_circuit,
-    trainer_kwargs,
-)
+from etk.runners.common import (run_logger, data_config, emit, output_dir, plain_config,
+                                require_circuit, trainer_kwargs)
 
 
 def _acc(correct: torch.Tensor) -> dict[str, float]:
@@ -65,8 +57,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
     module.pair.check([e.render().text for e in examples[:50]])
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
         trainer.predict(module, prompt_loader(module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
                         return_predictions=False)
@@ -90,8 +81,6 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
                    "adapter_toggled": module.pair.toggled,
                    "circuit": circuit_label(spec, circuit), "results": rows, "config": plain_config(cfg)}
         return emit(payload, "etk.cmap/v1", logger, {f"cmap/{k}": v["accuracy"] for k, v in rows.items()})
-    finally:
-        finish_logger(logger)
 
 
 def study_jobs(study):

@@ -17,14 +17,7 @@ from etk.data.datasets import make_template, task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
 from etk.methods.dcm.module import DCMModule
 from etk.report.plots import mask_plot
-from etk.runners.common import (
-    build_logger,
-    finish_logger,
-    output_dir,
-    plain_config,
-    require_circuit,
-    trainer_kwargs,
-)
+from etk.runners.common import run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 
 SCHEMA = "etk.dcm/v1"
 
@@ -55,8 +48,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
                        float(d.lam), float(d.lr), d.objective)
     module.configure_model()
     train, val, test = dcm_loaders(cfg, module.tokenizer)
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/select", mode="max", save_top_k=1,
                                filename="best", save_weights_only=True)
         trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=int(d.epochs), val_check_interval=min(int(d.val_every), len(train)),
@@ -98,8 +90,6 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
             if hasattr(logger, "log_image"):
                 logger.log_image(key="dcm/mask_plot", images=[str(out / "mask.png")])
         return payload
-    finally:
-        finish_logger(logger)
 
 
 def study_jobs(study):

@@ -7,17 +7,9 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from etk.artifacts import write_json
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.eval.module import AccuracyModule
-from etk.runners.common import (
-    build_logger,
-    data_config,
-    finish_logger,
-    output_dir,
-    plain_config,
-    trainer_kwargs,
-)
+from etk.runners.common import emit, run_logger, data_config, plain_config, trainer_kwargs
 
 SCHEMA = "etk.eval/v1"
 
@@ -52,8 +44,7 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     module = AccuracyModule(OmegaConf.to_container(cfg.model, resolve=True))
     module.configure_model()
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         counts = list(cfg.method.get("box_counts") or [cfg.data.n_boxes])
         n = cfg.method.get("n_examples")
@@ -61,15 +52,9 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         rows = evaluate_box_counts(module, data, counts, trainer, cfg.model.name, logger)
         main = rows[-1] if len(rows) == 1 else next((r for r in rows if r["n_boxes"] == cfg.data.n_boxes), rows[-1])
         payload = {"model": cfg.model.name, **main, "by_n_boxes": rows, "config": plain_config(cfg)}
-        write_json(output_dir() / "results.json", payload, SCHEMA)
-        return payload
-    finally:
-        finish_logger(logger)
+        return emit(payload, SCHEMA)
 
 
 def study_jobs(study):
     """Accuracy of both members."""
-    from etk.methods.study.run import Job
-
-    for m in study.members:
-        yield Job(m, [f"model={m}", *study.sizes("eval")])
+    return study.per_member("eval")

@@ -19,24 +19,13 @@ from torch.utils.data import DataLoader
 
 from etk.artifacts import write_json
 from etk.data.datasets import EncodedDataset, pad_id
-from etk.data.finetune_data import (
-    TextItem,
-    arithmetic_items,
-    boxes_items,
-    relation_items,
-)
+from etk.data.finetune_data import TextItem, arithmetic_items, boxes_items, relation_items
 from etk.errors import ConfigError
 from etk.methods.eval.module import AccuracyModule
 from etk.methods.eval.run import evaluate_box_counts
 from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import resolve_path
-from etk.runners.common import (
-    build_logger,
-    finish_logger,
-    output_dir,
-    plain_config,
-    trainer_kwargs,
-)
+from etk.runners.common import run_logger, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.finetune/v1"
 
@@ -87,8 +76,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
     loader = DataLoader(EncodedDataset(items), batch_size=bs, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed),
                         collate_fn=partial(collate_lm, pad_id=pad_id(module.tokenizer)))
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.train.checkpoint_every)
         trainer = L.Trainer(**trainer_kwargs(cfg), max_steps=steps, logger=logger or False, callbacks=[ckpt])
         t0 = time.time()
@@ -116,5 +104,3 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
             print(f"[etk] adapter exported to {cfg.export}")
         print(f"[etk] trained {steps} steps in {train_s:.0f} s")
         return card
-    finally:
-        finish_logger(logger)

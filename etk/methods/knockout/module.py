@@ -9,14 +9,8 @@ import torch
 
 from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
-from etk.interventions.knockout import (
-    RANDOM,
-    config_rows,
-    edge_positions,
-    knockout,
-    parse_edge,
-    random_context_positions,
-)
+from etk.interventions.knockout import (RANDOM, config_rows, edge_positions, knockout, parse_edge,
+                                        random_context_positions)
 from etk.methods.base import ModelHost
 from etk.methods.circuit_eval.ablation import repeat_batch
 from etk.methods.circuit_eval.module import AblationAccuracy

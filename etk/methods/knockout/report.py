@@ -33,14 +33,14 @@ def knockout_findings(ko: list[Doc], tol: float = 0.1) -> list[str]:
     return out
 
 
+def _table(ctx: ReportContext, d: Doc) -> list[str]:
+    starts = next(iter(d["edges"].values()))["start_layer"]
+    rows = [[e] + [f"{a:.2f}" for a in c["accuracy"]] for e, c in d["edges"].items()]
+    return [f"`{d['model']}` (baseline {d['baseline']['accuracy']:.3f}):", "",
+            markdown(["edge"] + [f"s={s}" for s in starts], rows), f"![knockout]({ctx.rel(d['_dir'])}/knockout.png)", ""]
+
+
 def section(ctx: ReportContext) -> Section | None:
     ko = ctx.docs("knockout")
-    if not ko:
-        return None
-    lines = []
-    for d in ko:
-        starts = next(iter(d["edges"].values()))["start_layer"]
-        rows = [[e] + [f"{a:.2f}" for a in c["accuracy"]] for e, c in d["edges"].items()]
-        lines += [f"`{d['model']}` (baseline {d['baseline']['accuracy']:.3f}):", "",
-                  markdown(["edge"] + [f"s={s}" for s in starts], rows), f"![knockout]({ctx.rel(d['_dir'])}/knockout.png)", ""]
-    return Section("Attention knockout (edges blocked in all heads of layers ≥ s)", lines, knockout_findings(ko))
+    return Section("Attention knockout (edges blocked in all heads of layers ≥ s)",
+                   [line for d in ko for line in _table(ctx, d)], knockout_findings(ko)) if ko else None

@@ -9,19 +9,11 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import write_json
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.knockout.module import KnockoutModule
 from etk.metrics import wilson_interval
 from etk.report.plots import line_plot
-from etk.runners.common import (
-    build_logger,
-    data_config,
-    finish_logger,
-    output_dir,
-    plain_config,
-    trainer_kwargs,
-)
+from etk.runners.common import emit, run_logger, data_config, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.knockout/v1"
 PLOT = "knockout.png"
@@ -54,8 +46,7 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
                             None if m.get("start_layers") is None else list(m.start_layers),
                             int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)))
     module.configure_model()
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         data_cfg = data_config(cfg, m.n_examples)
         tok = module.tokenizer
@@ -77,14 +68,9 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
                 logger.log_metrics({f"knockout/{e}": c["accuracy"][i] for e, c in curves.items()}, step=s)
         payload = {"model": cfg.model.name, "n": baseline["n"], "n_layers": module.n_layers, "baseline": baseline,
                    "edges": curves, "plot": PLOT, "forwards": module.forwards, "config": plain_config(cfg)}
-        write_json(output_dir() / "results.json", payload, SCHEMA)
-        return payload
-    finally:
-        finish_logger(logger)
+        return emit(payload, SCHEMA)
 
 
 def study_jobs(study):
-    from etk.methods.study.run import Job
-
-    for m in study.members:
-        yield Job(m, [f"model={m}", *study.sizes("knockout")])
+    """Knockout curves of both members."""
+    return study.per_member("knockout")

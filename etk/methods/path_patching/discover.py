@@ -12,13 +12,7 @@ import torch
 from etk.circuits import top_k
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId, all_heads
-from etk.methods.path_patching.stages import (
-    STAGES,
-    Receivers,
-    Stage,
-    reachable_layers,
-    receivers_from,
-)
+from etk.methods.path_patching.stages import STAGES, Receivers, Stage, reachable_layers, receivers_from
 from etk.models.arch import Dims
 
 Score = Callable[[Stage, "Receivers | None", list[HeadId]], tuple[torch.Tensor, dict[str, Any]]]

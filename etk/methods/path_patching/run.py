@@ -16,20 +16,10 @@ from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
 from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
-from etk.methods.path_patching.stages import (
-    discovery_schedule,
-    pp_loader,
-)
+from etk.methods.path_patching.stages import discovery_schedule, pp_loader
 from etk.models.arch import LlamaFamily
 from etk.report.plots import head_heatmap
-from etk.runners.common import (
-    build_logger,
-    data_config,
-    finish_logger,
-    output_dir,
-    plain_config,
-    trainer_kwargs,
-)
+from etk.runners.common import run_logger, data_config, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.path_patching/v1"
 
@@ -58,8 +48,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
     loader = pp_loader(module.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
-    logger = build_logger(cfg)
-    try:
+    with run_logger(cfg) as logger:
         kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
         trainer = L.Trainer(**kw)
         runs = [m.algorithm] + (["fast"] if m.algorithm == "attribution" and m.compare_exact else [])
@@ -119,13 +108,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                    "circuit": {g: [list(h) for h in hs] for g, hs in cand.groups.items()}, "config": plain_config(cfg)}
         write_json(out / "results.json", payload, SCHEMA)
         return payload
-    finally:
-        finish_logger(logger)
 
 
 def study_jobs(study):
     """Circuit discovery on both members (their candidate sets)."""
-    from etk.methods.study.run import Job
-
-    for m in study.members:
-        yield Job(m, [f"model={m}", *study.sizes("path_patching")])
+    return study.per_member("path_patching")

@@ -21,14 +21,7 @@ from etk.data.datasets import task_examples
 from etk.errors import ConfigError
 from etk.methods.registry import MethodSpec, get
 from etk.models.pair import load_pair
-from etk.runners.common import (
-    compose,
-    data_config,
-    free_model,
-    output_dir,
-    step_output,
-    to_overrides,
-)
+from etk.runners.common import compose, data_config, free_model, output_dir, step_output, to_overrides
 
 INHERITED = ("pair", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
 
@@ -79,6 +72,10 @@ class Study:
 
     def note(self, line: str) -> None:
         self.log.append(line)
+
+    def per_member(self, step: str, *extra: str) -> list[Job]:
+        """One job per member: `model=<member>`, `extra` overrides, the step's sizes."""
+        return [Job(m, [f"model={m}", *extra, *self.sizes(step)]) for m in self.members]
 
     # -- running ----------------------------------------------------------------------------------------------
     def compose(self, spec: MethodSpec, job: Job) -> DictConfig:
