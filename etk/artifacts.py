@@ -14,9 +14,32 @@ from typing import Any
 from etk.errors import DataError
 
 
-def write_text(path: str | Path, text: str) -> Path:
-    """Write a text file atomically (temp file + rename): a crash mid-write never leaves a truncated file."""
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed run (only rank 0 writes artefacts)."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def save_tensor(obj: Any, path: str | Path) -> Path:
+    """torch.save on rank 0, atomically."""
+    import torch
+
     path = Path(path)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a text file atomically (temp file + rename): a crash mid-write never leaves a truncated file. In a
+    distributed run only rank 0 writes (every rank computed the same gathered results)."""
+    path = Path(path)
+    if not is_main_process():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)

@@ -55,20 +55,65 @@ def share_of_gap(patched: torch.Tensor, target: torch.Tensor, source: torch.Tens
     return {"share": float(p.mean() - t.mean()) / gap, "ci_low": lo, "ci_high": hi, "gap": gap}
 
 
-class TaskAccuracy(Metric):
-    """Top-1 accuracy of the answer token; keeps per-example correctness (states are concatenated)."""
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over all processes (itself with one process). For sums over a predict loop's shards: Lightning's
+    predict sampler gives every example to exactly one process, so the sum is the one-process sum."""
+    if world_size() == 1:
+        return t
+    import torch.distributed as dist
+
+    out = t.detach().clone().to(torch.float64 if t.is_floating_point() else t.dtype)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.dtype)
+
+
+class ExampleMetric(Metric):
+    """Per-example states keyed by dataset index: `gathered(*states)` returns them from every process, in dataset
+    order, each example once (the distributed sampler's repeats dropped). States are [N, ...] rows."""
 
     full_state_update = False
 
     def __init__(self) -> None:
         super().__init__()
+        self.add_state("index", default=[], dist_reduce_fx="cat")
+
+    def _add_index(self, index: torch.Tensor | None, n: int, device) -> None:
+        self.index.append(index.to(device) if index is not None else torch.full((n,), -1, dtype=torch.long, device=device))
+
+    def gathered(self, *names: str) -> list[torch.Tensor]:
+        if not self.index:
+            return [torch.zeros(0) for _ in names]
+        with self.sync_context(should_sync=world_size() > 1, should_unsync=True):
+            idx = dim_zero_cat(self.index).long()
+            vals = [dim_zero_cat(getattr(self, n)) for n in names]
+        if (idx < 0).any():  # batches without indices (built by hand): keep them as they came
+            return vals
+        order = torch.argsort(idx, stable=True)
+        idx = idx[order]
+        first = torch.ones_like(idx, dtype=torch.bool)
+        first[1:] = idx[1:] != idx[:-1]
+        return [v[order][first] for v in vals]
+
+
+class TaskAccuracy(ExampleMetric):
+    """Top-1 accuracy of the answer token; keeps per-example correctness, gathered in dataset order."""
+
+    def __init__(self) -> None:
+        super().__init__()
         self.add_state("correct", default=[], dist_reduce_fx="cat")
 
-    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:  # logits [B, V], target [B]
-        self.correct.append((logits.argmax(-1) == target).to(torch.float32))
+    def update(self, logits: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None) -> None:
+        self.correct.append((logits.argmax(-1) == target).to(torch.float32))  # logits [B, V], target [B]
+        self._add_index(index, len(target), target.device)
 
     def per_example(self) -> torch.Tensor:
-        return dim_zero_cat(self.correct) if self.correct else torch.zeros(0)
+        return self.gathered("correct")[0]
 
     def compute(self) -> dict[str, float]:
         c = self.per_example()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from typing import Sequence
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from etk.data.boxes import Example, Template, generate_examples
 from etk.data.roles import Encoded, collate, encode_example
@@ -32,7 +33,9 @@ def task_examples(data_cfg, tokenizer) -> list[Example]:
 
 
 class EncodedDataset(Dataset):
-    """A list of tokenized prompts (or of (base, source) pairs of them)."""
+    """A list of tokenized prompts (or of (base, source, ...) tuples of them). Each item comes out stamped with its
+    dataset index, which batches carry (`PromptBatch.index`) so that results computed on several processes can be
+    put back in dataset order and the distributed sampler's repeats dropped."""
 
     def __init__(self, items: Sequence):
         self.items = list(items)
@@ -41,7 +44,38 @@ class EncodedDataset(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        return self.items[i]
+        it = self.items[i]
+        if isinstance(it, Encoded):
+            return replace(it, index=i)
+        if isinstance(it, tuple) and it and isinstance(it[0], Encoded):
+            return (replace(it[0], index=i), *it[1:])
+        return it
+
+
+class RankSlicedBatches(Sampler):
+    """The one-process batches (sequential, or shuffled with a seed: the same order on every process), each split
+    across the processes of a distributed run: process r gets examples r, r + W, ... of every batch. The processes'
+    halves together are exactly the one-process batch, so mean losses averaged by DDP give the one-process gradient
+    and per-example results gathered by index are the one-process results (no repeats). Rank and world size are
+    read when iterating (the process group starts with the fit)."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = False, seed: int = 0):
+        import torch
+
+        self.n, self.batch_size, self.shuffle = n, int(batch_size), shuffle
+        self.generator = torch.Generator().manual_seed(seed) if shuffle else None  # one permutation per epoch
+
+    def __iter__(self):
+        import torch
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else list(range(self.n))
+        for i in range(0, self.n, self.batch_size):
+            yield order[i:i + self.batch_size][rank::world]
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
 
 
 def pad_id(tokenizer) -> int:

@@ -10,7 +10,7 @@ from typing import Sequence
 from torch.utils.data import DataLoader
 
 from etk.data.boxes import Example
-from etk.data.datasets import EncodedDataset, pad_id
+from etk.data.datasets import EncodedDataset, RankSlicedBatches, pad_id
 from etk.data.pairs import DESIDERATA, Pair
 from etk.data.roles import PairBatch, collate_pairs, encode_example
 from etk.errors import ConfigError
@@ -42,11 +42,10 @@ def desideratum_pairs(name: str, bases: Sequence[Example], seed: int, legacy: bo
 
 def pair_loader(tokenizer, pairs: Sequence[Pair], batch_size: int, shuffle: bool = False, seed: int = 0,
                 padding_side: str = "right") -> DataLoader:
-    """Batches of PairBatch: base prompts answer the pair's target; sources carry their own roles."""
-    import torch
-
+    """Batches of PairBatch: base prompts answer the pair's target; sources carry their own roles. Batches are
+    `RankSlicedBatches`: under DDP (fit loops with `use_distributed_sampler=False`) every process takes its slice
+    of the one-process batch."""
     items = [(encode_example(tokenizer, p.base, answer=p.target), encode_example(tokenizer, p.source), p.source_box)
              for p in pairs]
-    return DataLoader(EncodedDataset(items), batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    return DataLoader(EncodedDataset(items), batch_sampler=RankSlicedBatches(len(items), batch_size, shuffle, seed),
                       collate_fn=partial(collate_pairs, pad_id=pad_id(tokenizer), padding_side=padding_side, cls=PairBatch))

@@ -51,6 +51,7 @@ class Encoded:
     roles: dict[str, int | list[int]]
     answer_id: int
     token_roles: list[int] = field(default_factory=list)  # ROLE_ID of every token (the partition)
+    index: int = -1  # position in its dataset (set by the dataset), carried by the batch
 
 
 def _token_at(offsets: list[tuple[int, int]], span: Span, text: str, word: str, tokenizer) -> int:
@@ -126,12 +127,14 @@ class PromptBatch:
     roles: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar [B], vector [B, n_boxes]
     answer: torch.Tensor | None = None  # [B] long, -1 where undefined
     token_roles: torch.Tensor | None = None  # [B, T] long ROLE_ID of every token, -1 at padding
+    index: torch.Tensor | None = None  # [B] long dataset index of each prompt (-1 unknown)
 
     def repeat(self, k: int) -> "PromptBatch":
         """The batch stacked k times along the batch axis (row i*B + b = prompt b), e.g. for k configurations."""
         rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
         return PromptBatch(rep(self.input_ids), rep(self.attention_mask), rep(self.position_ids),
-                           {n: rep(v) for n, v in self.roles.items()}, rep(self.answer), rep(self.token_roles))
+                           {n: rep(v) for n, v in self.roles.items()}, rep(self.answer), rep(self.token_roles),
+                           rep(self.index))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -184,7 +187,8 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
         roles[name] = r
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
-    return PromptBatch(ids, mask, position_ids, roles, answer, troles)
+    index = torch.tensor([it.index for it in items], dtype=torch.long)
+    return PromptBatch(ids, mask, position_ids, roles, answer, troles, index)
 
 
 @dataclass

@@ -13,10 +13,13 @@ import torch  # noqa: E402
 
 
 def _save(fig, path: str | Path) -> Path:
+    from etk.artifacts import is_main_process
+
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    if is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 

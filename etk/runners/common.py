@@ -82,6 +82,14 @@ def finish_logger(logger) -> None:
             wandb.finish()
 
 
+def barrier() -> None:
+    """Wait for every process of a distributed run (a no-op with one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def free_model() -> None:
     """Release model memory between jobs run in one process (after the caller dropped its references)."""
     gc.collect()

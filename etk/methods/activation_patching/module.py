@@ -39,4 +39,4 @@ class ActivationPatchingModule(ModelHost):
             with hooked(self.net, patches=hs.patches(src, batch.base, n_heads)):
                 rows.append(last_logits(self.net, batch.base))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]),
-                        torch.stack([answer_logp(r, batch.base.answer) for r in rows]))
+                        torch.stack([answer_logp(r, batch.base.answer) for r in rows]), batch.base.index)

@@ -43,7 +43,7 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = data_config(cfg, m.n_examples)
     bases = task_examples(data_cfg, module.tokenizer)
     with run_logger(cfg) as logger:
-        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, logger=False)
         per_repeat = []
         for r in range(int(m.repeats)):
             pairs = desideratum_pairs(desideratum, bases, int(m.random_seed) + r)

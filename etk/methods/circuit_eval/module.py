@@ -5,41 +5,41 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torchmetrics import Metric
-from torchmetrics.utilities import dim_zero_cat
 
 from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import ModelHost
+from etk.metrics import ExampleMetric, all_sum
 from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, keep_rows
 from etk.methods.circuit_eval.vital import background, vital_logits, vital_only
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
 
 
-class AblationAccuracy(Metric):
-    """Per-example correctness of K ablations: state [N, K] concatenated over batches; compute() -> [K].
-    Optionally also the answer's log-probability per example (`logp`), for continuous effects."""
-
-    full_state_update = False
+class AblationAccuracy(ExampleMetric):
+    """Per-example correctness of K configurations (state [N, K]) and the answer's log-probability, gathered from
+    every process in dataset order; compute() -> [K] accuracies."""
 
     def __init__(self) -> None:
         super().__init__()
         self.add_state("correct", default=[], dist_reduce_fx="cat")
         self.add_state("logp", default=[], dist_reduce_fx="cat")
 
-    def update(self, correct: torch.Tensor, logp: torch.Tensor | None = None) -> None:  # [K, B] bool, [K, B] float
+    def update(self, correct: torch.Tensor, logp: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        """correct [K, B] bool, logp [K, B] float (NaN when not measured)."""
         self.correct.append(correct.T.float())
-        if logp is not None:
-            self.logp.append(logp.T.float())
+        self.logp.append(logp.T.float() if logp is not None else torch.full_like(correct.T, float("nan"), dtype=torch.float))
+        self._add_index(index, correct.shape[1], correct.device)
 
     def per_example(self) -> torch.Tensor:
         """[K, N] correctness."""
-        return dim_zero_cat(self.correct).T if self.correct else torch.zeros(0, 0)
+        c = self.gathered("correct")[0]
+        return c.T if c.numel() else torch.zeros(0, 0)
 
     def per_example_logp(self) -> torch.Tensor:
         """[K, N] log-probability of the answer."""
-        return dim_zero_cat(self.logp).T if self.logp else torch.zeros(0, 0)
+        lp = self.gathered("logp")[0]
+        return lp.T if lp.numel() else torch.zeros(0, 0)
 
     def compute(self) -> torch.Tensor:
         return self.per_example().mean(1)
@@ -107,7 +107,7 @@ class AblationEval(ModelHost):
             with hooked(self.net, patches=ablation_patches(means, keep_rows([self.ablations[i] for i in idx], batch))):
                 record(idx, last_logits(self.net, rows))  # [K*N, V]
             self.forwards += 1
-        self.acc.update(correct, logp)
+        self.acc.update(correct, logp, batch.index)
 
     def _means_step(self, batch: PromptBatch) -> None:
         dims = LlamaFamily.of(self.net).dims
@@ -130,5 +130,6 @@ class AblationEval(ModelHost):
     def finish_means(self) -> torch.Tensor:
         """[L, T, H, D] per-position means (pads excluded)."""
         self.backgrounds = {}
-        self.means = (self._sum / self._count.clamp_min(1)[None, :, None, None]).to(self._sum.dtype).float().cpu()
+        total, count = all_sum(self._sum), all_sum(self._count)  # over every process's ablation prompts
+        self.means = (total / count.clamp_min(1)[None, :, None, None]).float().cpu()
         return self.means

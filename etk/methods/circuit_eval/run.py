@@ -219,7 +219,7 @@ def run_circuit_search(cfg: DictConfig) -> dict[str, Any]:
             return att
 
         first = attribution(None)
-        present = first.role_tokens > 0  # [R]
+        present = first.tokens_per_role() > 0  # [R]
         shape = (len(ROLE_VOCAB), dims.n_layers, dims.n_heads)
         valid = present[:, None, None].expand(shape).flatten()
         n_units = int(valid.sum())

@@ -29,6 +29,7 @@ from etk.circuits import Circuit
 from etk.data.roles import ROLE_VOCAB, PromptBatch
 from etk.interventions.hooks import hooked
 from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, empty_keep
+from etk.metrics import all_sum
 from etk.models.arch import Dims
 from etk.models.forward import last_logits
 
@@ -83,8 +84,13 @@ class UnitAttribution(L.LightningModule):
         self.n += B
 
     def scores(self) -> torch.Tensor:
-        """[R, L, H] mean attribution per prompt."""
-        return self.total / max(1, self.n)
+        """[R, L, H] mean attribution per prompt, over every process's prompts."""
+        n = float(all_sum(torch.tensor(float(self.n), dtype=torch.float64)))
+        return (all_sum(self.total.double()) / max(1.0, n)).float()
+
+    def tokens_per_role(self) -> torch.Tensor:
+        """[R] how many tokens of each role the prompts hold (every process)."""
+        return all_sum(self.role_tokens)
 
 
 def units_of(keep: torch.Tensor) -> list[tuple[str, int, int]]:

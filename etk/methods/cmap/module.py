@@ -77,4 +77,4 @@ class CMAPModule(L.LightningModule):
                 with hooked(model, patches=hs.patches(src, batch, n_heads)):
                     rows.append(last_logits(model, batch))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]),
-                        torch.stack([answer_logp(r, batch.answer) for r in rows]))
+                        torch.stack([answer_logp(r, batch.answer) for r in rows]), batch.index)

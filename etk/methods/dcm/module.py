@@ -84,7 +84,7 @@ class DCMModule(ModelHost):
         self.val_acc.reset()
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self.val_acc.update(self.logits(batch, self.binary()), batch.base.answer)
+        self.val_acc.update(self.logits(batch, self.binary()), batch.base.answer, batch.base.index)
 
     def on_validation_epoch_end(self) -> None:
         acc = self.val_acc.compute()["accuracy"]
@@ -97,8 +97,8 @@ class DCMModule(ModelHost):
         self.test_floor.reset()
 
     def test_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self.test_acc.update(self.logits(batch, self.binary()), batch.base.answer)
-        self.test_floor.update(last_logits(self.net, batch.base), batch.base.answer)  # unpatched model, same targets
+        self.test_acc.update(self.logits(batch, self.binary()), batch.base.answer, batch.base.index)
+        self.test_floor.update(last_logits(self.net, batch.base), batch.base.answer, batch.base.index)  # unpatched model, same targets
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.mask.parameters(), lr=self.hparams.lr)

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import write_json
+from etk.artifacts import save_tensor, write_json
 from etk.circuits import circuit_label
 from etk.data.boxes import generate_examples
 from etk.data.datasets import make_template, task_vocab
@@ -51,7 +51,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
     with run_logger(cfg) as logger:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/select", mode="max", save_top_k=1,
                                filename="best", save_weights_only=True)
-        trainer = L.Trainer(**trainer_kwargs(cfg), max_epochs=int(d.epochs), val_check_interval=min(int(d.val_every), len(train)),
+        trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, max_epochs=int(d.epochs), val_check_interval=min(int(d.val_every), len(train)),
                             logger=logger or False, callbacks=[ckpt])
         t0 = time.time()
         trainer.fit(module, train, val)
@@ -63,7 +63,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
         acc, floor = module.test_acc.compute(), module.test_floor.compute()
         values = next(iter(module.mask.state_dict().values())).detach().cpu()
         selected = module.selected_heads()
-        torch.save({"values": values, "axes": ("head",), "heads": module.headset.heads(module.role),
+        save_tensor({"values": values, "axes": ("head",), "heads": module.headset.heads(module.role),
                     "parametrisation": d.parametrisation}, out / "mask.pt")
         write_json(out / "selected_heads.json", {"group": cfg.group, "desideratum": cfg.desideratum.name,
                                                   "heads": selected, "group_heads": heads}, "etk.dcm_heads/v1")

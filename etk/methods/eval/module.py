@@ -23,5 +23,5 @@ class AccuracyModule(ModelHost):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         logits = last_logits(self.net, batch)  # [B, V]
-        self.acc.update(logits, batch.answer)
+        self.acc.update(logits, batch.answer, batch.index)
         return logits.argmax(-1)

@@ -99,5 +99,5 @@ class KnockoutModule(ModelHost):
                 logits = arch.lm_head(hid[torch.arange(hid.shape[0], device=hid.device), rows.roles["last"]])
                 correct[it] = (logits.argmax(-1) == rows.answer).view(n_cfg, N)
                 self.forwards += 1
-        self.acc.update(correct)
+        self.acc.update(correct, None, batch.index)
         return correct

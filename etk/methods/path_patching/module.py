@@ -10,6 +10,7 @@ import torch
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 from etk.methods.base import ModelHost
+from etk.metrics import all_sum
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
@@ -47,5 +48,12 @@ class PathPatchingModule(ModelHost):
         self.cost.update(cost)
 
     def scores(self) -> torch.Tensor:
-        """[layer, head] mean relative change of the clean answer's probability."""
-        return (self.sums / self.n).float()
+        """[layer, head] mean relative change of the clean answer's probability, over every process's prompts."""
+        n = float(all_sum(torch.tensor(float(self.n), dtype=torch.float64)))
+        return (all_sum(self.sums.double()) / n).float()
+
+    def total_cost(self) -> dict[str, float]:
+        """The cost counters summed over every process."""
+        keys = sorted(self.cost)
+        vals = all_sum(torch.tensor([float(self.cost[k]) for k in keys], dtype=torch.float64)).tolist()
+        return {k: (int(v) if float(v).is_integer() else v) for k, v in zip(keys, vals)}

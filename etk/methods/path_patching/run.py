@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import write_json
+from etk.artifacts import save_tensor, write_json
 from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
 from etk.methods.path_patching.discover import discover
@@ -61,7 +61,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 module.begin_stage(stage, rec, senders, alg)
                 t0 = time.time()
                 trainer.predict(module, loader, return_predictions=False)
-                report[alg] = {"wall_s": round(time.time() - t0, 3), **dict(module.cost)}
+                report[alg] = {"wall_s": round(time.time() - t0, 3), **module.total_cost()}
                 scores[alg] = module.scores()
             by_alg[stage.group] = scores
             exact = scores.get("fast", scores.get("naive"))
@@ -83,7 +83,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 suffix = "" if s is chosen else f".{alg}"
                 save_score_map(out / "scores" / f"{group}{suffix}.json", s, algorithm=alg, exact=alg != "attribution",
                                model=cfg.model.name, reachable_layers=r.report["reachable_layers"])
-                torch.save({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
+                save_tensor({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
             top = top_k(chosen, schedule["candidates_top_k"][group], r.scored)
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
                          f"{cfg.model.name}: {SHORT[group]} path-patching scores", top)

@@ -21,7 +21,7 @@ from etk.data.datasets import task_examples
 from etk.errors import ConfigError
 from etk.methods.registry import MethodSpec, get
 from etk.models.pair import load_pair
-from etk.runners.common import compose, data_config, free_model, output_dir, step_output, to_overrides
+from etk.runners.common import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
 
 INHERITED = ("pair", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
 
@@ -105,6 +105,7 @@ class Study:
         t0 = time.time()
         with step_output(folder):
             spec.runner()(sub)
+        barrier()  # in a distributed run rank 0 writes the results; every rank reads them after this
         free_model()
         dt = time.time() - t0
         write_text(timing, json.dumps({"seconds": round(dt, 1)}))
