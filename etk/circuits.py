@@ -138,7 +138,8 @@ def load_score_map(path: str | Path) -> torch.Tensor:
     doc = json.loads(Path(path).read_text())
     if doc.get("axes") != ["layer", "head"]:
         raise DataError(f"{path}: expected axes ['layer', 'head'], found {doc.get('axes')}")
-    t = torch.tensor(doc["scores"], dtype=torch.float32)
+    rows = [[float("nan") if v is None else v for v in row] for row in doc["scores"]]  # null = undefined score
+    t = torch.tensor(rows, dtype=torch.float32)
     if list(t.shape) != list(doc["shape"]):
         raise DataError(f"{path}: scores do not match the declared shape {doc['shape']}")
     return t
@@ -146,9 +147,9 @@ def load_score_map(path: str | Path) -> torch.Tensor:
 
 def top_k(scores: torch.Tensor, k: int, scored: torch.Tensor | None = None) -> list[HeadId]:
     """The k most negative scores (most important), most important first; only heads in the `scored` mask
-    [layer, head] are candidates (unreachable senders are never picked)."""
+    [layer, head] are candidates (unreachable senders and undefined (NaN) scores are never picked)."""
     n_heads = scores.shape[1]
-    flat = scores.flatten().double()
+    flat = scores.flatten().double().nan_to_num(nan=float("inf"), posinf=float("inf"))
     if scored is not None:
         flat = torch.where(scored.flatten(), flat, torch.full_like(flat, float("inf")))
     k = min(k, int(torch.isfinite(flat).sum()))
@@ -188,3 +189,26 @@ def overlap(a: Circuit, b: Circuit) -> dict[str, dict[str, float | None]]:
         out[g] = {"shared": n, "size_a": len(A), "size_b": len(B), "precision": n / len(A) if A else None,
                   "recall": n / len(B) if B else None}
     return out
+
+
+def load_dcm_heads(spec: str | Path) -> tuple[list[HeadId], float | None]:
+    """A DCM head selection: an etk DCM run's results.json / selected_heads.json, or the paper's `<circuit>__<group>__
+    <desideratum>__0.01.txt` ("Heads: [[l, h], ...]" then "Test Accuracy: x"; shipped in etk/data/dcm). Returns
+    (heads, test accuracy or None); an empty selection is an empty list, never replaced."""
+    from etk.models.loading import resolve_path
+
+    p = resolve_path(str(spec))
+    if not p.exists():
+        raise CircuitError(f"DCM head selection {spec!r}: no such file ({p})")
+    text = p.read_text()
+    if p.suffix == ".json":
+        doc = json.loads(text)
+        heads = doc.get("selected_heads", doc.get("heads"))
+        if heads is None:
+            raise CircuitError(f"{p}: neither `selected_heads` nor `heads`: not a DCM result")
+        return [HeadId(int(a), int(b)) for a, b in heads], (doc.get("test") or {}).get("accuracy")
+    lines = dict(line.split(": ", 1) for line in text.strip().splitlines() if ": " in line)
+    if "Heads" not in lines:
+        raise CircuitError(f"{p}: expected a line 'Heads: [[layer, head], ...]' (the paper's DCM output)")
+    acc = lines.get("Test Accuracy")
+    return [HeadId(int(a), int(b)) for a, b in json.loads(lines["Heads"])], float(acc) if acc else None

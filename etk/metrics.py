@@ -73,6 +73,24 @@ def all_sum(t: torch.Tensor) -> torch.Tensor:
     return out.to(t.dtype)
 
 
+def _cat(state) -> torch.Tensor:
+    """A per-example state as one tensor, whether still a list of batch rows or already synced into one."""
+    if isinstance(state, torch.Tensor):
+        return state
+    return dim_zero_cat(state) if state else torch.zeros(0)
+
+
+def weighted_mean(values: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """The mean of `values` [B] over the rows of the one-process batch, computed from this process's share: rows of
+    weight 0 (`Repeat`s) left out, scaled so that DDP's average of the processes' gradients is the one-process
+    gradient. With one process (nothing repeated) it is `values.mean()`."""
+    W = world_size()
+    if W == 1 or weight is None:
+        return values.mean()
+    w = weight.to(values.dtype)
+    return (values * w).sum() * W / all_sum(w.sum().detach())
+
+
 class ExampleMetric(Metric):
     """Per-example states keyed by dataset index: `gathered(*states)` returns them from every process, in dataset
     order, each example once (the distributed sampler's repeats dropped). States are [N, ...] rows."""
@@ -87,11 +105,12 @@ class ExampleMetric(Metric):
         self.index.append(index.to(device) if index is not None else torch.full((n,), -1, dtype=torch.long, device=device))
 
     def gathered(self, *names: str) -> list[torch.Tensor]:
-        if not self.index:
+        if isinstance(self.index, list) and not self.index and world_size() == 1:
             return [torch.zeros(0) for _ in names]
-        with self.sync_context(should_sync=world_size() > 1, should_unsync=True):
-            idx = dim_zero_cat(self.index).long()
-            vals = [dim_zero_cat(getattr(self, n)) for n in names]
+        # inside compute() torchmetrics has already synced the states (lists -> one tensor): sync only when not
+        with self.sync_context(should_sync=world_size() > 1 and not self._is_synced, should_unsync=True):
+            idx = _cat(self.index).long()
+            vals = [_cat(getattr(self, n)) for n in names]
         if (idx < 0).any():  # batches without indices (built by hand): keep them as they came
             return vals
         order = torch.argsort(idx, stable=True)

@@ -163,3 +163,20 @@ def test_box_label_value_targets_are_single_vocab_tokens(tok, pool):
         e = encode_example(tok, p.base, answer=p.target)
         assert 0 <= e.answer_id < len(tok)
         assert tok.decode([e.answer_id]) == " " + p.target
+
+
+@pytest.mark.parametrize("n,bs,seed", [(48, 8, 0), (50, 7, 3), (5, 8, 11)])
+def test_rank_sliced_batches_match_a_seeded_shuffling_dataloader(n, bs, seed):
+    """One process: the DCM / activation-patching sampler draws exactly what DataLoader(shuffle=True, generator)
+    drew, epoch after epoch, so a run keeps its numbers whether or not it is distributed-ready."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from etk.data.datasets import RankSlicedBatches
+
+    ref = DataLoader(list(range(n)), batch_size=bs, shuffle=True, generator=torch.Generator().manual_seed(seed))
+    ours = DataLoader(list(range(n)), batch_sampler=RankSlicedBatches(n, bs, True, seed))
+    for _ in range(3):
+        assert [b.tolist() for b in ours] == [b.tolist() for b in ref]
+    assert [b.tolist() for b in DataLoader(list(range(n)), batch_sampler=RankSlicedBatches(n, bs))] == \
+        [list(range(i, min(i + bs, n))) for i in range(0, n, bs)]

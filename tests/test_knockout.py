@@ -281,3 +281,20 @@ def test_run_knockout_end_to_end(tmp_path, capsys):
     assert res["edges"] == doc["edges"]
     out = capsys.readouterr().out
     assert all(f"[etk] knockout {e} on tiny" in out for e in EDGES)
+
+
+def test_random_keys_are_drawn_per_dataset_index():
+    """The random key of a prompt depends on its dataset index only (so DDP shards draw what one process draws): the
+    module's uniforms are draw i of one seeded stream, whatever the batch order or batch size."""
+    mod = KnockoutModule({}, EDGES, None, random_seed=5)
+    mod._table = None  # as on_predict_epoch_start leaves it
+
+    class B:  # only the index is read
+        def __init__(self, idx):
+            self.index = torch.tensor(idx)
+
+    stream = torch.cat([torch.rand(4, generator=g) for g in [torch.Generator().manual_seed(5)] for _ in range(30)])
+    assert torch.equal(mod.uniforms(B([7, 0, 3])), stream[[7, 0, 3]])
+    assert torch.equal(mod.uniforms(B([119, 64])), stream[[119, 64]])  # the table grows, the prefix stays
+    assert torch.equal(mod.uniforms(B([7])), stream[[7]])
+    assert mod.uniforms(B([-1, 2])) is None

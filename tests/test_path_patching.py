@@ -267,3 +267,21 @@ def test_structure_reader_with_mixed_box_counts(tok, deep_gqa):
     naive = naive_scores(deep_gqa, batch, st, rec, all_heads(dims))[0] / 12
     fast = fast_scores(deep_gqa, batch, st, rec, reach)[0] / 12
     assert naive.abs().max() > 0 and (naive - fast).abs().max() <= 1e-5
+
+
+def test_prompts_whose_clean_probability_underflows_are_left_out_of_the_mean(tmp_path):
+    """p_clean == 0 has no relative change: such a prompt adds 0 to the sum and is not counted in the mean; a score
+    map with undefined (null) entries loads as NaN and NaN heads are never picked."""
+    from etk.circuits import load_score_map, save_score_map, top_k
+    from etk.methods.path_patching.naive import per_clean, undefined_prompts
+
+    p_clean = torch.tensor([0.5, 0.0, 0.25])
+    p = torch.tensor([[0.25, 0.5], [0.3, 0.1], [0.5, 0.25]])
+    rel = per_clean(p - p_clean[:, None], p_clean)
+    assert torch.equal(rel, torch.tensor([[-0.5, 0.0], [0.0, 0.0], [1.0, 0.0]]))
+    assert undefined_prompts(p_clean) == 1
+    scores = torch.tensor([[float("nan"), -0.2], [-0.1, 0.3]])
+    path = save_score_map(tmp_path / "s.json", scores)
+    back = load_score_map(path)
+    assert torch.isnan(back[0, 0]) and torch.equal(back[1], scores[1])
+    assert top_k(back, 4) == [(0, 1), (1, 0), (1, 1)]

@@ -45,19 +45,27 @@ class EncodedDataset(Dataset):
 
     def __getitem__(self, i: int):
         it = self.items[i]
+        stamp = {"index": int(i), "weight": 0.0 if isinstance(i, Repeat) else 1.0}
         if isinstance(it, Encoded):
-            return replace(it, index=i)
+            return replace(it, **stamp)
         if isinstance(it, tuple) and it and isinstance(it[0], Encoded):
-            return (replace(it[0], index=i), *it[1:])
+            return (replace(it[0], **stamp), *it[1:])
         return it
+
+
+class Repeat(int):
+    """A dataset index drawn again only to give a distributed process a full share of a short batch: the item comes
+    out with loss weight 0, and its results are dropped as a repeat of the same index."""
 
 
 class RankSlicedBatches(Sampler):
     """The one-process batches (sequential, or shuffled with a seed: the same order on every process), each split
     across the processes of a distributed run: process r gets examples r, r + W, ... of every batch. The processes'
-    halves together are exactly the one-process batch, so mean losses averaged by DDP give the one-process gradient
-    and per-example results gathered by index are the one-process results (no repeats). Rank and world size are
-    read when iterating (the process group starts with the fit)."""
+    shares together are exactly the one-process batch; a short share is filled with weight-0 `Repeat`s of the batch's
+    first example, so the weighted loss (`weighted_mean`) averaged by DDP gives the one-process gradient and
+    per-example results gathered by index (repeats dropped) are the one-process results. Rank and world size are
+    read when iterating (the process group starts with the fit). With one process it yields exactly the batches of
+    `DataLoader(..., shuffle=..., generator=Generator().manual_seed(seed))` (tested)."""
 
     def __init__(self, n: int, batch_size: int, shuffle: bool = False, seed: int = 0):
         import torch
@@ -70,9 +78,17 @@ class RankSlicedBatches(Sampler):
         import torch.distributed as dist
 
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-        order = torch.randperm(self.n, generator=self.generator).tolist() if self.shuffle else list(range(self.n))
+        if self.shuffle:  # the draws of DataLoader(shuffle=True, generator=g): its base seed, then RandomSampler's
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)
+            order = torch.randperm(self.n, generator=self.generator).tolist()
+            torch.randperm(self.n, generator=self.generator)  # RandomSampler's (empty) remainder draw
+        else:
+            order = list(range(self.n))
         for i in range(0, self.n, self.batch_size):
-            yield order[i:i + self.batch_size][rank::world]
+            batch = order[i:i + self.batch_size]
+            share = batch[rank::world]
+            # every process needs a non-empty, equally long share (DDP steps together): fill with weight-0 repeats
+            yield share + [Repeat(batch[0])] * (-(-len(batch) // world) - len(share))
 
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)

@@ -52,6 +52,7 @@ class Encoded:
     answer_id: int
     token_roles: list[int] = field(default_factory=list)  # ROLE_ID of every token (the partition)
     index: int = -1  # position in its dataset (set by the dataset), carried by the batch
+    weight: float = 1.0  # 0 for a repeat that only fills a distributed process's share of a batch (loss weight)
 
 
 def _token_at(offsets: list[tuple[int, int]], span: Span, text: str, word: str, tokenizer) -> int:
@@ -128,13 +129,14 @@ class PromptBatch:
     answer: torch.Tensor | None = None  # [B] long, -1 where undefined
     token_roles: torch.Tensor | None = None  # [B, T] long ROLE_ID of every token, -1 at padding
     index: torch.Tensor | None = None  # [B] long dataset index of each prompt (-1 unknown)
+    weight: torch.Tensor | None = None  # [B] float loss weight: 1, or 0 for a row repeated to fill a process's share
 
     def repeat(self, k: int) -> "PromptBatch":
         """The batch stacked k times along the batch axis (row i*B + b = prompt b), e.g. for k configurations."""
         rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
         return PromptBatch(rep(self.input_ids), rep(self.attention_mask), rep(self.position_ids),
                            {n: rep(v) for n, v in self.roles.items()}, rep(self.answer), rep(self.token_roles),
-                           rep(self.index))
+                           rep(self.index), rep(self.weight))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -188,7 +190,8 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
     index = torch.tensor([it.index for it in items], dtype=torch.long)
-    return PromptBatch(ids, mask, position_ids, roles, answer, troles, index)
+    weight = torch.tensor([it.weight for it in items], dtype=torch.float32)
+    return PromptBatch(ids, mask, position_ids, roles, answer, troles, index, weight)
 
 
 @dataclass

@@ -43,22 +43,25 @@ class Capture:
 def _apply(x: torch.Tensor, patches: Sequence[Patch]) -> torch.Tensor:
     """x: [B, T, U, D] -> edited copy (no Python loop over examples, heads or positions)."""
     x = x.clone()
+    dev = x.device  # the module's device: with a model split over devices, sources and masks follow the activation
     for p in patches:
-        if p.pos is None:
+        pos = None if p.pos is None else p.pos.to(dev)
+        if pos is None:
             cur = x
         else:
-            b = torch.arange(x.shape[0], device=x.device)[:, None]  # [B, 1]
-            cur = x[b, p.pos]  # [B, R, U, D]
-        src = p.source.to(x.dtype)
-        if p.keep.dtype == torch.bool:
-            new = torch.where(p.keep[..., None], cur, src)
+            b = torch.arange(x.shape[0], device=dev)[:, None]  # [B, 1]
+            cur = x[b, pos]  # [B, R, U, D]
+        src = p.source.to(device=dev, dtype=x.dtype)
+        keep = p.keep.to(dev)
+        if keep.dtype == torch.bool:
+            new = torch.where(keep[..., None], cur, src)
         else:
-            m = p.keep[..., None].to(x.dtype)
+            m = keep[..., None].to(x.dtype)
             new = m * cur + (1 - m) * src
-        if p.pos is None:
+        if pos is None:
             x = new  # same shape as x by broadcasting against cur = x
         else:
-            x[b, p.pos] = new
+            x[b, pos] = new
     return x
 
 
@@ -66,7 +69,7 @@ def _take(x: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
     if pos is None:
         return x
     b = torch.arange(x.shape[0], device=x.device)[:, None]
-    return x[b, pos]
+    return x[b, pos.to(x.device)]
 
 
 @contextmanager

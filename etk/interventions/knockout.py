@@ -149,16 +149,18 @@ def parse_edge(edge: str) -> tuple[str, str]:
     return q, k
 
 
-def random_context_positions(batch: PromptBatch, generator: torch.Generator) -> torch.Tensor:
-    """[B] long: per example, a uniformly drawn real-token position among 0..last-3 (seeded by `generator`,
-    a CPU generator; one draw per example, in batch order)."""
+def random_context_positions(batch: PromptBatch, generator: torch.Generator | None,
+                             u: torch.Tensor | None = None) -> torch.Tensor:
+    """[B] long: per example, a uniformly drawn real-token position among 0..last-3: from the uniforms `u` [B] in
+    [0, 1) when given (e.g. drawn per dataset index), else one draw per example, in batch order, from `generator`
+    (a CPU generator)."""
     T = batch.input_ids.shape[1]
     pos = torch.arange(T, device=batch.input_ids.device)
     ok = (pos[None, :] <= batch.roles["last"][:, None] - 3) & batch.attention_mask.bool()  # [B, T]
     n_ok = ok.sum(1)  # [B]
     if bool((n_ok == 0).any()):
         raise ValueError("a prompt has no real token at positions 0..last-3 to draw a random key from")
-    u = torch.rand(len(batch), generator=generator).to(n_ok.device)  # [B]
+    u = (torch.rand(len(batch), generator=generator) if u is None else u).to(n_ok.device)  # [B]
     k = torch.minimum((u * n_ok).long(), n_ok - 1)  # [B] rank of the drawn position among the allowed ones
     return (ok.cumsum(1) > k[:, None]).int().argmax(1)  # [B] first position whose allowed-count exceeds k
 

@@ -8,7 +8,7 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from etk.models.arch import LlamaFamily
-from etk.models.loading import load_model
+from etk.models.loading import is_dispatched, load_model
 
 
 class ModelHost(L.LightningModule):
@@ -25,13 +25,22 @@ class ModelHost(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        self.net, self.tokenizer = load_model(OmegaConf.create(self.model_cfg))
+        net, self.tokenizer = load_model(OmegaConf.create(self.model_cfg))
+        if is_dispatched(net):  # split over devices by accelerate: not a submodule, so Lightning never moves it
+            self.__dict__.pop("net", None)
+            object.__setattr__(self, "net", net)
+        else:
+            self.net = net
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        """etk batches are dataclasses with a `.to(device)` that moves every tensor (roles included); a dispatched
+        model receives its batches on its first module's device."""
+        if self.net is not None and is_dispatched(self.net):
+            device = LlamaFamily.of(self.net).device
+        return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     @property
     def arch(self) -> LlamaFamily:
         """The model's architecture adapter (built once per model)."""
         return LlamaFamily.of(self.net)
 
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        """etk batches are dataclasses with a `.to(device)` that moves every tensor (roles included)."""
-        return batch.to(device) if hasattr(batch, "to") else super().transfer_batch_to_device(batch, device, dataloader_idx)

@@ -93,4 +93,10 @@ class LlamaFamily:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the embedding's device (for a model accelerate split over devices, its execution device;
+        offloaded parts run on the CPU)."""
+        dm = getattr(self.base, "hf_device_map", None)
+        if dm:
+            d = dm.get("model.embed_tokens", dm.get("model", next(iter(dm.values()))))
+            return torch.device("cpu" if d in ("cpu", "disk") else (f"cuda:{d}" if isinstance(d, int) else d))
         return next(self.base.parameters()).device

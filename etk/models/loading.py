@@ -61,11 +61,33 @@ def local_model_dir(cfg: Any) -> Path:
     return path
 
 
-def _from_pretrained(path: Path, dtype: torch.dtype, attn: str | None):
+def dispatch_kwargs(cfg: Any) -> dict:
+    """`model.device_map` (accelerate: "auto", "balanced", or {module: device | "cpu" | "disk"}), `model.max_memory`
+    ({device: "20GiB", ...}) and `model.offload_folder` (for "disk"), as from_pretrained arguments."""
+    dm = cfg.get("device_map")
+    if not dm:
+        return {}
+    from omegaconf import OmegaConf
+
+    plain = lambda v: OmegaConf.to_container(v, resolve=True) if hasattr(v, "keys") else v  # noqa: E731
+    kw: dict[str, Any] = {"device_map": plain(dm)}
+    if cfg.get("max_memory"):
+        kw["max_memory"] = plain(cfg.max_memory)
+    if cfg.get("offload_folder"):
+        kw["offload_folder"] = str(resolve_path(str(cfg.offload_folder)))
+    return kw
+
+
+def is_dispatched(model) -> bool:
+    """True for a model that accelerate split over devices (its modules move tensors themselves)."""
+    return bool(getattr(model, "hf_device_map", None))
+
+
+def _from_pretrained(path: Path, dtype: torch.dtype, attn: str | None, dispatch: dict | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {"attn_implementation": attn} if attn else {}
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kw)
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, local_files_only=True, **kw, **(dispatch or {}))
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model, tokenizer
 
@@ -120,13 +142,15 @@ def load_model(cfg: Any, device: str | torch.device | None = None):
             t.pop("planted_head", None)
             model = tiny_llama(len(tokenizer), **t, dtype=dtype)
     elif source == "gguf_package":
-        model, tokenizer = _from_pretrained(dequantised_dir(cfg.package, cfg.gguf_file), dtype, attn)
+        model, tokenizer = _from_pretrained(dequantised_dir(cfg.package, cfg.gguf_file), dtype, attn, dispatch_kwargs(cfg))
     elif source == "local":
-        model, tokenizer = _from_pretrained(local_model_dir(cfg), dtype, attn)
+        model, tokenizer = _from_pretrained(local_model_dir(cfg), dtype, attn, dispatch_kwargs(cfg))
     else:
         raise ConfigError(f"unknown model.source {source!r} (tiny | local | gguf_package)")
     model = merge_adapters(model, list(cfg.get("adapters") or []))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     LlamaFamily.of(model)  # validates the architecture early
-    return model.to(device).eval().requires_grad_(False), tokenizer
+    if not is_dispatched(model):  # a dispatched model stays where accelerate placed it
+        model = model.to(device)
+    return model.eval().requires_grad_(False), tokenizer

@@ -58,15 +58,47 @@ def build_logger(cfg: DictConfig):
     return logger
 
 
+_RUNS: list[tuple[float, DictConfig]] = []  # (start time, config) of the runs in progress (a study nests them)
+
+
 @contextmanager
 def run_logger(cfg: DictConfig):
     """The run's logger (`logger=wandb|csv|none`, None for none) for the block; finished (W&B run ended) on exit,
-    also on errors."""
+    also on errors. The block's wall time and peak memory go into the run's results (`emit`)."""
+    import time
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _RUNS.append((time.time(), cfg))
     logger = build_logger(cfg)
     try:
         yield logger
     finally:
+        _RUNS.pop()
         finish_logger(logger)
+
+
+def resources(cfg: DictConfig | None = None) -> dict[str, Any]:
+    """What the current run used: wall time since its start, peak memory (process peak RSS on CPU; CUDA max
+    allocated on GPU), device, dtype, world size."""
+    import resource
+    import time
+
+    from etk.metrics import world_size
+    from etk.models.loading import resolve_dtype
+
+    start, run_cfg = _RUNS[-1] if _RUNS else (None, cfg)
+    cfg = cfg or run_cfg
+    cuda = torch.cuda.is_available() and (cfg is None or cfg.get("trainer", {}).get("accelerator") in ("auto", "gpu", "cuda"))
+    out: dict[str, Any] = {"wall_s": round(time.time() - start, 1) if start else None,
+                           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                           "device": "cuda" if cuda else "cpu", "world_size": world_size()}
+    if cuda:
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    model = (cfg.get("model") if cfg is not None else None) or {}
+    if model.get("dtype") is not None:
+        out["dtype"] = str(resolve_dtype(model.get("dtype"), "cuda" if cuda else "cpu")).replace("torch.", "")
+    return out
 
 
 def finish_logger(logger) -> None:
@@ -133,9 +165,10 @@ def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:
 
 
 def emit(payload: dict[str, Any], schema: str, logger=None, metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """Write the run's typed results.json and push scalar metrics to the logger."""
+    """Write the run's typed results.json (with the run's `resources`) and push scalar metrics to the logger."""
     from etk.artifacts import write_json
 
+    payload = {**payload, "resources": resources()}
     write_json(output_dir() / "results.json", payload, schema)
     if logger is not None and metrics:
         logger.log_metrics(metrics)

@@ -101,8 +101,7 @@ def run_overlap(cfg: DictConfig) -> dict[str, Any]:
     for g, v in res.items():
         print(f"[etk] {g}: shared {v['shared']} (precision {v['precision']:.2f}, recall {v['recall']:.2f})")
     payload = {"a": spec_a, "b": str(cfg.method.other), "overlap": res}
-    write_json(output_dir() / "results.json", payload, "etk.overlap/v1")
-    return payload
+    return emit(payload, "etk.overlap/v1")
 
 
 def pp_scores(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -41,6 +41,14 @@ class CMAPModule(L.LightningModule):
         if self.pair is None:
             self.pair = load_pair(self.hparams.base_cfg, self.hparams.finetuned_cfg, self.hparams.toggle_adapter)
 
+    def on_predict_start(self) -> None:
+        """The pair's models are not submodules (one copy may serve both members): put them on the run's device."""
+        from etk.models.loading import is_dispatched
+
+        for m in {id(self.pair.base): self.pair.base, id(self.pair.finetuned): self.pair.finetuned}.values():
+            if not is_dispatched(m):
+                m.to(self.device)
+
     @property
     def tokenizer(self):
         return self.pair.tokenizer

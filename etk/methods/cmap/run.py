@@ -9,9 +9,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json, write_text
-from etk.circuits import GROUPS, SHORT, circuit_label
+from etk.circuits import GROUPS, SHORT, circuit_label, load_dcm_heads
 from etk.data.datasets import prompt_loader, task_examples
-from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
 from etk.methods.cmap.module import CMAPModule
 from etk.metrics import share_of_gap, wilson_interval
@@ -32,18 +31,32 @@ def cmap_circuit(cfg: DictConfig):
     return require_circuit(cfg, cfg.pair.finetuned.get("circuit"))
 
 
+def cmap_head_sets(cfg: DictConfig, circuit) -> tuple[dict[str, list], dict[str, str]]:
+    """The heads patched per group and where they came from. The paper's choice (SPEC §6.1): DCM selections for VF
+    (object value), PT and PD (positional), every SR head of the circuit. Selections come from `method.dcm_runs`
+    (DCM results.json of this study) or, by default, the fine-tuned model config's `cmap_heads` (the paper's DCM
+    files for Goat and FLoat, shipped in etk/data/dcm). A group without a selection keeps the circuit's heads; an
+    EMPTY selection also keeps them, and the results say so."""
+    groups = {g: list(hs) for g, hs in circuit.groups.items()}
+    sources = {g: "circuit" for g in groups}
+    selections = {read_json(p)["group"]: p for p in (cfg.method.get("dcm_runs") or [])}
+    if not selections:
+        selections = {g: f for g, f in (cfg.pair.finetuned.get("cmap_heads") or {}).items() if f}
+    for group, path in selections.items():
+        heads, _ = load_dcm_heads(path)
+        if heads:
+            groups[group], sources[group] = heads, f"DCM selection {path}"
+        else:
+            sources[group] = f"circuit (the DCM selection {path} is empty)"
+            print(f"[etk] CMAP: the DCM selection {path} holds no {group} heads; patching the circuit's {group} group")
+    return groups, sources
+
+
 def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
     spec, circuit = cmap_circuit(cfg)
-    groups = {g: list(hs) for g, hs in circuit.groups.items()}
-    for path in m.get("dcm_runs") or []:
-        doc = read_json(path)
-        sel = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
-        if sel:  # an empty DCM selection keeps the circuit's whole group (patching nothing would test nothing)
-            groups[doc["group"]] = sel
-        else:
-            print(f"[etk] CMAP: DCM run {path} selected no {doc['group']} heads; using the circuit's group")
+    groups, sources = cmap_head_sets(cfg, circuit)
     module = CMAPModule(OmegaConf.to_container(cfg.pair.base, resolve=True),
                         OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction,
                         bool(m.get("toggle_adapter", True)))
@@ -78,6 +91,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         write_text(output_dir() / "cmap_table.md", md)
         print(f"[etk] CMAP {src_name} -> {tgt_name} ({circuit_label(spec, circuit)} circuit)\n{md}")
         payload = {"pair": cfg.pair.name, "direction": m.direction, "source_model": src_name, "target_model": tgt_name,
+                   "head_sources": sources,
                    "adapter_toggled": module.pair.toggled,
                    "circuit": circuit_label(spec, circuit), "results": rows, "config": plain_config(cfg)}
         return emit(payload, "etk.cmap/v1", logger, {f"cmap/{k}": v["accuracy"] for k, v in rows.items()})

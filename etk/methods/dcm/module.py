@@ -17,7 +17,7 @@ from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
 from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
-from etk.metrics import TaskAccuracy
+from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 
@@ -68,7 +68,7 @@ class DCMModule(ModelHost):
         logits = self.logits(batch, m)
         tgt = batch.base.answer
         score = logits if self.hparams.objective == "logit" else torch.log_softmax(logits.float(), -1)
-        task = -score.gather(1, tgt[:, None]).mean()
+        task = -weighted_mean(score.gather(1, tgt[:, None])[:, 0], batch.base.weight)  # [B] -> scalar
         sparsity = (1 - m).sum()
         loss = task + self.hparams.lam * sparsity
         B = len(batch)

@@ -17,7 +17,7 @@ from etk.data.datasets import make_template, task_vocab
 from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
 from etk.methods.dcm.module import DCMModule
 from etk.report.plots import mask_plot
-from etk.runners.common import run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.runners.common import emit, run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 
 SCHEMA = "etk.dcm/v1"
 
@@ -78,7 +78,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
             "train_seconds": round(train_s, 1), "checkpoint_bytes": (out / "checkpoints" / "best.ckpt").stat().st_size,
             "config": plain_config(cfg),
         }
-        write_json(out / "results.json", payload, SCHEMA)
+        emit(payload, SCHEMA)
         print(f"[etk] DCM {cfg.model.name} {cfg.group}/{cfg.desideratum.name}: {len(selected)}/{len(heads)} heads, "
               f"test accuracy {acc['accuracy']:.3f} (95% CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f}; "
               f"unpatched floor {floor['accuracy']:.3f}), {train_s:.0f} s")

@@ -25,7 +25,7 @@ from etk.methods.eval.module import AccuracyModule
 from etk.methods.eval.run import evaluate_box_counts
 from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import resolve_path
-from etk.runners.common import run_logger, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import emit, run_logger, output_dir, plain_config, trainer_kwargs
 
 SCHEMA = "etk.finetune/v1"
 
@@ -98,7 +98,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
             "eval": rows,
             "command": "python finetune.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         }
-        write_json(out / "results.json", {**card, "config": plain_config(cfg)}, SCHEMA)
+        emit({**card, "config": plain_config(cfg)}, SCHEMA)
         if cfg.export and cfg.lora.enabled:
             export_adapter(adapter_dir, resolve_path(str(cfg.export)), card)
             print(f"[etk] adapter exported to {cfg.export}")

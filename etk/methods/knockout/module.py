@@ -59,12 +59,25 @@ class KnockoutModule(ModelHost):
         assert_eval(self.net)
         self.acc.reset()
         self.generator = torch.Generator().manual_seed(self.random_seed)
+        self._table: torch.Tensor | None = None
         self.forwards = 0
+
+    def uniforms(self, batch: PromptBatch) -> torch.Tensor | None:
+        """[N] the random-key draw of each prompt, keyed by its dataset index: draw i of one seeded stream (what a
+        sequential one-process loop draws), so every process draws the same for the same prompt. None for
+        hand-built batches without indices (then drawn in batch order)."""
+        idx = batch.index
+        if idx is None or len(idx) == 0 or bool((idx < 0).any()):
+            return None
+        need = int(idx.max()) + 1
+        if self._table is None or len(self._table) < need:  # a longer draw of the same stream keeps its prefix
+            self._table = torch.rand(max(need, 0 if self._table is None else 2 * len(self._table)), generator=torch.Generator().manual_seed(self.random_seed))
+        return self._table[idx.cpu()]
 
     def _positions(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query positions [K, N], key positions [K, N] and start layers [K] of every configuration."""
         needs_random = any(parse_edge(e)[1] == RANDOM for e in self.edges)
-        rand = random_context_positions(batch, self.generator) if needs_random else None  # [N], shared by edges
+        rand = random_context_positions(batch, self.generator, self.uniforms(batch)) if needs_random else None  # [N]
         none = torch.full_like(batch.roles["last"], -1)  # [N]
         pos = {BASELINE: (none, none), **{e: edge_positions(batch, e, rand) for e in self.edges}}
         cfgs = self.configs()

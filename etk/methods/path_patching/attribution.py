@@ -15,7 +15,7 @@ import torch
 from etk.interventions.components import HeadId
 from etk.interventions.hooks import Patch, hooked
 from etk.methods.path_patching.fast import sender_values, stage_caches
-from etk.methods.path_patching.naive import answer_prob
+from etk.methods.path_patching.naive import answer_prob, per_clean, undefined_prompts
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
 from etk.models.arch import LlamaFamily
 
@@ -66,13 +66,16 @@ def attribution_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers
     if receivers is None:
         g = _frozen_chain_grads(arch, c, y)
         for j in range(L):
-            est = ((c["z_corr"][j] - c["z_clean"][j]) * g[j]).sum(-1) / c["p_clean"][:, None]  # [B, H]
+            est = ((c["z_corr"][j] - c["z_clean"][j]) * g[j]).sum(-1)
+            est = per_clean(est, c["p_clean"])  # [B, H]
             out[j] = est.double().sum(0)
-        return out, {"forwards": 2, "backwards": 0, "token_layer_blocks": 2 * tokens * L + 3 * B * L}
+        return out, {"forwards": 2, "backwards": 0, "token_layer_blocks": 2 * tokens * L + 3 * B * L,
+                     "undefined_prompts": undefined_prompts(c["p_clean"])}
     g = _receiver_grads(model, batch, c, receivers)
     senders = sorted(senders)
     if not senders:
-        return out, {"forwards": 3, "backwards": 1, "token_layer_blocks": 3 * tokens * L}
+        return out, {"forwards": 3, "backwards": 1, "token_layer_blocks": 3 * tokens * L,
+                     "undefined_prompts": undefined_prompts(c["p_clean"])}
     sl = torch.tensor([s.layer for s in senders], device=y.device)
     sh = torch.tensor([s.head for s in senders], device=y.device)
     per_chunk = max(1, chunk_rows // len(senders))
@@ -82,7 +85,8 @@ def attribution_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers
         with torch.no_grad():
             vals = sender_values(model, c, stage, receivers, senders, bb, y)
         est = sum(((vals[j] - c["recv_clean"][j][bb, None]) * g[j][bb, None]).sum((-1, -2)) for j in receivers.layers)
-        est = est / c["p_clean"][bb, None]  # [n, S]
+        est = per_clean(est, c["p_clean"][bb])  # [n, S]
         out.index_put_((sl, sh), est.double().sum(0), accumulate=True)
         blocks += int(sum(receivers.max_layer - s.layer for s in senders)) * bb.shape[0]
-    return out, {"forwards": 3, "backwards": 1, "token_layer_blocks": blocks}
+    return out, {"forwards": 3, "backwards": 1, "token_layer_blocks": blocks,
+                 "undefined_prompts": undefined_prompts(c["p_clean"])}

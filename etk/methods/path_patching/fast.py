@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from etk.interventions.components import HeadId, n_units
 from etk.interventions.hooks import Capture, Patch, hooked
-from etk.methods.path_patching.naive import answer_prob
+from etk.methods.path_patching.naive import answer_prob, per_clean, undefined_prompts
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
 from etk.models.arch import LlamaFamily
 from etk.models.forward import output_cache
@@ -160,7 +160,7 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
     out = torch.zeros(L, H, dtype=torch.float64, device=y.device)
     blocks = 2 * int(clean.attention_mask.sum()) * L
     if not senders:
-        return out, {"forwards": 2, "token_layer_blocks": blocks}
+        return out, {"forwards": 2, "token_layer_blocks": blocks, "undefined_prompts": undefined_prompts(p_clean)}
     S = len(senders)
     sl = torch.tensor([s.layer for s in senders], device=y.device)
     sh = torch.tensor([s.head for s in senders], device=y.device)
@@ -191,6 +191,6 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
                                       {j: v[it] for j, v in recv_rows.items()}, suffix_chunk_rows)
                 blocks += int((L - rows_start[it]).sum()) * (last - ps + 1) + len(set(rows_b[it].tolist())) * (last + 1) * L
             p = p.view(bb.shape[0], S)
-        rel = (p - p_clean[bb, None]) / p_clean[bb, None]  # [n, S]
+        rel = per_clean(p - p_clean[bb, None], p_clean[bb])  # [n, S]
         out.index_put_((sl, sh), rel.double().sum(0), accumulate=True)
-    return out, {"forwards": 2, "token_layer_blocks": blocks}
+    return out, {"forwards": 2, "token_layer_blocks": blocks, "undefined_prompts": undefined_prompts(p_clean)}

@@ -48,9 +48,13 @@ class PathPatchingModule(ModelHost):
         self.cost.update(cost)
 
     def scores(self) -> torch.Tensor:
-        """[layer, head] mean relative change of the clean answer's probability, over every process's prompts."""
-        n = float(all_sum(torch.tensor(float(self.n), dtype=torch.float64)))
-        return (all_sum(self.sums.double()) / n).float()
+        """[layer, head] mean relative change of the clean answer's probability, over every process's prompts whose
+        clean probability is > 0 (the others, counted in `undefined_prompts`, have no relative change). NaN (written
+        as null, with the reason) when no prompt has one."""
+        n = all_sum(torch.tensor([float(self.n), float(self.cost["undefined_prompts"])], dtype=torch.float64))
+        defined = float(n[0] - n[1])
+        total = all_sum(self.sums.double())
+        return (total / defined).float() if defined > 0 else torch.full_like(total, float("nan")).float()
 
     def total_cost(self) -> dict[str, float]:
         """The cost counters summed over every process."""

@@ -20,6 +20,18 @@ def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), -1).gather(-1, answer[:, None])[:, 0]
 
 
+def per_clean(delta: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:
+    """delta / p_clean with prompts whose clean probability underflowed to 0 (the ratio is undefined) set to 0;
+    `delta` is [B] or [B, S], `p_clean` [B]. Such prompts are left out of the mean (`undefined_prompts`)."""
+    ok = (p_clean > 0).reshape(-1, *([1] * (delta.dim() - 1)))
+    return torch.where(ok, delta / p_clean.clamp_min(torch.finfo(p_clean.dtype).tiny).reshape(ok.shape), 0.0)
+
+
+def undefined_prompts(p_clean: torch.Tensor) -> int:
+    """How many prompts of the batch have p_clean == 0 (no relative change is defined for them)."""
+    return int((p_clean == 0).sum())
+
+
 @torch.no_grad()
 def naive_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
                  senders: Sequence[HeadId]) -> tuple[torch.Tensor, dict[str, int]]:
@@ -59,7 +71,8 @@ def naive_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
             with hooked(model, patches=patches):
                 p = answer_prob(last_logits(model, clean), y)
             forwards += 2
-        out[layer, head] = ((p - p_clean) / p_clean).double().sum()
+        out[layer, head] = per_clean(p - p_clean, p_clean).double().sum()
     tokens_per_forward = int(clean.attention_mask.sum())
-    cost = {"forwards": forwards, "token_layer_blocks": forwards * tokens_per_forward * L}
+    cost = {"forwards": forwards, "token_layer_blocks": forwards * tokens_per_forward * L,
+            "undefined_prompts": undefined_prompts(p_clean)}
     return out, cost

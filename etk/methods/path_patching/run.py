@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import save_tensor, write_json
+from etk.artifacts import save_tensor
 from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
 from etk.methods.path_patching.discover import discover
@@ -19,7 +19,7 @@ from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import discovery_schedule, pp_loader
 from etk.models.arch import LlamaFamily
 from etk.report.plots import head_heatmap
-from etk.runners.common import run_logger, data_config, output_dir, plain_config, trainer_kwargs
+from etk.runners.common import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 SCHEMA = "etk.path_patching/v1"
 
@@ -106,7 +106,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
         cand.save(out / "circuit.json")
         payload = {"model": cfg.model.name, "stages": reports, "schedule": schedule, "seed": seed,
                    "circuit": {g: [list(h) for h in hs] for g, hs in cand.groups.items()}, "config": plain_config(cfg)}
-        write_json(out / "results.json", payload, SCHEMA)
+        emit(payload, SCHEMA)
         return payload
 
 
