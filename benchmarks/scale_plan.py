@@ -43,6 +43,8 @@ def work_ratio(step: str, cpu: dict, paper: dict) -> float:
         return n(p, "n_examples", 500) * n(p, "repeats", 10) / (n(c, "n_examples", 32) * n(c, "repeats", 2)) * 2 * 1.5
     if step == "cmap":
         return n(p, "n_examples", 500) / n(c, "n_examples", 100)
+    if step == "model_diff":
+        return n(p, "n_examples", 500) / n(c, "n_examples", 40)
     if step == "knockout":
         return n(p, "n_examples", 500) / n(c, "n_examples", 24) * 32 / 8
     return 1.0
@@ -70,7 +72,7 @@ def main() -> None:
         est = s * w * flops / args.gpu_speedup / 60
         total += est
         mem = ("27 GB + backward through the model (DCM: ~2x at batch 32)" if step == "dcm" else
-               "27-54 GB (pair)" if step == "cmap" else "27 GB + activations")
+               "27-54 GB (pair)" if step in ("cmap", "model_diff") else "27 GB + activations")
         print(f"{step:<22}{s:>8.0f}{w:>9.1f}{est:>19.0f}  {mem}")
     print(f"{'total':<22}{'':>8}{'':>9}{total:>19.0f}  (one GPU; DDP over k GPUs divides the predict loops by ~k)")
 

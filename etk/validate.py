@@ -40,6 +40,32 @@ def _boxes(path: str, v: Any) -> None:
                           f"e.g. {path}=7 (the paper's)")
 
 
+def _data_files(d: DictConfig) -> None:
+    """The user's files named by `data.path` / `data.objects` exist and parse (before any model loads)."""
+    from pathlib import Path
+
+    if d.get("path"):
+        from etk.data.jsonl import read_jsonl_lines
+
+        if not Path(str(d.path)).expanduser().is_file():
+            raise ConfigError(f"data.path={d.path!r} does not exist; pass a paper-format dataset.jsonl (one JSON object a "
+                              f"line with a 'sentence' field), e.g. data.path=/data/box_datasets/3/dataset.jsonl data.n_boxes=3")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reported when the prompts are built
+            lines = read_jsonl_lines(str(d.path))
+        counts = sorted({len(ex.context.objects) for _, ex in lines})
+        if counts and counts != [int(d.n_boxes)]:
+            raise ConfigError(f"data.path={d.path!r}: its prompts have {', '.join(map(str, counts))} boxes but "
+                              f"data.n_boxes={d.n_boxes}; set data.n_boxes={counts[0]}"
+                              + (" and use one file per box count" if len(counts) > 1 else ""))
+    if d.get("objects"):
+        from etk.data.vocab import load_objects
+
+        load_objects(str(d.objects))  # a missing or malformed objects file fails here
+
+
 def validate(cfg: DictConfig) -> None:
     """Check the counts, sizes, box counts and the circuit file of a composed config (raises ConfigError)."""
     for section in ("data", "method", "ablation", "dcm", "train", "eval", "finetune_data"):
@@ -62,6 +88,8 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.get("data")
     if isinstance(d, DictConfig) and d.get("padding_side") not in (None, "left", "right"):
         raise ConfigError(f"data.padding_side = {d.padding_side!r}: must be 'left' or 'right'")
+    if isinstance(d, DictConfig):
+        _data_files(d)
     m = cfg.get("method")
     if isinstance(m, DictConfig):
         if m.get("target") is not None and not 0 < float(m.target) <= 1.5:

@@ -63,7 +63,8 @@ STUDY = ["method=study", "pair=tiny_planted", "data.n_boxes=3", "data.n_examples
          "method.plan.dcm_groups=[value_fetcher]", "method.plan.dcm_desiderata=[object,position]", "method.dcm.n_train=16",
          "method.dcm.n_eval=8", "method.dcm.n_test=9", "method.dcm.batch_size=4", "method.activation_patching.n_examples=9",
          "method.activation_patching.batch_size=4", "method.activation_patching.repeats=1", "method.cmap.n_examples=9",
-         "method.cmap.batch_size=4", "method.knockout.n_examples=9", "method.knockout.batch_size=4"]
+         "method.cmap.batch_size=4", "method.knockout.n_examples=9", "method.knockout.batch_size=4",
+         "method.model_diff.n_examples=9", "method.model_diff.batch_size=4"]
 
 
 @pytest.mark.slow
@@ -72,7 +73,7 @@ def test_the_study_on_two_processes_equals_one(tmp_path):
     files = assert_same_results(one, two)
     steps = {f.parts[0] for f in files}
     assert steps == {"eval", "path_patching", "minimality", "faithfulness", "faithfulness_curve", "circuit_search", "dcm",
-                     "activation_patching", "cmap", "knockout"}
+                     "activation_patching", "cmap", "model_diff", "knockout"}
     doc = json.loads((two / "eval" / "base" / "results.json").read_text())
     assert doc["resources"]["world_size"] == 2 and 0 < doc["accuracy"] < 1  # non-trivial numbers were compared
 
@@ -87,3 +88,53 @@ def test_other_methods_on_two_processes_equal_one(tmp_path, args):
     common = ["model=tiny_planted", "data.n_boxes=3", "logger=none", "trainer.enable_progress_bar=false",
               "method.n_examples=9", "method.batch_size=4", "ablation.n_prompts=9"]
     assert_same_results(run(tmp_path / "one", args + common, 1), run(tmp_path / "two", args + common, 2))
+
+
+def test_no_code_reads_rank_local_state_directly():
+    """The guard: per-example metric states and path-patching sums are rank-local under DDP, so only the gathering
+    methods (`ExampleMetric.gathered`, `PathPatchingModule.scores`) may read them; any other read of one of those
+    attributes anywhere in etk fails here, naming the line."""
+    import ast
+    import inspect
+
+    import etk
+    from etk.methods.circuit_eval.module import AblationAccuracy
+    from etk.metrics import ExampleMetric, TaskAccuracy
+
+    states = set()
+    for cls in (TaskAccuracy, AblationAccuracy):
+        states |= set(cls()._defaults)
+    assert {"index", "correct", "logp"} <= states
+    local = states | {"sums"}
+    allowed_classes = {c.__name__ for c in (ExampleMetric, TaskAccuracy, AblationAccuracy)}
+    allowed_functions = {"scores", "predict_step", "begin_stage"}  # PathPatchingModule: write, reset, all_sum read
+    root = os.path.dirname(inspect.getfile(etk))
+    bad = []
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(dirpath, name)
+            tree = ast.parse(open(path).read())
+            calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}  # x.logp() is a method, not state
+
+            def visit(node, owner_class=None, owner_fn=None):
+                for child in ast.iter_child_nodes(node):
+                    cls = child.name if isinstance(child, ast.ClassDef) else owner_class
+                    fn = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else owner_fn
+                    if isinstance(child, ast.Attribute) and child.attr in local and id(child) not in calls:
+                        ok = owner_class in allowed_classes or (child.attr == "sums" and owner_fn in allowed_functions)
+                        if not ok and not (child.attr == "index" and not _is_metric_read(child)):
+                            bad.append(f"{os.path.relpath(path, root)}:{child.lineno} .{child.attr}")
+                    visit(child, cls, fn)
+
+            visit(tree)
+    assert not bad, "rank-local state read outside the gathering methods: " + ", ".join(bad)
+
+
+def _is_metric_read(node) -> bool:
+    """`x.acc.index`-like reads (a metric's state) as opposed to `batch.index` / `batch.base.index` (batch data)."""
+    import ast
+
+    v = node.value
+    return isinstance(v, ast.Attribute) and v.attr in {"acc", "val_acc", "test_acc", "test_floor", "metric"}

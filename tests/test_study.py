@@ -18,7 +18,8 @@ SMALL = ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetun
          "method.plan.dcm_groups=[value_fetcher]", "method.plan.dcm_desiderata=[object,position]",
          "method.dcm.n_train=16", "method.dcm.n_eval=8", "method.dcm.n_test=8", "method.dcm.batch_size=8",
          "method.activation_patching.n_examples=8", "method.activation_patching.repeats=1", "method.cmap.n_examples=8",
-         "method.knockout.n_examples=4", "method.knockout.batch_size=4"]
+         "method.knockout.n_examples=4", "method.knockout.batch_size=4", "method.model_diff.n_examples=6",
+         "method.model_diff.batch_size=3"]
 
 
 def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
@@ -26,7 +27,8 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
     report = (tmp_path / "report.md").read_text()
     for section in ("## 1. Task accuracy", "## 2. Circuits found by path patching", "## 3. Faithfulness",
                     "## 4. Circuit quality", "## 5. Position-aware circuits", "## 6. DCM", "## 7. Activation patching",
-                    "## 8. Cross-model activation patching", "## 9. Attention knockout", "## Findings", "**Accuracy.**",
+                    "## 8. Cross-model activation patching", "## 9. Model diffing", "## 10. Attention knockout",
+                    "**What fine-tuning changed (model diffing).**", "## Findings", "**Accuracy.**",
                     "**CMAP", "**Knockout last->correct_object.**", "curves.png", "ceiling"):
         assert section in report, section
     assert (tmp_path / "faithfulness_matrix.md").exists()

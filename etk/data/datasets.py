@@ -25,8 +25,39 @@ def make_template(spec: dict | None) -> Template:
     return Template(**(spec or {}))
 
 
+def file_examples(data_cfg, tokenizer) -> list[Example]:
+    """The first `data.n_examples` usable lines of the user's paper-format file `data.path`: lines whose objects or
+    labels are not one token for this tokenizer are left out with a message naming them and their lines; every
+    prompt must have `data.n_boxes` boxes (mean ablation and the pairs need one prompt shape)."""
+    from etk.data.jsonl import read_jsonl_lines
+    from etk.data.vocab import _note_once, single_token_id, tokenizer_name
+
+    path = data_cfg.path
+    lines = read_jsonl_lines(path)
+    counts = sorted({len(ex.context.objects) for _, ex in lines})
+    if counts and counts != [int(data_cfg.n_boxes)]:
+        raise DataError(f"data.path={path!r}: its prompts have {', '.join(map(str, counts))} boxes but data.n_boxes="
+                        f"{data_cfg.n_boxes}; set data.n_boxes={counts[0]}" + (" and use one file per box count" if len(counts) > 1 else ""))
+    words = {w for _, ex in lines for w in (*ex.context.objects, *ex.context.labels)}
+    multi = sorted(w for w in words if single_token_id(tokenizer, w) is None)
+    kept = [(n, ex) for n, ex in lines if not set(multi) & {*ex.context.objects, *ex.context.labels}]
+    if multi:
+        kept_lines = {n for n, _ in kept}
+        dropped = [n for n, _ in lines if n not in kept_lines]
+        _note_once(f"[etk] {path}: {len(dropped)} of {len(lines)} lines name words that are not one token for tokenizer "
+                   f"{tokenizer_name(tokenizer)!r} ({multi[:20]}) and are left out (lines {dropped[:20]}"
+                   f"{' ...' if len(dropped) > 20 else ''})")
+    if not kept:
+        raise DataError(f"data.path={path!r}: no usable line ({len(lines)} read); every object and label must be one "
+                        f"token for tokenizer {tokenizer_name(tokenizer)!r}")
+    return [ex for _, ex in kept][: int(data_cfg.n_examples)]
+
+
 def task_examples(data_cfg, tokenizer) -> list[Example]:
-    """The generated evaluation prompts described by `data.{n_boxes,n_examples,seed,objects,template}`."""
+    """The evaluation prompts: the user's file `data.path` if set, else generated as described by
+    `data.{n_boxes,n_examples,seed,objects,template}`."""
+    if data_cfg.get("path"):
+        return file_examples(data_cfg, tokenizer)
     objects, labels = task_vocab(tokenizer, data_cfg.n_boxes, data_cfg.get("objects", "objects.csv"))
     template = make_template(data_cfg.get("template"))
     return generate_examples(data_cfg.n_examples, data_cfg.n_boxes, objects, labels, data_cfg.seed, template)

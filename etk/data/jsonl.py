@@ -32,33 +32,48 @@ def parse_sentence(sentence: str) -> tuple[list[str], list[str], str, str]:
     return objs, labs, m.group(1), m.group(2)
 
 
-def read_jsonl(path: str | Path, on_invalid: str = "skip") -> list[Example]:
-    """Read a paper-format file into examples, one per line, in file order.
-
-    Contexts with repeated labels or objects (ambiguous queries; the 3-box file has 171) are skipped with one
-    warning (`on_invalid="skip"`) or raise (`"error"`)."""
-    examples: list[Example] = []
-    bad: set[int] = set()
-    for line in Path(path).read_text().splitlines():
+def read_jsonl_lines(path: str | Path, on_invalid: str = "skip") -> list[tuple[int, Example]]:
+    """(line number, example) for every line of a paper-format file, in file order. A line that is not JSON, has no
+    `sentence`, or is not a boxes sentence raises DataError naming its line. Contexts with repeated labels or
+    objects (ambiguous queries; the 3-box file has 171) are skipped with one warning naming their lines
+    (`on_invalid="skip"`) or raise (`"error"`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist; pass a paper-format dataset.jsonl (one JSON object a "
+                        f"line with a 'sentence' field), e.g. data.path=/data/box_datasets/3/dataset.jsonl")
+    out: list[tuple[int, Example]] = []
+    ambiguous: list[int] = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
-        objs, labs, ql, ans = parse_sentence(rec["sentence"])
-        sid = int(rec["sample_id"])
+        try:
+            rec = json.loads(line)
+            objs, labs, ql, ans = parse_sentence(rec["sentence"])
+            sid = int(rec.get("sample_id", lineno))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, DataError) as e:
+            why = "no 'sentence' field" if isinstance(e, KeyError) else str(e)
+            raise DataError(f"{path}:{lineno}: {why}. Each line must be a JSON object whose 'sentence' reads "
+                            f"'The <obj> is in Box <L>, ... . Box <L> contains the <obj>.'") from None
         try:
             ctx = Context(sid, tuple(objs), tuple(labs))
-        except ValueError:
+        except ValueError as e:
             if on_invalid == "error":
-                raise
-            bad.add(sid)
+                raise DataError(f"{path}:{lineno}: {e}") from None
+            ambiguous.append(lineno)
             continue
         ex = Example(ctx, ql)
         if ex.answer != ans:
-            raise DataError(f"line for sample {sid}: answer {ans!r} disagrees with its context")
-        examples.append(ex)
-    if bad:
-        warnings.warn(f"{path}: skipped {len(bad)} contexts with repeated labels or objects", stacklevel=2)
-    return examples
+            raise DataError(f"{path}:{lineno}: answer {ans!r} disagrees with its context (Box {ql} holds {ex.answer!r})")
+        out.append((lineno, ex))
+    if ambiguous:
+        warnings.warn(f"{path}: skipped {len(ambiguous)} lines with repeated labels or objects in their context (lines "
+                      f"{ambiguous[:20]}{' ...' if len(ambiguous) > 20 else ''})", stacklevel=2)
+    return out
+
+
+def read_jsonl(path: str | Path, on_invalid: str = "skip") -> list[Example]:
+    """The examples of a paper-format file, in file order (see `read_jsonl_lines`)."""
+    return [ex for _, ex in read_jsonl_lines(path, on_invalid)]
 
 
 def write_jsonl(examples: Iterable[Example], path: str | Path) -> None:

@@ -44,3 +44,39 @@ class ModelHost(L.LightningModule):
         """The model's architecture adapter (built once per model)."""
         return LlamaFamily.of(self.net)
 
+
+
+class PairHost(L.LightningModule):
+    """A LightningModule that owns the two frozen members of a pair (`etk.models.pair.load_pair`: a LoRA pair runs
+    on one copy of the base weights, toggling the adapter). The models are not submodules (one copy may serve both
+    members), so they are moved to the run's device at predict start."""
+
+    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle_adapter: bool = True):
+        super().__init__()
+        self.pair = None
+
+    def configure_model(self) -> None:
+        from etk.models.pair import load_pair
+
+        if self.pair is None:
+            self.pair = load_pair(self.hparams.base_cfg, self.hparams.finetuned_cfg, self.hparams.toggle_adapter)
+
+    def on_predict_start(self) -> None:
+        for m in {id(self.pair.base): self.pair.base, id(self.pair.finetuned): self.pair.finetuned}.values():
+            if not is_dispatched(m):
+                m.to(self.device)
+
+    @property
+    def tokenizer(self):
+        return self.pair.tokenizer
+
+    @property
+    def base_net(self):
+        return self.pair.base
+
+    @property
+    def ft_net(self):
+        return self.pair.finetuned
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
+        return batch.to(device)

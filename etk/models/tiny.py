@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from etk.data.vocab import LETTERS, load_objects, load_words
 from etk.errors import ConfigError
@@ -35,6 +35,9 @@ def tiny_tokenizer(extra_words: tuple[str, ...] = (), bos: bool = True) -> PreTr
     )
 
 
+TINY_ARCHS = ("llama", "qwen2", "qwen3", "mistral")
+
+
 def tiny_llama(
     vocab_size: int,
     n_layers: int = 2,
@@ -44,16 +47,31 @@ def tiny_llama(
     d_mlp: int = 128,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
-) -> LlamaForCausalLM:
-    """Random-init Llama (GQA by default: 4 query heads over 2 KV groups), eval mode, no gradients."""
-    cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False,
-    )
+    arch: str = "llama",
+) -> PreTrainedModel:
+    """Random-init decoder (GQA by default: 4 query heads over 2 KV groups), eval mode, no gradients. `arch`:
+    `llama`, `qwen2` (q/k/v biases, drawn non-zero so that they matter), `qwen3` (per-head q/k RMSNorm) or `mistral` (its sliding window longer
+    than any prompt, as in Mistral-7B at these lengths)."""
+    from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                              Qwen3ForCausalLM)
+
+    if arch not in TINY_ARCHS:
+        raise ConfigError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")
+    common = dict(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
+                  num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
+    cls, cfg = {"llama": (LlamaForCausalLM, lambda: LlamaConfig(**common)),
+                "qwen2": (Qwen2ForCausalLM, lambda: Qwen2Config(**common, use_sliding_window=False)),
+                "qwen3": (Qwen3ForCausalLM, lambda: Qwen3Config(**common, head_dim=d_model // n_heads,
+                                                                use_sliding_window=False)),
+                "mistral": (MistralForCausalLM, lambda: MistralConfig(**common, sliding_window=4096))}[arch]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(cfg)
+        model = cls(cfg())
+        with torch.no_grad():
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Linear) and mod.bias is not None:
+                    mod.bias.normal_(0.0, 0.5)
     return model.to(dtype).eval().requires_grad_(False)
 
 

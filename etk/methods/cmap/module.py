@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning as L
 import torch
 
 from etk.data.roles import PromptBatch
@@ -18,55 +17,27 @@ from etk.interventions.hooks import hooked
 from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
-from etk.models.pair import PairModels, load_pair
+from etk.methods.base import PairHost
 
 HeadSets = dict[str, HeadSet]  # configuration name -> head set
 
 
-class CMAPModule(L.LightningModule):
+class CMAPModule(PairHost):
     """Two frozen models; per batch, the target model alone and with each head set patched from the source model.
     A LoRA pair runs on one copy of the base weights, toggling the adapter (see `load_pair`)."""
 
     def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], direction: str = "forward",
                  toggle_adapter: bool = True):
-        super().__init__()
+        super().__init__(base_cfg, finetuned_cfg, toggle_adapter)
         if direction not in ("forward", "reverse"):
             raise ConfigError(f"direction must be 'forward' (fine-tuned -> base) or 'reverse', got {direction!r}")
         self.save_hyperparameters()
-        self.pair: PairModels | None = None
         self.head_sets: HeadSets = {}
         self.acc = AblationAccuracy()
-
-    def configure_model(self) -> None:
-        if self.pair is None:
-            self.pair = load_pair(self.hparams.base_cfg, self.hparams.finetuned_cfg, self.hparams.toggle_adapter)
-
-    def on_predict_start(self) -> None:
-        """The pair's models are not submodules (one copy may serve both members): put them on the run's device."""
-        from etk.models.loading import is_dispatched
-
-        for m in {id(self.pair.base): self.pair.base, id(self.pair.finetuned): self.pair.finetuned}.values():
-            if not is_dispatched(m):
-                m.to(self.device)
-
-    @property
-    def tokenizer(self):
-        return self.pair.tokenizer
-
-    @property
-    def base_net(self):
-        return self.pair.base
-
-    @property
-    def ft_net(self):
-        return self.pair.finetuned
 
     @property
     def source_target(self) -> tuple[str, str]:
         return ("finetuned", "base") if self.hparams.direction == "forward" else ("base", "finetuned")
-
-    def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
-        return batch.to(device)
 
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.base_net)

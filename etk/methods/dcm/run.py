@@ -12,12 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import save_tensor, write_json
 from etk.circuits import circuit_label
-from etk.data.boxes import generate_examples
-from etk.data.datasets import make_template, task_vocab
+from etk.data.datasets import task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
 from etk.methods.dcm.module import DCMModule
 from etk.report.plots import mask_plot
-from etk.runners.common import emit, run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.runners.common import data_config, emit, run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 
 SCHEMA = "etk.dcm/v1"
 
@@ -26,9 +25,8 @@ def dcm_loaders(cfg: DictConfig, tokenizer):
     """Train / eval / test pair loaders, split by context, sources within each split."""
     d = cfg.dcm
     sizes = [int(d.n_train), int(d.n_eval), int(d.n_test)]
-    objects, labels = task_vocab(tokenizer, cfg.data.n_boxes, cfg.data.get("objects", "objects.csv"))
     n_total = sum(sizes) + 3 * cfg.data.n_boxes  # whole contexts per split
-    examples = generate_examples(n_total, cfg.data.n_boxes, objects, labels, cfg.data.seed, make_template(cfg.data.get("template")))
+    examples = task_examples(data_config(cfg, n_total), tokenizer)  # generated, or the first lines of data.path
     splits = split_by_context(examples, sizes)
     name, legacy = cfg.desideratum.name, bool(cfg.desideratum.get("legacy", False))
     pairs = [desideratum_pairs(name, s, cfg.seed + i, legacy) for i, s in enumerate(splits)]
