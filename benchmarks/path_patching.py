@@ -29,7 +29,7 @@ from etk.methods.path_patching.attribution import attribution_scores  # noqa: E4
 from etk.methods.path_patching.discover import discover  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import naive_scores  # noqa: E402
-from etk.methods.path_patching.stages import LLAMA_SCHEDULE, STAGES, pp_loader  # noqa: E402
+from etk.methods.path_patching.stages import LLAMA_SCHEDULE, STAGES, minimum_blocks, pp_loader  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
 
@@ -77,8 +77,9 @@ def main() -> None:
     print(f"model={args.model} layers={dims.n_layers} heads={dims.n_heads} kv_heads={dims.n_kv_heads} "
           f"pairs={args.pairs} boxes={data.n_boxes} tokens/prompt={batches[0].clean.input_ids.shape[1]}")
     print(f"{'stage':<16}{'naive s (all)':>14}{'fast s':>9}{'attr s':>9}{'naive blocks':>15}{'fast blocks':>13}"
-          f"{'naive fwd':>11}{'max|diff|':>11}{'spearman':>10}")
-    tot = {"naive": 0.0, "fast": 0.0, "attr": 0.0, "nb": 0, "fb": 0}
+          f"{'naive fwd':>11}{'max|diff|':>11}{'spearman':>10}{'SoL %':>7}")
+    tot = {"naive": 0.0, "fast": 0.0, "attr": 0.0, "nb": 0, "fb": 0, "low": 0}
+    stage_s: dict[str, float] = {}
     max_diff = 0.0
 
     def score(st, rec, reach):
@@ -105,8 +106,12 @@ def main() -> None:
         mask[reach_layers] = True
         a, f = attr[mask].double(), fast[mask].double()
         rho = float(torch.corrcoef(torch.stack([a.argsort().argsort().double(), f.argsort().argsort().double()]))[0, 1])
+        low = sum(minimum_blocks(b, st, rec, reach, dims.n_layers) for b in batches)  # the definition's minimum
         print(f"{st.group:<16}{naive_all_s:>14.1f}{t_fast:>9.1f}{t_attr:>9.1f}{naive_all_blocks:>15.3g}"
-              f"{fcost['token_layer_blocks']:>13.3g}{naive_fwd:>11.0f}{d:>11.2e}{rho:>10.3f}")
+              f"{fcost['token_layer_blocks']:>13.3g}{naive_fwd:>11.0f}{d:>11.2e}{rho:>10.3f}"
+              f"{100 * low / fcost['token_layer_blocks']:>7.1f}")
+        tot["low"] += low
+        stage_s[st.group] = t_fast
         tot["naive"] += naive_all_s
         tot["fast"] += t_fast
         tot["attr"] += t_attr
@@ -116,6 +121,8 @@ def main() -> None:
 
     discover(list(STAGES), dims, RECEIVERS_TOP_K, score)
     print(f"{'total':<16}{tot['naive']:>14.1f}{tot['fast']:>9.1f}{tot['attr']:>9.1f}{tot['nb']:>15.3g}{tot['fb']:>13.3g}")
+    print("fast time share per stage: " + ", ".join(f"{g} {100 * t / tot['fast']:.0f}%" for g, t in stage_s.items())
+          + f"; speed of light (definition's minimum blocks / fast blocks) {100 * tot['low'] / tot['fb']:.1f}%")
     print(f"speedup_fast_vs_naive={tot['naive'] / tot['fast']:.1f} block_ratio={tot['nb'] / tot['fb']:.1f} "
           f"speedup_attribution_vs_naive={tot['naive'] / tot['attr']:.1f} max_abs_diff={max_diff:.2e}")
 

@@ -269,3 +269,29 @@ def test_cmap_module_between_two_different_models_patches_in_its_direction(tok, 
     # the logits the rows come from: recompute the patched target through the module's own pair
     with module.pair.use("base" if direction == "forward" else "finetuned") as m:
         assert torch.allclose(last_logits(m, batch), hand[1], atol=1e-6)
+
+
+def test_activation_patching_reuses_unpatched_bases_exactly(tmp_path, monkeypatch):
+    """Later repeats read the base prompts' unpatched logits computed by the first (same prompts, checked token by
+    token): every number equals a run that recomputes them."""
+    from etk.methods.activation_patching import module as ap_module
+    from etk.models.forward import last_logits
+
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"group": "value_fetcher", "desideratum": "object_value", "heads": [[1, 2], [0, 1]]}))
+    args = ["method=activation_patching", f"method.heads={heads}", "model=tiny", "data.n_boxes=3", "method.n_examples=9",
+            "method.batch_size=4", "method.repeats=3", "logger=none", "trainer.enable_progress_bar=false"]
+    built = []
+    orig = ap_module.ActivationPatchingModule.configure_model
+
+    def record(self):
+        orig(self)
+        built.append(self)
+
+    monkeypatch.setattr(ap_module.ActivationPatchingModule, "configure_model", record)
+    reused = compose_run(tmp_path / "a", args)
+    assert built[0].reused > 0
+    monkeypatch.setattr(ap_module.ActivationPatchingModule, "unpatched_logits",
+                        lambda self, batch: last_logits(self.net, batch.base))
+    plain = compose_run(tmp_path / "b", args)
+    assert reused["accuracy_percent"] == plain["accuracy_percent"]

@@ -166,3 +166,29 @@ def test_two_job_sweep_through_cli(tmp_path):
     table = (sweep / "dcm_table.md").read_text()
     assert "object_value" in table and "positional" in table
     assert "[etk] DCM" in out.stdout
+
+
+def test_cached_sources_give_exactly_the_uncached_run(tmp_path, monkeypatch):
+    """The source cache serves later epochs and validation checks (hits counted) and changes no number: mask values,
+    selection and accuracies are bit-identical to a run that recomputes every source."""
+    import etk.methods.dcm.run as dcm_run
+
+    built = []
+
+    class Recording(DCMModule):
+        def configure_model(self):
+            super().configure_model()
+            if self not in built:
+                built.append(self)
+
+    monkeypatch.setattr(dcm_run, "DCMModule", Recording)
+    docs = {}
+    for mb in (512, 0):
+        cfg = compose_dcm(tmp_path / f"c{mb}", ["model=tiny", "desideratum=object", "dcm.epochs=3", "dcm.val_every=2",
+                                                f"dcm.cache_mb={mb}"] + SMALL)
+        run_dcm(cfg)
+        docs[mb] = json.loads((tmp_path / f"c{mb}" / "results.json").read_text())
+    cached, plain = built
+    assert cached.sources.hits > cached.sources.misses > 0 and plain.sources.hits == 0
+    for k in ("mask_raw", "mask_last_step", "selected_heads", "best_val_accuracy", "test", "chance_floor_unpatched"):
+        assert docs[512][k] == docs[0][k], k

@@ -285,3 +285,21 @@ def test_prompts_whose_clean_probability_underflows_are_left_out_of_the_mean(tmp
     back = load_score_map(path)
     assert torch.isnan(back[0, 0]) and torch.equal(back[1], scores[1])
     assert top_k(back, 4) == [(0, 1), (1, 0), (1, 1)]
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_speed_of_light_minimum_bounds_the_work(deep_gqa, tok, group):
+    """The definition's minimum (token, layer) blocks: counted by hand for the direct-effect stage; never more than
+    what fast or naive do; naive does far more."""
+    from etk.methods.path_patching.stages import minimum_blocks
+
+    batch = pp_batch(tok, n=6)
+    st, rec, reach, dims = stage_setup(deep_gqa, group, RECV)
+    L = dims.n_layers
+    low = minimum_blocks(batch, st, rec, reach, L)
+    base = 2 * int(batch.clean.attention_mask.sum()) * L
+    if rec is None:
+        assert low == base + len(batch) * sum(L - h.layer for h in reach)
+    _, fast = fast_scores(deep_gqa, batch, st, rec, reach)
+    _, naive = naive_scores(deep_gqa, batch, st, rec, reach)
+    assert base < low <= fast["token_layer_blocks"] and fast["token_layer_blocks"] < naive["token_layer_blocks"]

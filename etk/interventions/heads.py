@@ -158,3 +158,44 @@ def capture(model, batch: PromptBatch, hs: HeadSet, logits: bool = False):
             run_through(model, batch, max(need))
     z = {(r, j): cache[("z", j)][:, i:i + 1] for j, rs in need.items() for i, r in enumerate(rs)}
     return (z, own) if logits else z
+
+
+class SourceCache:
+    """`capture` results of the source prompts of a fixed dataset, kept per split and dataset index, so that later
+    epochs and validation checks read them instead of rerunning the source: the same tensors, so the numbers are
+    unchanged. Bounded by `max_mb` (beyond it, batches are computed as without a cache); `max_mb=0` turns it off."""
+
+    def __init__(self, max_mb: float = 512):
+        self.max_bytes = float(max_mb) * 2 ** 20
+        self.used = 0
+        self.splits: dict[str, dict] = {}
+        self.hits = self.misses = 0
+
+    def get(self, split: str | None, index: torch.Tensor | None, compute) -> dict:
+        """capture()'s {(role, layer): [B, 1, H, D]} for the rows `index` [B] of `split`, computed by `compute()`
+        when any row is missing (then stored, budget permitting)."""
+        if not self.max_bytes or split is None or index is None or len(index) == 0 or bool((index < 0).any()):
+            return compute()
+        st = self.splits.setdefault(split, {"have": torch.zeros(0, dtype=torch.bool), "buf": {}})
+        idx = index.cpu()
+        if len(st["have"]) > int(idx.max()) and bool(st["have"][idx].all()):
+            self.hits += 1
+            return {k: v[idx.to(v.device)] for k, v in st["buf"].items()}
+        self.misses += 1
+        z = compute()
+        need = int(idx.max()) + 1
+        if need > len(st["have"]):  # grow every buffer to hold index `need - 1`
+            extra = sum(v[0].numel() * v.element_size() * (need - len(st["have"])) for v in z.values())
+            if self.used + extra > self.max_bytes:
+                return z
+            self.used += extra
+            grow = need - len(st["have"])
+            st["have"] = torch.cat([st["have"], torch.zeros(grow, dtype=torch.bool)])
+            for k, v in z.items():
+                old = st["buf"].get(k)
+                pad = torch.zeros(grow, *v.shape[1:], dtype=v.dtype, device=v.device)  # kept on the device
+                st["buf"][k] = pad if old is None else torch.cat([old, pad])
+        for k, v in z.items():
+            st["buf"][k][idx.to(v.device)] = v.detach()
+        st["have"][idx] = True
+        return z

@@ -26,6 +26,24 @@ class ActivationPatchingModule(ModelHost):
         super().__init__(model_cfg)
         self.head_sets: HeadSets = {}
         self.acc = AblationAccuracy()
+        self.unpatched: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # dataset index -> (input ids, logits)
+        self.reused = 0
+
+    def unpatched_logits(self, batch: PairBatch) -> torch.Tensor:
+        """[B, V] the model's own logits on the base prompts: computed once per base prompt and reused by later
+        repeats (whose sources differ but whose bases are the same prompts; checked token by token)."""
+        base, idx = batch.base, batch.base.index
+        if idx is not None and bool((idx >= 0).all()) and all(int(i) in self.unpatched for i in idx):
+            ids = [self.unpatched[int(i)] for i in idx]
+            T = base.input_ids.shape[1]
+            if all(len(x) == T and torch.equal(x, base.input_ids[b]) for b, (x, _) in enumerate(ids)):
+                self.reused += 1
+                return torch.stack([lg for _, lg in ids])
+        logits = last_logits(self.net, base)
+        if idx is not None and bool((idx >= 0).all()):
+            for b, i in enumerate(idx.tolist()):
+                self.unpatched[i] = (base.input_ids[b].clone(), logits[b].clone())
+        return logits
 
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
@@ -33,7 +51,7 @@ class ActivationPatchingModule(ModelHost):
 
     def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
         n_heads = LlamaFamily.of(self.net).dims.n_heads
-        rows = [last_logits(self.net, batch.base)]
+        rows = [self.unpatched_logits(batch)]
         src = capture(self.net, batch.source, HeadSet.union(self.head_sets.values()))  # one source run for all sets
         for hs in self.head_sets.values():
             with hooked(self.net, patches=hs.patches(src, batch.base, n_heads)):

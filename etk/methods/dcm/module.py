@@ -13,7 +13,7 @@ import torch
 from etk.circuits import GROUPS, key_role
 from etk.data.roles import ROLE_ID, PairBatch
 from etk.errors import ConfigError
-from etk.interventions.heads import HeadSet, capture
+from etk.interventions.heads import HeadSet, SourceCache, capture
 from etk.interventions.hooks import hooked
 from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
@@ -24,7 +24,7 @@ from etk.models.forward import last_logits
 
 class DCMModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
-                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit"):
+                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512):
         super().__init__(model_cfg)
         self.save_hyperparameters()
         if group not in GROUPS and group not in ROLE_ID:
@@ -39,6 +39,7 @@ class DCMModule(ModelHost):
         self.mask = make_mask(parametrisation, len(self.headset))
         self.strict_loading = False  # checkpoints hold the mask only
         self.val_acc, self.test_acc, self.test_floor = TaskAccuracy(), TaskAccuracy(), TaskAccuracy()
+        self.sources = SourceCache(cache_mb)  # the frozen model's source z, per split and pair index
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -55,7 +56,9 @@ class DCMModule(ModelHost):
 
     def logits(self, batch: PairBatch, m: torch.Tensor) -> torch.Tensor:
         """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value)."""
-        src = capture(self.net, batch.source, self.headset)
+        trainer = getattr(self, "_trainer", None)
+        split = None if trainer is None or trainer.state.stage is None else str(trainer.state.stage.value)
+        src = self.sources.get(split, batch.base.index, lambda: capture(self.net, batch.source, self.headset))
         n_heads = LlamaFamily.of(self.net).dims.n_heads
         with hooked(self.net, patches=self.headset.patches(src, batch.base, n_heads, m)):
             return last_logits(self.net, batch.base)

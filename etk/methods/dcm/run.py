@@ -43,7 +43,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
     heads = [list(h) for h in circuit.groups.get(cfg.group, [])]
     d = cfg.dcm
     module = DCMModule(OmegaConf.to_container(cfg.model, resolve=True), cfg.group, heads, d.parametrisation,
-                       float(d.lam), float(d.lr), d.objective)
+                       float(d.lam), float(d.lr), d.objective, float(d.get("cache_mb", 512)))
     module.configure_model()
     train, val, test = dcm_loaders(cfg, module.tokenizer)
     with run_logger(cfg) as logger:

@@ -14,7 +14,7 @@ from etk.metrics import all_sum
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
-from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
+from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, minimum_blocks
 from etk.models.forward import assert_eval
 
 ALGORITHMS = {"fast": fast_scores, "naive": naive_scores, "attribution": attribution_scores}
@@ -43,6 +43,8 @@ class PathPatchingModule(ModelHost):
         fn = ALGORITHMS[self.current]
         kw = {} if self.current == "naive" else self.chunk
         s, cost = fn(self.net, batch, self.stage, self.receivers, self.senders, **kw)
+        cost = {**cost, "min_token_layer_blocks": minimum_blocks(batch, self.stage, self.receivers, self.senders,
+                                                                 self.arch.dims.n_layers)}
         self.sums = s.cpu() if self.sums is None else self.sums + s.cpu()
         self.n += len(batch)
         self.cost.update(cost)
@@ -60,4 +62,7 @@ class PathPatchingModule(ModelHost):
         """The cost counters summed over every process."""
         keys = sorted(self.cost)
         vals = all_sum(torch.tensor([float(self.cost[k]) for k in keys], dtype=torch.float64)).tolist()
-        return {k: (int(v) if float(v).is_integer() else v) for k, v in zip(keys, vals)}
+        out = {k: (int(v) if float(v).is_integer() else v) for k, v in zip(keys, vals)}
+        if out.get("token_layer_blocks"):  # the speed-of-light line: the definition's minimum over the work done
+            out["speed_of_light_pct"] = round(100 * out["min_token_layer_blocks"] / out["token_layer_blocks"], 1)
+        return out

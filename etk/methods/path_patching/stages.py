@@ -93,6 +93,28 @@ def receivers_from(heads: Sequence[HeadId], site: str, dims: Dims) -> Receivers:
     return Receivers(site, units)
 
 
+def minimum_blocks(batch: "PPBatch", stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
+                   n_layers: int) -> int:
+    """The fewest (token, layer) blocks the definition needs for this batch: the clean and the corrupt forward, and
+    per (prompt, sender): its position-local chain from the sender's layer to the deepest receiver at p_s (to the
+    top for the direct-effect stage), then, from the shallowest receiver above the sender, every layer at every
+    suffix token p_s..last (the receivers' patch reaches all of them). What a speed-of-light line compares with."""
+    L = n_layers
+    base = 2 * int(batch.clean.attention_mask.sum()) * L
+    if not senders:
+        return base
+    p_s, _ = batch.positions(stage)
+    suffix = int((batch.clean.roles["last"] - p_s + 1).sum())  # summed over prompts
+    B = len(batch)
+    layers = torch.tensor([s.layer for s in senders])
+    if receivers is None:
+        return base + B * int((L - layers).sum())
+    rl = torch.tensor(receivers.layers)
+    shallowest = torch.tensor([int(rl[rl > layer].min()) if (rl > layer).any() else L for layer in layers.tolist()])
+    local = B * int((receivers.max_layer - layers).clamp_min(0).sum())
+    return base + local + suffix * int((L - shallowest).sum())
+
+
 def reachable_layers(stage: Stage, receivers: Receivers | None, n_layers: int) -> list[int]:
     """Sender layers that can matter: all for the direct-effect stage, else layers below the deepest receiver."""
     if stage.receiver_site is None or receivers is None:
