@@ -25,18 +25,21 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def head_heatmap(scores: torch.Tensor, path: str | Path, title: str, highlight: Sequence[tuple[int, int]] = ()) -> Path:
-    """[layer, head] scores; diverging colours centred at 0 (negative = important); highlighted heads boxed."""
+    """[layer, head] scores; diverging colours centred at 0 (negative = important), or a sequential map when no value
+    is negative (sizes of a change); highlighted heads boxed."""
     s = scores.detach().float().cpu()
-    vmax = float(s.abs().max()) or 1.0
+    vmax = float(s.nan_to_num(0.0).abs().max()) or 1.0
     L, H = s.shape
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * H + 2), max(3, 0.22 * L + 1.5)))
-    im = ax.imshow(s, cmap="RdBu", vmin=-vmax, vmax=vmax, aspect="auto", origin="lower")
+    sequential = bool((s.nan_to_num(0.0) >= 0).all())
+    im = ax.imshow(s, cmap="Blues" if sequential else "RdBu", vmin=0 if sequential else -vmax, vmax=vmax,
+                   aspect="auto", origin="lower")
     for layer, head in highlight:
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", lw=1.5))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(title)
-    fig.colorbar(im, ax=ax, label="score")
+    fig.colorbar(im, ax=ax, label="value" if sequential else "score")
     return _save(fig, path)
 
 
