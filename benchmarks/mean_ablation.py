@@ -10,17 +10,15 @@ Last line: speedup_vital_vs_full=<x> max_abs_logit_diff=<d> argmax_agreement=<a>
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import load  # noqa: E402  (repo on sys.path, hub off)
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from etk.data.boxes import generate_contexts  # noqa: E402
@@ -31,9 +29,7 @@ from etk.methods.circuit_eval.ablation import VITAL_ROLES, ablation_patches, cei
 from etk.methods.circuit_eval.vital import background, vital_logits  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.forward import last_logits  # noqa: E402
-from etk.models.loading import load_model  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "etk" / "conf"
 
 
 def main() -> None:
@@ -43,10 +39,7 @@ def main() -> None:
     ap.add_argument("--configs", type=int, default=48)
     ap.add_argument("--full-per-forward", type=int, default=12, help="configurations per full-sequence forward")
     args = ap.parse_args()
-    torch.set_grad_enabled(False)
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("patching", overrides=[f"model={args.model}"])
-    model, tok = load_model(cfg.model)
+    cfg, model, tok = load(args.model)
     arch = LlamaFamily(model)
     dims = arch.dims
     objects, labels = task_vocab(tok, cfg.data.n_boxes)

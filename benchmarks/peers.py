@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _setup import load  # noqa: E402  (repo on sys.path, hub off)
 
 import torch  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from etk.data.datasets import task_examples  # noqa: E402
@@ -35,9 +33,7 @@ from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import answer_prob  # noqa: E402
 from etk.methods.path_patching.stages import STAGES, discovery_schedule, pp_loader  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
-from etk.models.loading import load_model  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "etk" / "conf"
 
 
 def nnsight_stage(nm, arch, batch, stage, receivers, layers: list[int]) -> tuple[torch.Tensor, int, float]:
@@ -114,10 +110,7 @@ def main() -> None:
         from nnsight import NNsight
     except ImportError:
         sys.exit("benchmarks/peers.py needs nnsight: pip install -e '.[dev]' (nnsight is a dev extra only)")
-    torch.set_grad_enabled(False)
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("patching", overrides=[f"model={args.model}"])
-    model, tok = load_model(cfg.model)
+    cfg, model, tok = load(args.model)
     arch = LlamaFamily(model)
     dims = arch.dims
     data = cfg.data.copy()
