@@ -45,6 +45,7 @@ def _data_files(d: DictConfig) -> None:
     from pathlib import Path
 
     if d.get("path"):
+        from etk.data.datasets import check_box_count
         from etk.data.jsonl import read_jsonl_lines
 
         if not Path(str(d.path)).expanduser().is_file():
@@ -55,11 +56,7 @@ def _data_files(d: DictConfig) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # reported when the prompts are built
             lines = read_jsonl_lines(str(d.path))
-        counts = sorted({len(ex.context.objects) for _, ex in lines})
-        if counts and counts != [int(d.n_boxes)]:
-            raise ConfigError(f"data.path={d.path!r}: its prompts have {', '.join(map(str, counts))} boxes but "
-                              f"data.n_boxes={d.n_boxes}; set data.n_boxes={counts[0]}"
-                              + (" and use one file per box count" if len(counts) > 1 else ""))
+        check_box_count(d.path, lines, int(d.n_boxes), ConfigError)
     if d.get("objects"):
         from etk.data.vocab import load_objects
 

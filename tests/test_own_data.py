@@ -66,13 +66,13 @@ def test_the_papers_file_round_trips(tmp_path):
 
 def test_bad_lines_name_their_line_number(tmp_path):
     good = (FIX / "random_3_boxes_head.jsonl").read_text().splitlines()[:3]
-    for bad, why in [("not json", "line 3"), ('{"sample_id": 1}', "no 'sentence'"),
+    for bad, why in [("not json", "Expecting value"), ('{"sample_id": 1}', "no 'sentence'"),
                      ('{"sentence": "Box A contains the cat."}', "not a boxes sentence")]:
         p = tmp_path / "bad.jsonl"
         p.write_text("\n".join(good[:2] + [bad] + good[2:]) + "\n")
         with pytest.raises(DataError, match=r"bad\.jsonl:3: ") as e:
             read_jsonl(p)
-        assert why in str(e.value) or why == "line 3"
+        assert why in str(e.value)
 
 
 def test_data_path_checks_before_any_model(tmp_path):

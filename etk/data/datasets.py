@@ -25,6 +25,14 @@ def make_template(spec: dict | None) -> Template:
     return Template(**(spec or {}))
 
 
+def check_box_count(path, lines: Sequence[tuple[int, Example]], n_boxes: int, error: type[Exception] = DataError) -> None:
+    """Every prompt of the file `path` (its `read_jsonl_lines`) has `n_boxes` boxes, else `error` saying what to set."""
+    counts = sorted({len(ex.context.objects) for _, ex in lines})
+    if counts and counts != [n_boxes]:
+        raise error(f"data.path={path!r}: its prompts have {', '.join(map(str, counts))} boxes but data.n_boxes="
+                    f"{n_boxes}; set data.n_boxes={counts[0]}" + (" and use one file per box count" if len(counts) > 1 else ""))
+
+
 def file_examples(data_cfg, tokenizer) -> list[Example]:
     """The first `data.n_examples` usable lines of the user's paper-format file `data.path`: lines whose objects or
     labels are not one token for this tokenizer are left out with a message naming them and their lines; every
@@ -34,10 +42,7 @@ def file_examples(data_cfg, tokenizer) -> list[Example]:
 
     path = data_cfg.path
     lines = read_jsonl_lines(path)
-    counts = sorted({len(ex.context.objects) for _, ex in lines})
-    if counts and counts != [int(data_cfg.n_boxes)]:
-        raise DataError(f"data.path={path!r}: its prompts have {', '.join(map(str, counts))} boxes but data.n_boxes="
-                        f"{data_cfg.n_boxes}; set data.n_boxes={counts[0]}" + (" and use one file per box count" if len(counts) > 1 else ""))
+    check_box_count(path, lines, int(data_cfg.n_boxes))
     words = {w for _, ex in lines for w in (*ex.context.objects, *ex.context.labels)}
     multi = sorted(w for w in words if single_token_id(tokenizer, w) is None)
     kept = [(n, ex) for n, ex in lines if not set(multi) & {*ex.context.objects, *ex.context.labels}]

@@ -183,13 +183,12 @@ class SourceCache:
             return {k: v[idx.to(v.device)] for k, v in st["buf"].items()}
         self.misses += 1
         z = compute()
-        need = int(idx.max()) + 1
-        if need > len(st["have"]):  # grow every buffer to hold index `need - 1`
-            extra = sum(v[0].numel() * v.element_size() * (need - len(st["have"])) for v in z.values())
+        grow = int(idx.max()) + 1 - len(st["have"])
+        if grow > 0:  # grow every buffer to hold the batch's largest index
+            extra = sum(v[0].numel() * v.element_size() * grow for v in z.values())
             if self.used + extra > self.max_bytes:
                 return z
             self.used += extra
-            grow = need - len(st["have"])
             st["have"] = torch.cat([st["have"], torch.zeros(grow, dtype=torch.bool)])
             for k, v in z.items():
                 old = st["buf"].get(k)

@@ -45,7 +45,6 @@ class ModelHost(L.LightningModule):
         return LlamaFamily.of(self.net)
 
 
-
 class PairHost(L.LightningModule):
     """A LightningModule that owns the two frozen members of a pair (`etk.models.pair.load_pair`: a LoRA pair runs
     on one copy of the base weights, toggling the adapter). The models are not submodules (one copy may serve both

@@ -71,7 +71,8 @@ class KnockoutModule(ModelHost):
             return None
         need = int(idx.max()) + 1
         if self._table is None or len(self._table) < need:  # a longer draw of the same stream keeps its prefix
-            self._table = torch.rand(max(need, 0 if self._table is None else 2 * len(self._table)), generator=torch.Generator().manual_seed(self.random_seed))
+            size = max(need, 0 if self._table is None else 2 * len(self._table))
+            self._table = torch.rand(size, generator=torch.Generator().manual_seed(self.random_seed))
         return self._table[idx.cpu()]
 
     def _positions(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -24,8 +24,7 @@ def role_index() -> torch.Tensor:
     """[len(ROLE_VOCAB)] long: the DIFF_ROLES index of every token role (the boxes' words collapsed)."""
     out = torch.empty(len(ROLE_ID), dtype=torch.long)
     for name, i in ROLE_ID.items():
-        base = name.split("[")[0] if "[" in name else name
-        out[i] = DIFF_ROLES.index(base)
+        out[i] = DIFF_ROLES.index(name.split("[")[0])  # objects[k] -> objects
     return out
 
 

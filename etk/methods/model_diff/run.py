@@ -124,12 +124,12 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
         roles = [DIFF_ROLES[i] for i in present]
         ranking = group_ranking(w, t["rel"], t["dla_abs_diff"], circuit, cmap)
         shares = [((r.get("cmap_share_of_gap") or {}).get("share")) for r in ranking]
+        gains = [(share, r["group"]) for share, r in zip(shares, ranking) if share is not None]
         verdict = {
             "rho_activation_vs_gain": spearman_rho([r["activation_delta"] for r in ranking], shares),
             "rho_weight_vs_gain": spearman_rho([r["weight_delta"] for r in ranking], shares),
             "most_changed_group": max(ranking, key=lambda r: r["activation_percentile"])["group"] if ranking else None,
-            "largest_gain_group": (max((r for r in ranking if r.get("cmap_share_of_gap", {}) and r["cmap_share_of_gap"].get("share") is not None),
-                                       key=lambda r: r["cmap_share_of_gap"]["share"], default={}).get("group")),
+            "largest_gain_group": max(gains, key=lambda x: x[0])[1] if gains else None,
         }
         payload = {
             "pair": cfg.pair.name, "base_model": cfg.pair.base.name, "finetuned_model": cfg.pair.finetuned.name,
