@@ -125,7 +125,8 @@ def test_one_source_run_serves_every_head_set(tiny, tok):
     early = capture(tiny, batch, HeadSet.at("query_label", [HeadId(0, 3)]))
     assert set(early) == {("query_label", 0)}
     full, logits = capture(tiny, batch, union, logits=True)
-    assert torch.equal(logits, plain[b, batch.roles["last"]])
+    # the LM head on [B, d] vs on [B, T, d]: another GEMM shape, equal up to its summation order on some CPUs
+    assert torch.allclose(logits, plain[b, batch.roles["last"]], rtol=1e-6, atol=1e-6)
     for (role, j), z in list(full.items()) + list(early.items()):
         assert torch.equal(z[:, 0], seen[j][b, batch.roles[role]].unflatten(-1, (4, 16)))
     assert capture(tiny, batch, HeadSet()) == {}
@@ -272,10 +273,9 @@ def test_cmap_module_between_two_different_models_patches_in_its_direction(tok, 
 
 
 def test_activation_patching_reuses_unpatched_bases_exactly(tmp_path, monkeypatch):
-    """Later repeats read the base prompts' unpatched logits computed by the first (same prompts, checked token by
-    token): every number equals a run that recomputes them."""
+    """Later repeats and head sets read the base prompts' unpatched logits and prefix computed once (same prompts,
+    checked token by token): every number equals a run with the cache off, which recomputes them."""
     from etk.methods.activation_patching import module as ap_module
-    from etk.models.forward import last_logits
 
     heads = tmp_path / "heads.json"
     heads.write_text(json.dumps({"group": "value_fetcher", "desideratum": "object_value", "heads": [[1, 2], [0, 1]]}))
@@ -286,12 +286,12 @@ def test_activation_patching_reuses_unpatched_bases_exactly(tmp_path, monkeypatc
 
     def record(self):
         orig(self)
-        built.append(self)
+        if self not in built:  # configure_model runs again inside the trainer
+            built.append(self)
 
     monkeypatch.setattr(ap_module.ActivationPatchingModule, "configure_model", record)
     reused = compose_run(tmp_path / "a", args)
-    assert built[0].reused > 0
-    monkeypatch.setattr(ap_module.ActivationPatchingModule, "unpatched_logits",
-                        lambda self, batch: last_logits(self.net, batch.base))
-    plain = compose_run(tmp_path / "b", args)
-    assert reused["accuracy_percent"] == plain["accuracy_percent"]
+    plain = compose_run(tmp_path / "b", args + ["method.cache_mb=0"])
+    assert built[0].cache.hits > built[0].cache.misses > 0 and built[1].cache.hits == 0
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("resources", "config")}  # noqa: E731
+    assert strip(reused) == strip(plain)

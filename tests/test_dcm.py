@@ -169,8 +169,9 @@ def test_two_job_sweep_through_cli(tmp_path):
 
 
 def test_cached_sources_give_exactly_the_uncached_run(tmp_path, monkeypatch):
-    """The source cache serves later epochs and validation checks (hits counted) and changes no number: mask values,
-    selection and accuracies are bit-identical to a run that recomputes every source."""
+    """The cache (sources' z, base prompts' prefix K/V) serves later epochs and validation checks (hits counted)
+    and changes no number: mask values, selection and accuracies are bit-identical to a run that recomputes every
+    source and prefix."""
     import etk.methods.dcm.run as dcm_run
 
     built = []
@@ -189,6 +190,6 @@ def test_cached_sources_give_exactly_the_uncached_run(tmp_path, monkeypatch):
         run_dcm(cfg)
         docs[mb] = json.loads((tmp_path / f"c{mb}" / "results.json").read_text())
     cached, plain = built
-    assert cached.sources.hits > cached.sources.misses > 0 and plain.sources.hits == 0
+    assert cached.cache.hits > cached.cache.misses > 0 and plain.cache.hits == 0
     for k in ("mask_raw", "mask_last_step", "selected_heads", "best_val_accuracy", "test", "chance_floor_unpatched"):
         assert docs[512][k] == docs[0][k], k

@@ -105,3 +105,24 @@ def test_tiny_model_is_created_fast():
             "t=time.time(); load_model(OmegaConf.create({'name':'tiny','source':'tiny','tiny':{}})); print(time.time()-t)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert float(out.stdout.strip().splitlines()[-1]) < 1.0
+
+
+def test_reuse_models_hands_the_same_frozen_model_to_identical_configs():
+    """Inside `reuse_models(k)` a later job with the same model config gets the loaded model (in eval mode, no
+    gradients), another config its own; the oldest is dropped beyond k; outside the block every call loads."""
+    from omegaconf import OmegaConf
+
+    from etk.models.loading import reuse_models, shared_model
+
+    a = OmegaConf.create({"name": "t", "source": "tiny", "tiny": {"n_layers": 1, "seed": 0}})
+    b = OmegaConf.create({"name": "t", "source": "tiny", "tiny": {"n_layers": 1, "seed": 1}})
+    c = OmegaConf.create({"name": "t", "source": "tiny", "tiny": {"n_layers": 1, "seed": 2}})
+    with reuse_models(2):
+        m1, _ = shared_model(a)
+        m1.train()
+        m2, _ = shared_model(a)
+        assert m2 is m1 and not m2.training and not any(p.requires_grad for p in m2.parameters())
+        assert shared_model(b)[0] is not m1
+        shared_model(c)  # evicts a (least recently used)
+        assert shared_model(a)[0] is not m1
+    assert shared_model(a)[0] is not shared_model(a)[0]

@@ -8,7 +8,7 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from etk.models.arch import LlamaFamily
-from etk.models.loading import is_dispatched, load_model
+from etk.models.loading import is_dispatched, shared_model
 
 
 class ModelHost(L.LightningModule):
@@ -25,7 +25,7 @@ class ModelHost(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is not None:
             return
-        net, self.tokenizer = load_model(OmegaConf.create(self.model_cfg))
+        net, self.tokenizer = shared_model(OmegaConf.create(self.model_cfg))
         if is_dispatched(net):  # split over devices by accelerate: not a submodule, so Lightning never moves it
             self.__dict__.pop("net", None)
             object.__setattr__(self, "net", net)

@@ -4,7 +4,10 @@ before transformers is called."""
 
 from __future__ import annotations
 
+import json
 import os
+from collections import OrderedDict
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -154,3 +157,40 @@ def load_model(cfg: Any, device: str | torch.device | None = None):
     if not is_dispatched(model):  # a dispatched model stays where accelerate placed it
         model = model.to(device)
     return model.eval().requires_grad_(False), tokenizer
+
+
+_REUSE: dict[str, Any] = {"slots": 0, "models": OrderedDict()}
+
+
+@contextmanager
+def reuse_models(slots: int):
+    """Inside the block, `shared_model` keeps the last `slots` loaded frozen models and hands the same object to a
+    later job whose model config is identical (a study's jobs alternate between a pair's two members), instead of
+    loading the weights again. 0 = off. The models are dropped when the block ends."""
+    saved = dict(_REUSE)
+    _REUSE.update(slots=max(0, int(slots)), models=OrderedDict())
+    try:
+        yield
+    finally:
+        _REUSE.update(saved)
+
+
+def shared_model(cfg: Any):
+    """(model, tokenizer) for a frozen-model job: `load_model(cfg)`, or inside `reuse_models` the model an earlier
+    job loaded from the same config (eval mode, no gradients; etk's interventions live in hooks that are always
+    removed, so the weights are never changed)."""
+    if not _REUSE["slots"]:
+        return load_model(cfg)
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if hasattr(cfg, "keys") and not isinstance(cfg, dict) else cfg
+    key = json.dumps(plain, sort_keys=True, default=str)
+    models: OrderedDict = _REUSE["models"]
+    if key in models:
+        models.move_to_end(key)
+        net, tok = models[key]
+        return net.eval().requires_grad_(False), tok
+    while len(models) >= _REUSE["slots"]:
+        models.popitem(last=False)
+    models[key] = load_model(cfg)
+    return models[key]

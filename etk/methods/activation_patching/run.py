@@ -33,7 +33,7 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     desideratum = m.get("desideratum") or doc["desideratum"]
     heads = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
     L.seed_everything(cfg.seed, verbose=False)
-    module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True))
+    module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), float(m.get("cache_mb", 512)))
     module.configure_model()
     dims = LlamaFamily.of(module.net).dims
     selected = HeadSet.from_circuit({group: heads}).check(dims)

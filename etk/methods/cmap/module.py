@@ -13,10 +13,10 @@ import torch
 from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
-from etk.interventions.hooks import hooked
 from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
-from etk.models.forward import assert_eval, last_logits
+from etk.models.forward import assert_eval
+from etk.models.prefix import earliest, patched_last_logits, unpatched_rows
 from etk.methods.base import PairHost
 
 HeadSets = dict[str, HeadSet]  # configuration name -> head set
@@ -51,9 +51,10 @@ class CMAPModule(PairHost):
             src, source_logits = capture(model, batch, HeadSet.union(self.head_sets.values()), logits=True)
         with self.pair.use(target) as model:
             n_heads = LlamaFamily.of(model).dims.n_heads
-            rows = [source_logits, last_logits(model, batch)]  # the two models alone
+            own = unpatched_rows(model, batch)  # the target alone, and its prefix K/V for the patched runs
+            rows = [source_logits, torch.stack([r["logits"] for r in own])]  # the two models alone
             for hs in self.head_sets.values():
-                with hooked(model, patches=hs.patches(src, batch, n_heads)):
-                    rows.append(last_logits(model, batch))
+                rows.append(patched_last_logits(model, batch, hs.patches(src, batch, n_heads),
+                                                earliest(batch, list(hs.roles)), rows=own))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.answer) for r in rows]),
                         torch.stack([answer_logp(r, batch.answer) for r in rows]), batch.index)

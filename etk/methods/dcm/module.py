@@ -13,13 +13,13 @@ import torch
 from etk.circuits import GROUPS, key_role
 from etk.data.roles import ROLE_ID, PairBatch
 from etk.errors import ConfigError
-from etk.interventions.heads import HeadSet, SourceCache, capture
-from etk.interventions.hooks import hooked
+from etk.interventions.heads import HeadSet, capture
 from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
+from etk.models.prefix import RowCache, patched_last_logits, stack, unstack
 
 
 class DCMModule(ModelHost):
@@ -39,7 +39,7 @@ class DCMModule(ModelHost):
         self.mask = make_mask(parametrisation, len(self.headset))
         self.strict_loading = False  # checkpoints hold the mask only
         self.val_acc, self.test_acc, self.test_floor = TaskAccuracy(), TaskAccuracy(), TaskAccuracy()
-        self.sources = SourceCache(cache_mb)  # the frozen model's source z, per split and pair index
+        self.cache = RowCache(cache_mb)  # the frozen model's source z and base prefix, per split and pair index
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -55,13 +55,16 @@ class DCMModule(ModelHost):
         return self
 
     def logits(self, batch: PairBatch, m: torch.Tensor) -> torch.Tensor:
-        """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value)."""
+        """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value).
+        The source's z and the base prompts' unpatched prefix (positions before the role) come from the cache."""
         trainer = getattr(self, "_trainer", None)
         split = None if trainer is None or trainer.state.stage is None else str(trainer.state.stage.value)
-        src = self.sources.get(split, batch.base.index, lambda: capture(self.net, batch.source, self.headset))
+        index = batch.base.index
+        src = stack(self.cache.get(split and f"{split}/source", index,
+                                   lambda: unstack(capture(self.net, batch.source, self.headset))))
         n_heads = LlamaFamily.of(self.net).dims.n_heads
-        with hooked(self.net, patches=self.headset.patches(src, batch.base, n_heads, m)):
-            return last_logits(self.net, batch.base)
+        return patched_last_logits(self.net, batch.base, self.headset.patches(src, batch.base, n_heads, m),
+                                   batch.base.roles[self.role], self.cache, split and f"{split}/prefix")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.mask.project_()  # the paper clamps before every step

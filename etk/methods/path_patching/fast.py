@@ -11,19 +11,16 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Sequence
 
 import torch
-from transformers import DynamicCache
-
 from etk.interventions.components import HeadId, n_units
 from etk.interventions.hooks import Capture, Patch, hooked
-from etk.methods.path_patching.naive import answer_prob, per_clean, undefined_prompts
+from etk.methods.path_patching.naive import answer_prob, per_clean, prob_dtype, undefined_prompts
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
 from etk.models.arch import LlamaFamily
 from etk.models.forward import output_cache
-from etk.models.partial import LayerInputs, forward_from_layer
+from etk.models.partial import LayerInputs, SharedPrefix
 
 
 def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, senders: list[HeadId],
@@ -63,50 +60,72 @@ def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, 
         r[:, act] = x + arch.mlp(j)(arch.post_attn_norm(j)(x))
     if stage.receiver_site is None:
         logits = arch.lm_head(arch.final_norm(r))  # [n, S, V]
-        return torch.softmax(logits.float(), -1).gather(-1, y[:, None, None].expand(n, S, 1))[..., 0]
+        return torch.softmax(logits.to(prob_dtype(logits)), -1).gather(-1, y[:, None, None].expand(n, S, 1))[..., 0]
     return recv
 
 
-def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, rows_b: torch.Tensor, row_start: torch.Tensor,
-                  p_s: torch.Tensor, receivers: Receivers, recv_rows: dict, chunk_rows: int) -> torch.Tensor:
-    """Step 3 for rows (prompt index rows_b [R]) sharing one (p_s, last): only the suffix p_s..last is recomputed,
-    on the clean prefix KV cache, and only from layer row_start [R] (the shallowest receiver layer above the
-    row's sender: nothing below it can differ from the clean run)."""
-    clean = batch.clean
-    dims = arch.dims
-    b0 = rows_b.unique()
-    ps = int(p_s[b0[0]])
-    last = int(clean.roles["last"][b0[0]])
-    suffix = torch.arange(ps, last + 1, device=rows_b.device)
-    with LayerInputs(arch, suffix[None].expand(b0.shape[0], -1)) as h_suffix:  # clean residuals [n, Ts, d]
-        full = output_cache(arch.base.model(**{k: v[b0] for k, v in clean.model_inputs().items()}, use_cache=True))
-    where = torch.full((int(rows_b.max()) + 1,), -1, dtype=torch.long, device=rows_b.device)
-    where[b0] = torch.arange(b0.shape[0], device=rows_b.device)
-    local = where[rows_b]
-    out = torch.empty(rows_b.shape[0], device=rows_b.device)
-    for start_layer in row_start.unique().tolist():
-        sel = (row_start == start_layer).nonzero()[:, 0]
-        for c0 in range(0, sel.shape[0], chunk_rows):
-            it = sel[c0:c0 + chunk_rows]
-            rb, lb = rows_b[it], local[it]
-            R = rb.shape[0]
-            cache = DynamicCache([(lay.keys[lb, :, :ps], lay.values[lb, :, :ps]) for lay in full.layers],
-                                 config=arch.base.config)
-            patches = []
-            for j in receivers.layers:
-                if j < start_layer:
-                    continue  # below the start layer the row's receivers hold their clean values
-                U = n_units(dims, receivers.site)
-                src = torch.zeros(R, 1, U, dims.head_dim, dtype=recv_rows[j].dtype, device=rb.device)
-                src[:, 0, receivers.units[j]] = recv_rows[j][it]
-                keep = torch.ones(R, 1, U, dtype=torch.bool, device=rb.device)
-                keep[:, :, receivers.units[j]] = False
-                patches.append(Patch(receivers.site, j, src, keep, torch.zeros(R, 1, dtype=torch.long, device=rb.device)))
-            with hooked(model, patches=patches):
-                hid = forward_from_layer(model, h_suffix[start_layer][lb], start_layer, clean.attention_mask[rb, :last + 1],
-                                         clean.position_ids[rb, ps:last + 1], cache)
-            out[it] = answer_prob(arch.lm_head(hid[:, -1]), clean.answer[rb])
-    return out
+def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tensor, start: torch.Tensor, p_s: torch.Tensor,
+                  receivers: Receivers, recv: dict, max_rows: int) -> torch.Tensor:
+    """Step 3 for prompts [n] sharing one (p_s, last) and every sender [S]: [n, S] answer probabilities.
+
+    Only the suffix p_s..last is recomputed, attending to the prompt's clean prefix K/V in place (shared by all its
+    rows, `SharedPrefix`), and a (prompt, sender) row starts at layer start[S] (the shallowest receiver layer above
+    the sender: below it nothing differs from the clean run). The rows of all start layers run in one pass: at
+    layer j the rows of the senders with start <= j are active, the others join when j reaches their start with
+    their clean residual. recv: {layer: [n, S, U_j, D]} the receivers' step-2 values. At most `max_rows` rows
+    per forward."""
+    clean, dims = batch.clean, arch.dims
+    L, U = dims.n_layers, n_units(arch.dims, receivers.site)
+    ps, last = int(p_s[prompts[0]]), int(clean.roles["last"][prompts[0]])
+    Ts, S = last - ps + 1, start.shape[0]
+    order = start.argsort(stable=True)  # senders by start layer: the active ones are a prefix of this order
+    st = start[order]
+    recv = {j: v[:, order] for j, v in recv.items()}
+    out = torch.empty(prompts.shape[0], S, dtype=prob_dtype(recv[next(iter(recv))]), device=prompts.device)
+    n_per = max(1, max_rows // S)  # prompts per forward
+    s_per = min(S, max_rows)  # senders per forward (fewer than S when one prompt's rows exceed max_rows)
+    first = int(st.min())
+    inputs = clean.model_inputs()
+    for c0 in range(0, prompts.shape[0], n_per):
+        pc = prompts[c0:c0 + n_per]
+        n = pc.shape[0]
+        suffix = torch.arange(ps, last + 1, device=pc.device)[None].expand(n, -1)
+        with LayerInputs(arch, suffix, range(first, L)) as h_clean:  # {j: [n, Ts, d]} clean residual entering j
+            full = output_cache(arch.base.model(**{k: v[pc] for k, v in inputs.items()}, use_cache=True))
+        kv = [(full.layers[j].keys[:, :, :ps], full.layers[j].values[:, :, :ps]) for j in range(L)]
+        pos = clean.position_ids[pc, ps:last + 1]  # [n, Ts]
+        cos, sin = arch.base.model.rotary_emb(h_clean[first], position_ids=pos)  # [n, Ts, D]
+        with SharedPrefix(model, {j: a for j, (a, _) in enumerate(kv)}, {j: b for j, (_, b) in enumerate(kv)},
+                          clean.attention_mask[pc, :ps].bool()):
+            for s0 in range(0, S, s_per):
+                sel = slice(s0, min(S, s0 + s_per))
+                ss = st[sel]
+                h = torch.empty(n, ss.shape[0], Ts, dims.d_model, dtype=h_clean[first].dtype, device=pc.device)
+                k_prev = 0
+                for j in range(int(ss.min()), L):
+                    k = int((ss <= j).sum())  # active senders of this chunk
+                    if k > k_prev:
+                        h[:, k_prev:k] = h_clean[j][:, None]
+                        k_prev = k
+                    rows = lambda t: t[:, None].expand(n, k, *t.shape[1:]).reshape(n * k, *t.shape[1:])  # noqa: E731
+                    patches = []
+                    if j in recv:  # every active row's sender lies below j: all receivers of j take step-2 values
+                        src = torch.zeros(n * k, 1, U, dims.head_dim, dtype=recv[j].dtype, device=pc.device)
+                        src[:, 0, receivers.units[j]] = recv[j][c0:c0 + n, sel][:, :k].reshape(n * k, -1, dims.head_dim)
+                        keep = torch.ones(n * k, 1, U, dtype=torch.bool, device=pc.device)
+                        keep[:, :, receivers.units[j]] = False
+                        patches.append(Patch(receivers.site, j, src, keep, torch.zeros(n * k, 1, dtype=torch.long,
+                                                                                       device=pc.device)))
+                    with hooked(model, patches=patches):
+                        o = arch.layers[j](h[:, :k].reshape(n * k, Ts, -1), attention_mask=None, position_ids=rows(pos),
+                                           position_embeddings=(rows(cos), rows(sin)))
+                    h[:, :k] = (o[0] if isinstance(o, tuple) else o).view(n, k, Ts, -1)
+                logits = arch.lm_head(arch.final_norm(h[:, :, -1]))  # [n, s, V]
+                out[c0:c0 + n, sel] = answer_prob(logits.flatten(0, 1), clean.answer[pc].repeat_interleave(
+                    ss.shape[0])).view(n, -1)
+    res = torch.empty_like(out)
+    res[:, order] = out
+    return res
 
 
 @torch.no_grad()
@@ -148,7 +167,7 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
     """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads]; same as `naive`.
 
     `chunk_rows` bounds the (prompt, sender) rows of one sender-step chunk; `suffix_chunk_rows` those of one
-    receiver-step forward (each row holds a copy of its prompt's prefix KV cache)."""
+    receiver-step forward (rows share their prompt's prefix K/V; each holds its own suffix)."""
     arch = LlamaFamily.of(model)
     dims = arch.dims
     L, H = dims.n_layers, dims.n_heads
@@ -177,20 +196,16 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
         if receivers is None:
             p = res  # [n, S]
         else:
-            rows_b = bb[:, None].expand(-1, S).reshape(-1)  # [n*S] prompt of each row
-            recv_rows = {j: v.reshape(-1, *v.shape[2:]) for j, v in res.items()}
-            p = torch.empty(rows_b.shape[0], device=y.device)
-            keys = torch.stack([p_s[rows_b], clean.roles["last"][rows_b]], 1)
-            buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-            for i, (a, e) in enumerate(keys.tolist()):
-                buckets[(a, e)].append(i)
-            rows_start = start_of[sl].repeat(bb.shape[0])  # [n*S]: layer where each row's recompute starts
-            for (ps, last), idx in buckets.items():
-                it = torch.tensor(idx, device=y.device)
-                p[it] = _suffix_probs(model, arch, batch, rows_b[it], rows_start[it], p_s, receivers,
-                                      {j: v[it] for j, v in recv_rows.items()}, suffix_chunk_rows)
-                blocks += int((L - rows_start[it]).sum()) * (last - ps + 1) + len(set(rows_b[it].tolist())) * (last + 1) * L
-            p = p.view(bb.shape[0], S)
+            p = torch.empty(bb.shape[0], S, dtype=c["p_clean"].dtype, device=y.device)
+            keys = torch.stack([p_s[bb], clean.roles["last"][bb]], 1)  # [n, 2]: prompts of equal suffix share a pass
+            uniq, inv = keys.unique(dim=0, return_inverse=True)
+            for u in range(uniq.shape[0]):
+                loc = (inv == u).nonzero()[:, 0]
+                ps, last = uniq[u].tolist()
+                p[loc] = _suffix_probs(model, arch, batch, bb[loc], start_of[sl], p_s, receivers,
+                                       {j: v[loc] for j, v in res.items()}, suffix_chunk_rows)
+                # the rows' suffix layers, plus one clean forward per prompt (its prefix K/V and suffix residuals)
+                blocks += (int((L - start_of[sl]).sum()) * (last - ps + 1) + (last + 1) * L) * loc.shape[0]
         rel = per_clean(p - p_clean[bb, None], p_clean[bb])  # [n, S]
         out.index_put_((sl, sh), rel.double().sum(0), accumulate=True)
     return out, {"forwards": 2, "token_layer_blocks": blocks, "undefined_prompts": undefined_prompts(p_clean)}

@@ -16,8 +16,13 @@ from etk.models.forward import last_logits
 
 
 def answer_prob(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-    """[B] probability of the answer token."""
-    return torch.softmax(logits.float(), -1).gather(-1, answer[:, None])[:, 0]
+    """[B] probability of the answer token, in at least float32 (bf16 logits are promoted, float64 kept)."""
+    return torch.softmax(logits.to(prob_dtype(logits)), -1).gather(-1, answer[:, None])[:, 0]
+
+
+def prob_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32, or the tensor's dtype when it is wider (float64 runs keep their precision)."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 def per_clean(delta: torch.Tensor, p_clean: torch.Tensor) -> torch.Tensor:

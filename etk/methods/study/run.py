@@ -20,6 +20,7 @@ from etk.artifacts import read_json, write_text
 from etk.data.datasets import task_examples
 from etk.errors import ConfigError
 from etk.methods.registry import MethodSpec, get
+from etk.models.loading import reuse_models
 from etk.models.pair import load_pair
 from etk.runners.common import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
 
@@ -131,9 +132,10 @@ class Study:
                 raise ConfigError(f"method {spec.name!r} has no study step; study steps: "
                                   + ", ".join(s for s in _study_steps()))
         self.validate_pair()
-        for spec in specs:
-            for job in spec.study_jobs()(self):
-                self.run_job(spec, job)
+        with reuse_models(int(self.m.get("reuse_models", 0))):  # jobs of the same member share its loaded weights
+            for spec in specs:
+                for job in spec.study_jobs()(self):
+                    self.run_job(spec, job)
         self.log.append(f"total compute time of the study's jobs: {self.seconds / 60:.1f} min")
         report = write_report(self.root, self.cfg, [s.name for s in specs], self.log)
         print(f"[etk] study of pair {self.cfg.pair.name}: {report}")

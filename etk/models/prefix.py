@@ -1,0 +1,146 @@
+"""Reuse of a frozen model's work on a fixed dataset: a bounded per-row cache, and the base prompts' unpatched
+prefix.
+
+A patch at positions >= s leaves every position < s of the prompt as in the unpatched run (causality), so a
+patched forward is split in two: the prefix (positions < s, no intervention: computed once per prompt and
+cached) and the suffix s..last, run on the prefix's K/V with the patches shifted to suffix positions. DCM
+(training, validation, test) and activation patching always run this split forward, cached or not, so a cached
+run is bit-identical to one that recomputes every prefix."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import DynamicCache
+
+from etk.data.roles import PromptBatch
+from etk.interventions.hooks import Patch, hooked
+from etk.models.arch import LlamaFamily
+from etk.models.forward import cache_kwargs, last_logits, output_cache
+
+Row = dict[Any, torch.Tensor]  # one dataset row's tensors
+
+
+class RowCache:
+    """Per-row results of a frozen model on a fixed dataset, kept per split and dataset index, so that later epochs,
+    validation checks, head sets and repeats read them instead of recomputing: the same tensors, so the numbers are
+    unchanged. Bounded by `max_mb` (rows beyond it are recomputed each time); `max_mb=0` turns it off."""
+
+    def __init__(self, max_mb: float = 512):
+        self.max_bytes = float(max_mb) * 2 ** 20
+        self.used = 0
+        self.rows: dict[str, dict[int, Row]] = {}
+        self.hits = self.misses = 0
+
+    def get(self, split: str | None, index: torch.Tensor | None, compute: Callable[[], list[Row]],
+            valid: Callable[[int, Row], bool] | None = None) -> list[Row]:
+        """The rows `index` [B] of `split`, from the cache when all of them are there (and `valid(b, row)` holds for
+        each), else from `compute()` (a list of B rows, then stored while the budget lasts)."""
+        if not self.max_bytes or split is None or index is None or len(index) == 0 or bool((index < 0).any()):
+            return compute()
+        st = self.rows.setdefault(split, {})
+        ids = index.tolist()
+        if all(i in st for i in ids):
+            rows = [st[i] for i in ids]
+            if valid is None or all(valid(b, r) for b, r in enumerate(rows)):
+                self.hits += 1
+                return rows
+        self.misses += 1
+        rows = compute()
+        for i, row in zip(ids, rows):
+            size = sum(t.numel() * t.element_size() for t in row.values())
+            if self.used + size <= self.max_bytes:
+                self.used += size - sum(t.numel() * t.element_size() for t in st.get(i, {}).values())
+                st[i] = row
+        return rows
+
+
+def unstack(batched: dict[Any, torch.Tensor]) -> list[Row]:
+    """{key: [B, ...]} -> B rows {key: [...]} (copies, so a row does not hold its batch's storage)."""
+    B = next(iter(batched.values())).shape[0] if batched else 0
+    return [{k: v[b].clone() for k, v in batched.items()} for b in range(B)]
+
+
+def stack(rows: Sequence[Row]) -> dict[Any, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
+
+
+@torch.no_grad()
+def prefix_rows(model, batch: PromptBatch, until: torch.Tensor) -> list[Row]:
+    """Per prompt b, the unpatched K/V of positions < until[b] at every layer, and those positions' token ids:
+    {("k", layer): [G, until_b, D], ("v", layer): ..., "ids": [until_b]}. One forward of the batch's first
+    max(until) positions."""
+    arch = LlamaFamily.of(model)
+    s = int(until.max())
+    cache = output_cache(arch.base.model(**{k: v[:, :s] for k, v in batch.model_inputs().items()}, use_cache=True))
+    return [{"ids": batch.input_ids[b, :u].clone(), **_kv_row(cache, b, u)} for b, u in enumerate(until.tolist())]
+
+
+@torch.no_grad()
+def unpatched_rows(model, batch: PromptBatch) -> list[Row]:
+    """One plain forward giving, per prompt, its last-position logits ("logits" [V]), its token ids ("ids" [T])
+    and the K/V of every position before `last` (a prefix for any patch at or after it)."""
+    arch = LlamaFamily.of(model)
+    out = arch.base.model(**batch.model_inputs(), use_cache=True)
+    last = batch.roles["last"]
+    b = torch.arange(last.shape[0], device=last.device)
+    logits = arch.lm_head(out.last_hidden_state[b, last])
+    cache = output_cache(out)
+    return [{"ids": batch.input_ids[i].clone(), "logits": logits[i].clone(), **_kv_row(cache, i, int(last[i]))}
+            for i in range(len(batch))]
+
+
+def _kv_row(cache, b: int, n: int) -> Row:
+    row: Row = {}
+    for j, lay in enumerate(cache.layers):
+        row[("k", j)], row[("v", j)] = lay.keys[b, :, :n].clone(), lay.values[b, :, :n].clone()
+    return row
+
+
+def kv_length(row: Row) -> int:
+    return row[("k", 0)].shape[-2]
+
+
+def earliest(batch: PromptBatch, roles: Sequence[str]) -> torch.Tensor:
+    """[B] the first position any of `roles` occupies in each prompt (where a patch at those roles starts); `last`
+    when there is no role (an empty head set patches nothing)."""
+    if not roles:
+        return batch.roles["last"]
+    return torch.stack([batch.roles[r] for r in roles]).min(0).values
+
+
+def patched_last_logits(model, batch: PromptBatch, patches: Sequence[Patch], until: torch.Tensor,
+                        cache: RowCache | None = None, split: str | None = None,
+                        rows: list[Row] | None = None) -> torch.Tensor:
+    """[B, V] last-position logits of `batch` with `patches` (all at positions >= until[b] of row b): the unpatched
+    prefix (`rows`, else from `cache` under `split`, else computed) and the suffix from s = min(until) with the
+    patches shifted. Differentiable in the patches' sources and weights; the prefix carries no gradient."""
+    s = int(until.min())
+    if s < 1:  # nothing before the first patch: a plain forward
+        with hooked(model, patches=patches):
+            return last_logits(model, batch)
+    arch = LlamaFamily.of(model)
+
+    def usable(b: int, row: Row) -> bool:  # holds positions < s, computed on this row's tokens
+        n = kv_length(row)
+        return n >= s and torch.equal(row["ids"][:n], batch.input_ids[b, :n])
+
+    compute = lambda: prefix_rows(model, batch, until)  # noqa: E731
+    if rows is None:
+        rows = compute() if cache is None else cache.get(split, batch.index, compute, usable)
+    elif not all(usable(b, r) for b, r in enumerate(rows)):
+        raise ValueError("patched_last_logits: the given prefix rows do not cover the split position")
+    L = arch.dims.n_layers
+    kv = DynamicCache([(torch.stack([r[("k", j)][:, :s] for r in rows]), torch.stack([r[("v", j)][:, :s] for r in rows]))
+                       for j in range(L)], config=arch.base.config)
+    for p in patches:
+        if p.pos is None or bool((p.pos < s).any()):
+            raise ValueError("patched_last_logits: every patch needs explicit positions >= the split position")
+    shifted = [replace(p, pos=p.pos - s) for p in patches]
+    with hooked(model, patches=shifted):
+        hid = arch.base.model(input_ids=batch.input_ids[:, s:], attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids[:, s:], use_cache=True, **cache_kwargs(model, kv)).last_hidden_state
+    b = torch.arange(hid.shape[0], device=hid.device)
+    return arch.lm_head(hid[b, batch.roles["last"] - s])
