@@ -1,7 +1,7 @@
-"""Partial-depth forward: run decoder layers start..L-1 on given residuals, attending to a KV cache.
-
-Used by the suffix-only receiver step of path patching. It drives the model's own decoder layers, rotary
-embedding and mask builder (no re-implemented attention); its equality with the plain forward is tested."""
+"""Partial-depth forwards on the model's own decoder layers, rotary embedding and mask builder: `forward_from_layer`
+(layers start..L-1 on given residuals, attending to a KV cache; used by knockout) and `SharedPrefix` (many rows
+attending to one prompt's prefix K/V in place; path patching's receiver step). Both are tested against the plain
+forward."""
 
 from __future__ import annotations
 
