@@ -8,7 +8,8 @@ from etk.interventions.heads import HeadSet, capture
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.partial import LayerInputs, SharedPrefix
-from etk.models.prefix import RowCache, earliest, patched_last_logits, prefix_rows, stack, unpatched_rows, unstack
+from etk.models.prefix import (RowCache, earliest, patched_last_logits, prefix_rows, split_position, stack, unpatched_rows,
+                               unstack)
 from etk.models.tiny import tiny_llama
 from tests.helpers import batch_of, mixed_length_examples
 
@@ -22,7 +23,8 @@ def test_split_forward_equals_the_full_forward_with_a_hand_written_hook(tok, tin
     src = capture(tiny, source, hs)
     n_heads = LlamaFamily.of(tiny).dims.n_heads
     m = torch.tensor([0.25, 0.0, 0.5])
-    got = patched_last_logits(tiny, batch, hs.patches(src, batch, n_heads, m), batch.roles[role])
+    got = patched_last_logits(tiny, batch, hs.patches(src, batch, n_heads, m), batch.roles[role], min_prefix=0)
+    short = patched_last_logits(tiny, batch, hs.patches(src, batch, n_heads, m), batch.roles[role], min_prefix=1)
     pos = batch.roles[role]
 
     def hook(layer):
@@ -47,6 +49,7 @@ def test_split_forward_equals_the_full_forward_with_a_hand_written_hook(tok, tin
         for h in handles:
             h.remove()
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(short, want, rtol=1e-5, atol=1e-5)  # a prefix too short to split: one plain forward
     assert not torch.allclose(want, last_logits(tiny, batch), atol=1e-3)  # the patch takes effect
     # identity: no patch gives the plain forward
     assert torch.allclose(patched_last_logits(tiny, batch, [], batch.roles[role]), last_logits(tiny, batch),
@@ -186,3 +189,21 @@ def test_unpatched_rows_give_the_plain_logits_and_a_prefix_for_any_later_patch(t
     short = prefix_rows(tiny, batch, batch.roles["query_label"] - 1)
     with pytest.raises(ValueError, match="do not cover"):
         patched_last_logits(tiny, batch, p, batch.roles["query_label"], rows=short)
+
+
+def test_a_short_prefix_is_not_split_off_and_never_computed(tok, tiny):
+    """When the earliest patch leaves less than `min_prefix` of the positions before it, the patched forward is one
+    plain forward: no prefix rows are computed or stored, and the logits equal the split forward's."""
+    batch, _ = batch_of(tok, n=4)
+    batch.index = torch.arange(4)
+    hs = HeadSet.at("query_label", [(1, 1)])
+    src = capture(tiny, batch_of(tok, n=4, seed=5)[0], hs)
+    until = batch.roles["query_label"]
+    T = batch.input_ids.shape[1]
+    assert split_position(batch, until, 0) == int(until.min()) and split_position(batch, until, 1) == 0
+    assert split_position(batch, until, int(until.min()) / T) == int(until.min())
+    cache = RowCache(64)
+    plain = patched_last_logits(tiny, batch, hs.patches(src, batch, 4), until, cache, "s", min_prefix=1)
+    assert cache.misses == 0 and not cache.rows  # nothing computed for a prefix
+    split = patched_last_logits(tiny, batch, hs.patches(src, batch, 4), until, cache, "s", min_prefix=0)
+    assert cache.misses == 1 and torch.allclose(plain, split, rtol=1e-5, atol=1e-5)

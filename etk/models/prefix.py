@@ -4,8 +4,9 @@ prefix.
 A patch at positions >= s leaves every position < s of the prompt as in the unpatched run (causality), so a
 patched forward is split in two: the prefix (positions < s, no intervention: computed once per prompt and
 cached) and the suffix s..last, run on the prefix's K/V with the patches shifted to suffix positions. DCM
-(training, validation, test) and activation patching always run this split forward, cached or not, so a cached
-run is bit-identical to one that recomputes every prefix."""
+(training, validation, test), activation patching and CMAP run this split forward whenever the prefix holds at
+least a quarter of the batch's positions (`split_position`; else one plain patched forward), cached or not, so a
+cached run is bit-identical to one that recomputes every prefix."""
 
 from __future__ import annotations
 
@@ -111,14 +112,24 @@ def earliest(batch: PromptBatch, roles: Sequence[str]) -> torch.Tensor:
     return torch.stack([batch.roles[r] for r in roles]).min(0).values
 
 
+def split_position(batch: PromptBatch, until: torch.Tensor, min_prefix: float = 0.25) -> int:
+    """Where the split forward of `batch` starts: s = min(until), or 0 (one plain forward) when the prefix would
+    hold fewer than `min_prefix` of the batch's positions, as when the earliest patch is early in the context (the
+    Structure Reader's label): computing and storing so short a prefix costs more than it saves. A function of the
+    batch alone, so a cached and an uncached run make the same choice."""
+    s = int(until.min())
+    return s if s >= 1 and s >= min_prefix * batch.input_ids.shape[1] else 0
+
+
 def patched_last_logits(model, batch: PromptBatch, patches: Sequence[Patch], until: torch.Tensor,
                         cache: RowCache | None = None, split: str | None = None,
-                        rows: list[Row] | None = None) -> torch.Tensor:
+                        rows: list[Row] | None = None, min_prefix: float = 0.25) -> torch.Tensor:
     """[B, V] last-position logits of `batch` with `patches` (all at positions >= until[b] of row b): the unpatched
-    prefix (`rows`, else from `cache` under `split`, else computed) and the suffix from s = min(until) with the
-    patches shifted. Differentiable in the patches' sources and weights; the prefix carries no gradient."""
-    s = int(until.min())
-    if s < 1:  # nothing before the first patch: a plain forward
+    prefix (`rows`, else from `cache` under `split`, else computed) and the suffix from `split_position` with the
+    patches shifted (a plain patched forward where that is 0). Differentiable in the patches' sources and weights;
+    the prefix carries no gradient."""
+    s = split_position(batch, until, min_prefix)
+    if s < 1:  # nothing (worth keeping) before the first patch: a plain forward
         with hooked(model, patches=patches):
             return last_logits(model, batch)
     arch = LlamaFamily.of(model)

@@ -18,8 +18,7 @@ from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
-from etk.models.forward import last_logits
-from etk.models.prefix import RowCache, patched_last_logits, stack, unstack
+from etk.models.prefix import RowCache, patched_last_logits, stack, unpatched_rows, unstack
 
 
 class DCMModule(ModelHost):
@@ -54,9 +53,10 @@ class DCMModule(ModelHost):
             self.net.eval()
         return self
 
-    def logits(self, batch: PairBatch, m: torch.Tensor) -> torch.Tensor:
+    def logits(self, batch: PairBatch, m: torch.Tensor, rows: list | None = None) -> torch.Tensor:
         """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value).
-        The source's z and the base prompts' unpatched prefix (positions before the role) come from the cache."""
+        The source's z and the base prompts' unpatched prefix (positions before the role; `rows` when given) come
+        from the cache."""
         trainer = getattr(self, "_trainer", None)
         split = None if trainer is None or trainer.state.stage is None else str(trainer.state.stage.value)
         index = batch.base.index
@@ -64,7 +64,7 @@ class DCMModule(ModelHost):
                                    lambda: unstack(capture(self.net, batch.source, self.headset))))
         n_heads = LlamaFamily.of(self.net).dims.n_heads
         return patched_last_logits(self.net, batch.base, self.headset.patches(src, batch.base, n_heads, m),
-                                   batch.base.roles[self.role], self.cache, split and f"{split}/prefix")
+                                   batch.base.roles[self.role], self.cache, split and f"{split}/prefix", rows)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.mask.project_()  # the paper clamps before every step
@@ -103,8 +103,10 @@ class DCMModule(ModelHost):
         self.test_floor.reset()
 
     def test_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self.test_acc.update(self.logits(batch, self.binary()), batch.base.answer, batch.base.index)
-        self.test_floor.update(last_logits(self.net, batch.base), batch.base.answer, batch.base.index)  # unpatched model, same targets
+        own = unpatched_rows(self.net, batch.base)  # one plain forward: the floor's logits and the patched run's prefix
+        self.test_acc.update(self.logits(batch, self.binary(), own), batch.base.answer, batch.base.index)
+        floor = torch.stack([r["logits"] for r in own])  # [B, V] the unpatched model, same targets
+        self.test_floor.update(floor, batch.base.answer, batch.base.index)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.mask.parameters(), lr=self.hparams.lr)
