@@ -207,3 +207,7 @@ def test_a_short_prefix_is_not_split_off_and_never_computed(tok, tiny):
     assert cache.misses == 0 and not cache.rows  # nothing computed for a prefix
     split = patched_last_logits(tiny, batch, hs.patches(src, batch, 4), until, cache, "s", min_prefix=0)
     assert cache.misses == 1 and torch.allclose(plain, split, rtol=1e-5, atol=1e-5)
+    # a prefix at hand costs nothing: given rows, the split is taken however short the prefix (so short rows fail)
+    with pytest.raises(ValueError, match="do not cover"):
+        patched_last_logits(tiny, batch, hs.patches(src, batch, 4), until, rows=prefix_rows(tiny, batch, until - 1),
+                            min_prefix=1)

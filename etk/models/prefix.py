@@ -4,9 +4,10 @@ prefix.
 A patch at positions >= s leaves every position < s of the prompt as in the unpatched run (causality), so a
 patched forward is split in two: the prefix (positions < s, no intervention: computed once per prompt and
 cached) and the suffix s..last, run on the prefix's K/V with the patches shifted to suffix positions. DCM
-(training, validation, test), activation patching and CMAP run this split forward whenever the prefix holds at
-least a quarter of the batch's positions (`split_position`; else one plain patched forward), cached or not, so a
-cached run is bit-identical to one that recomputes every prefix."""
+(training, validation, test), activation patching and CMAP run this split forward whenever the prefix is at hand
+(activation patching and CMAP take it from the unpatched run they need anyway) or holds at least a quarter of the
+batch's positions (`split_position`; else one plain patched forward), cached or not, so a cached run is
+bit-identical to one that recomputes every prefix."""
 
 from __future__ import annotations
 
@@ -126,9 +127,9 @@ def patched_last_logits(model, batch: PromptBatch, patches: Sequence[Patch], unt
                         rows: list[Row] | None = None, min_prefix: float = 0.25) -> torch.Tensor:
     """[B, V] last-position logits of `batch` with `patches` (all at positions >= until[b] of row b): the unpatched
     prefix (`rows`, else from `cache` under `split`, else computed) and the suffix from `split_position` with the
-    patches shifted (a plain patched forward where that is 0). Differentiable in the patches' sources and weights;
-    the prefix carries no gradient."""
-    s = split_position(batch, until, min_prefix)
+    patches shifted (a plain patched forward where that is 0; given `rows`, the prefix costs nothing, so any split
+    is taken). Differentiable in the patches' sources and weights; the prefix carries no gradient."""
+    s = split_position(batch, until, 0 if rows is not None else min_prefix)
     if s < 1:  # nothing (worth keeping) before the first patch: a plain forward
         with hooked(model, patches=patches):
             return last_logits(model, batch)
