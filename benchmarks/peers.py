@@ -103,7 +103,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=20)
     ap.add_argument("--layers-every", type=int, default=1,
                     help="nnsight scores every k-th reachable sender layer; its time is extrapolated to all of them")
-    ap.add_argument("--quick", action="store_true", help="8 pairs, nnsight on every 6th sender layer (~10 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="8 pairs, nnsight on every 6th sender layer (< 10 min on 2 cores)")
     args = ap.parse_args()
     if args.quick:
         args.pairs, args.layers_every = 8, 6

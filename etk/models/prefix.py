@@ -94,6 +94,11 @@ def unpatched_rows(model, batch: PromptBatch) -> list[Row]:
             for i in range(len(batch))]
 
 
+def row_logits(rows: Sequence[Row]) -> torch.Tensor:
+    """[B, V] the unpatched last-position logits of `unpatched_rows`."""
+    return torch.stack([r["logits"] for r in rows])
+
+
 def _kv_row(cache, b: int, n: int) -> Row:
     row: Row = {}
     for j, lay in enumerate(cache.layers):

@@ -13,7 +13,7 @@ from etk.methods.base import ModelHost
 from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
-from etk.models.prefix import RowCache, earliest, patched_last_logits, unpatched_rows
+from etk.models.prefix import RowCache, earliest, patched_last_logits, row_logits, unpatched_rows
 
 HeadSets = dict[str, HeadSet]  # configuration name -> head set
 
@@ -43,7 +43,7 @@ class ActivationPatchingModule(ModelHost):
     def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
         n_heads = LlamaFamily.of(self.net).dims.n_heads
         own = self.unpatched(batch)
-        rows = [torch.stack([r["logits"] for r in own])]
+        rows = [row_logits(own)]
         src = capture(self.net, batch.source, HeadSet.union(self.head_sets.values()))  # one source run for all sets
         for hs in self.head_sets.values():  # the patched runs share each base prompt's unpatched prefix
             rows.append(patched_last_logits(self.net, batch.base, hs.patches(src, batch.base, n_heads),

@@ -16,7 +16,7 @@ from etk.interventions.heads import HeadSet, capture
 from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
-from etk.models.prefix import earliest, patched_last_logits, unpatched_rows
+from etk.models.prefix import earliest, patched_last_logits, row_logits, unpatched_rows
 from etk.methods.base import PairHost
 
 HeadSets = dict[str, HeadSet]  # configuration name -> head set
@@ -52,7 +52,7 @@ class CMAPModule(PairHost):
         with self.pair.use(target) as model:
             n_heads = LlamaFamily.of(model).dims.n_heads
             own = unpatched_rows(model, batch)  # the target alone, and its prefix K/V for the patched runs
-            rows = [source_logits, torch.stack([r["logits"] for r in own])]  # the two models alone
+            rows = [source_logits, row_logits(own)]  # the two models alone
             for hs in self.head_sets.values():
                 rows.append(patched_last_logits(model, batch, hs.patches(src, batch, n_heads),
                                                 earliest(batch, list(hs.roles)), rows=own))

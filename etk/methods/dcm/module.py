@@ -18,7 +18,7 @@ from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
-from etk.models.prefix import RowCache, patched_last_logits, stack, unpatched_rows, unstack
+from etk.models.prefix import RowCache, patched_last_logits, row_logits, stack, unpatched_rows, unstack
 
 
 class DCMModule(ModelHost):
@@ -55,8 +55,8 @@ class DCMModule(ModelHost):
 
     def logits(self, batch: PairBatch, m: torch.Tensor, rows: list | None = None) -> torch.Tensor:
         """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value).
-        The source's z and the base prompts' unpatched prefix (positions before the role; `rows` when given) come
-        from the cache."""
+        The source's z comes from the cache; the base prompts' unpatched prefix (positions before the role) is
+        `rows` when given, else from the cache."""
         trainer = getattr(self, "_trainer", None)
         split = None if trainer is None or trainer.state.stage is None else str(trainer.state.stage.value)
         index = batch.base.index
@@ -105,8 +105,7 @@ class DCMModule(ModelHost):
     def test_step(self, batch: PairBatch, batch_idx: int) -> None:
         own = unpatched_rows(self.net, batch.base)  # one plain forward: the floor's logits and the patched run's prefix
         self.test_acc.update(self.logits(batch, self.binary(), own), batch.base.answer, batch.base.index)
-        floor = torch.stack([r["logits"] for r in own])  # [B, V] the unpatched model, same targets
-        self.test_floor.update(floor, batch.base.answer, batch.base.index)
+        self.test_floor.update(row_logits(own), batch.base.answer, batch.base.index)  # unpatched model, same targets
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.mask.parameters(), lr=self.hparams.lr)
