@@ -13,24 +13,11 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import ROLE_ID, ROLE_VOCAB
+from etk.data.roles import GROUP_ROLE, GROUPS, ROLE_ID, ROLE_VOCAB, SHORT, key_role  # noqa: F401 (re-exported)
 from etk.errors import DataError, EtkError
 from etk.interventions.components import HeadId
 
-GROUPS: tuple[str, ...] = ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader")
-SHORT = {"value_fetcher": "VF", "pos_transmitter": "PT", "pos_detector": "PD", "struct_reader": "SR"}
-GROUP_ROLE: dict[str, str] = {
-    "value_fetcher": "last",
-    "pos_transmitter": "last",
-    "pos_detector": "query_label",
-    "struct_reader": "prev_query_label",
-}
 PAPER_CIRCUITS = {"llama_7b": "llama_7b.json", "goat_7b": "goat_7b.json", "float_7b": "float_7b.json"}
-
-
-def key_role(key: str) -> str:
-    """The position role a circuit entry acts at: its group's role, or the key itself when it names a role."""
-    return GROUP_ROLE.get(key, key)
 
 
 class CircuitError(EtkError, ValueError):

@@ -25,14 +25,39 @@ def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def accuracy_ci(correct: torch.Tensor | None = None, k: int | None = None, n: int | None = None) -> dict[str, float | int | None]:
+    """Accuracy with its 95% Wilson interval: from per-example correctness [N], or from counts k of n. The one
+    definition every method's accuracy rows use; no prompts -> accuracy None (never a division by zero)."""
+    if correct is not None:
+        n, k = int(correct.numel()), int(correct.sum().item())
+    assert k is not None and n is not None
+    lo, hi = wilson_interval(k, n)
+    return {"accuracy": k / n if n else None, "ci_low": lo if n else None, "ci_high": hi if n else None, "n": n}
+
+
+def quantile_ci(samples: torch.Tensor) -> tuple[float, float]:
+    """The 2.5% and 97.5% quantiles of bootstrap (or random-draw) samples [S]: a 95% interval."""
+    lo, hi = torch.quantile(samples.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    """Rank correlation of two score vectors [N] (None with fewer than 3 values or no spread in either)."""
+    if a.numel() < 3:
+        return None
+    ra, rb = a.double().argsort().argsort().double(), b.double().argsort().argsort().double()
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
+
+
 def bootstrap_ratio(num: torch.Tensor, den: torch.Tensor, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Paired bootstrap 95% interval of mean(num)/mean(den): example indices resampled jointly for both."""
     g = torch.Generator().manual_seed(seed)
     n = num.shape[0]
     idx = torch.randint(0, n, (n_boot, n), generator=g)
     r = num.double()[idx].mean(1) / den.double()[idx].mean(1).clamp_min(1e-12)
-    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return lo, hi
+    return quantile_ci(r)
 
 
 def share_of_gap(patched: torch.Tensor, target: torch.Tensor, source: torch.Tensor, n_boot: int = 2000,
@@ -50,8 +75,7 @@ def share_of_gap(patched: torch.Tensor, target: torch.Tensor, source: torch.Tens
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, p.shape[0], (n_boot, p.shape[0]), generator=g)
     num, den = p[idx].mean(1) - t[idx].mean(1), s[idx].mean(1) - t[idx].mean(1)
-    r = (num / den)[den != 0]
-    lo, hi = torch.quantile(r, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    lo, hi = quantile_ci((num / den)[den != 0])
     return {"share": float(p.mean() - t.mean()) / gap, "ci_low": lo, "ci_high": hi, "gap": gap}
 
 
@@ -135,7 +159,4 @@ class TaskAccuracy(ExampleMetric):
         return self.gathered("correct")[0]
 
     def compute(self) -> dict[str, float]:
-        c = self.per_example()
-        n, k = int(c.numel()), int(c.sum().item())
-        lo, hi = wilson_interval(k, n)
-        return {"accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi, "n": n}
+        return accuracy_ci(self.per_example())

@@ -6,6 +6,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from etk.data.roles import MAX_BOXES
 from etk.errors import ConfigError
 
 POSITIVE = frozenset({  # counts and sizes that must be integers >= 1 wherever they appear
@@ -15,7 +16,6 @@ POSITIVE = frozenset({  # counts and sizes that must be integers >= 1 wherever t
 })
 NON_NEGATIVE = frozenset({"n_random", "n_verify", "n_bootstrap", "grow_rounds", "prune_rounds", "refine_points",
                           "warmup_steps", "checkpoint_every", "start_layers_every"})
-MAX_BOXES = 26
 
 
 def _walk(node: Any, path: str):

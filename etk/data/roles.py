@@ -29,6 +29,35 @@ MAX_BOXES = 26
 ROLE_VOCAB: tuple[str, ...] = (SCALAR_ROLES + TEMPLATE_ROLES + tuple(f"objects[{k}]" for k in range(MAX_BOXES))
                                + tuple(f"labels[{k}]" for k in range(MAX_BOXES)))
 ROLE_ID: dict[str, int] = {r: i for i, r in enumerate(ROLE_VOCAB)}
+COLLAPSED_ROLES: tuple[str, ...] = SCALAR_ROLES + VECTOR_ROLES + TEMPLATE_ROLES  # objects[k] -> objects, labels[k] -> labels
+
+# The circuit's groups (SPEC §2) and the position role each acts at: the one map that vital roles, circuit keys,
+# path-patching stages, DCM, CMAP and the reports derive from.
+GROUP_ROLE: dict[str, str] = {
+    "value_fetcher": "last",
+    "pos_transmitter": "last",
+    "pos_detector": "query_label",
+    "struct_reader": "prev_query_label",
+}
+GROUPS: tuple[str, ...] = tuple(GROUP_ROLE)
+SHORT: dict[str, str] = {"value_fetcher": "VF", "pos_transmitter": "PT", "pos_detector": "PD", "struct_reader": "SR"}
+VITAL_ROLES: tuple[str, ...] = tuple(dict.fromkeys(GROUP_ROLE.values()))  # last, query_label, prev_query_label
+MEMBERS: tuple[str, str] = ("base", "finetuned")  # the two members of a model pair
+
+
+def key_role(key: str) -> str:
+    """The position role a circuit entry acts at: its group's role, or the key itself when it names a role."""
+    return GROUP_ROLE.get(key, key)
+
+
+def groups_at(role: str) -> tuple[str, ...]:
+    """The groups acting at a position role (VF and PT share `last`)."""
+    return tuple(g for g, r in GROUP_ROLE.items() if r == role)
+
+
+def collapsed_role(role: str) -> str:
+    """A token role with the box index dropped (`objects[3]` -> `objects`): an entry of COLLAPSED_ROLES."""
+    return role.split("[")[0]
 
 
 def check_role(role: str) -> str:

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch, check_role
+from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch, check_role, key_role
 from etk.interventions.components import HeadId, check_heads, kv_group
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.models.arch import Dims
@@ -43,8 +43,6 @@ class HeadSet:
     def from_circuit(cls, circuit, keys: Iterable[str] | None = None) -> "HeadSet":
         """A circuit's entries (all, or `keys`: groups or roles) at their roles; groups sharing a role merge.
         `circuit` is a Circuit or a mapping {group or role: heads}."""
-        from etk.circuits import key_role
-
         groups = getattr(circuit, "groups", circuit)
         out = cls()
         for key in (groups if keys is None else keys):

@@ -9,6 +9,7 @@ from typing import Any, Iterator, Sequence
 
 from omegaconf import OmegaConf
 
+from etk.data.roles import MEMBERS
 from etk.errors import ConfigError, EtkError
 from etk.models.arch import LlamaFamily
 
@@ -19,7 +20,7 @@ class PairMismatchError(EtkError, ValueError):
     """The two models of a pair cannot be compared component by component."""
 
 
-def check_compatible(a, b, tok_a, tok_b, names: tuple[str, str] = ("base", "finetuned"), texts: Sequence[str] = ()) -> None:
+def check_compatible(a, b, tok_a, tok_b, names: tuple[str, str] = MEMBERS, texts: Sequence[str] = ()) -> None:
     """Raise PairMismatchError naming the first difference (architecture, dims, tokenizer vocabulary, prompt ids)."""
     if type(LlamaFamily.of(a).base) is not type(LlamaFamily.of(b).base):
         raise PairMismatchError(f"architecture differs: {names[0]} is {type(a).__name__}, {names[1]} is {type(b).__name__}")
@@ -64,7 +65,7 @@ class PairModels:
     @contextmanager
     def use(self, member: str) -> Iterator[Any]:
         """The member's model, ready to run (adapter off for the base member of a toggled pair)."""
-        if member not in ("base", "finetuned"):
+        if member not in MEMBERS:
             raise ConfigError(f"pair member must be 'base' or 'finetuned', got {member!r}")
         model = self.base if member == "base" else self.finetuned
         with model.disable_adapter() if self.toggled and member == "base" else nullcontext():

@@ -14,9 +14,14 @@ Doc = dict[str, Any]
 DES_SHORT = {"object_value": "object value", "positional": "position", "box_label_value": "box-label value"}
 
 
+def above(a: Doc, b: Doc) -> bool:
+    """True when a's 95% interval lies wholly above b's (`ci_low`/`ci_high` of each; an undefined bound: False)."""
+    return a.get("ci_low") is not None and b.get("ci_high") is not None and a["ci_low"] > b["ci_high"]
+
+
 def differ(a: Doc, b: Doc) -> bool:
     """True when two accuracies' 95% intervals do not overlap."""
-    return a["ci_high"] < b["ci_low"] or b["ci_high"] < a["ci_low"]
+    return above(a, b) or above(b, a)
 
 
 def share_text(v: Doc) -> str:

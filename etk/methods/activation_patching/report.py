@@ -7,7 +7,7 @@ from pathlib import Path
 
 from etk.circuits import SHORT
 from etk.report.context import ReportContext, Section
-from etk.report.findings import DES_SHORT, Doc
+from etk.report.findings import DES_SHORT, Doc, above
 from etk.report.tables import markdown, with_ci
 
 
@@ -37,8 +37,8 @@ def functionality_findings(dc: list[Doc], ap: list[Doc], base: str) -> list[str]
         if not match or "pooled" not in match["accuracy_percent"]["selected_heads"]:
             continue
         ft_acc, base_acc = d["test"], match["accuracy_percent"]["selected_heads"]["pooled"]
-        verdict = ("stronger after fine-tuning" if ft_acc["ci_low"] > base_acc["ci_high"] else
-                   "weaker after fine-tuning" if ft_acc["ci_high"] < base_acc["ci_low"] else "unchanged")
+        verdict = ("stronger after fine-tuning" if above(ft_acc, base_acc) else
+                   "weaker after fine-tuning" if above(base_acc, ft_acc) else "unchanged")
         rows.append(f"{SHORT.get(d['group'], d['group'])} {DES_SHORT.get(d['desideratum'], d['desideratum'])} "
                     f"{with_ci(ft_acc)} vs {with_ci(base_acc)} in `{base}`: {verdict}")
     if not rows:

@@ -19,7 +19,7 @@ from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
 from etk.methods.activation_patching.module import ActivationPatchingModule
-from etk.metrics import wilson_interval
+from etk.metrics import accuracy_ci
 from etk.models.arch import LlamaFamily
 from etk.runners.common import run_logger, data_config, emit, plain_config, trainer_kwargs
 
@@ -55,11 +55,8 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
         summary = {}
         for i, n in enumerate(names):
             k = int(round(float((a[:, i] / 100 * len(bases)).sum())))
-            lo, hi = wilson_interval(k, len(bases) * int(m.repeats))
             summary[n] = {"mean": float(a[:, i].mean()), "sd": float(a[:, i].std(unbiased=False)),
-                          "per_repeat": a[:, i].tolist(),
-                          "pooled": {"accuracy": k / (len(bases) * int(m.repeats)), "ci_low": lo, "ci_high": hi,
-                                     "n": len(bases) * int(m.repeats)}}
+                          "per_repeat": a[:, i].tolist(), "pooled": accuracy_ci(k=k, n=len(bases) * int(m.repeats))}
         print(f"[etk] activation patching {cfg.model.name} {group}/{desideratum}, {len(heads)} heads: "
               + ", ".join(f"{n} {v['mean']:.2f} ± {v['sd']:.2f} %" for n, v in summary.items()))
         payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],

@@ -16,12 +16,11 @@ from typing import Iterable, Sequence
 import torch
 
 from etk.circuits import Circuit
-from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch
+from etk.data.roles import ROLE_ID, ROLE_VOCAB, VITAL_ROLES, PromptBatch
 from etk.interventions.heads import HeadSet
 from etk.interventions.hooks import Patch
 from etk.models.arch import Dims
 
-VITAL_ROLES: tuple[str, ...] = ("last", "query_label", "prev_query_label")
 Unit = tuple[str, int, int]  # (position role, layer, head)
 
 

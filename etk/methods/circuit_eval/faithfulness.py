@@ -12,7 +12,7 @@ import torch
 from etk.circuits import Circuit
 from etk.data.roles import ROLE_ID
 from etk.methods.circuit_eval.ablation import Ablation, ceiling_ablation, circuit_ablation, full_model
-from etk.metrics import bootstrap_ratio
+from etk.metrics import bootstrap_ratio, quantile_ci
 from etk.models.arch import Dims
 
 Evaluate = Callable[[list[Ablation]], torch.Tensor]  # K ablations -> [K, N] correctness
@@ -59,8 +59,7 @@ def summarise(model_c: torch.Tensor, circ_c: torch.Tensor, ceil_c: torch.Tensor,
     f, f_ceil = ratio(acc_c, acc_m, legacy_rounding), ratio(acc_ceil, acc_m, legacy_rounding)
     rf = [ratio(float(r.mean()), acc_m, legacy_rounding) for r in rand_c]
     rft = torch.tensor([x for x in rf if x is not None], dtype=torch.float64)
-    rf_lo, rf_hi = (torch.quantile(rft, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-                    if len(rft) > 1 else [None, None])
+    rf_lo, rf_hi = quantile_ci(rft) if len(rft) > 1 else (None, None)
     out = {
         "accuracy_model": acc_m,
         "accuracy_circuit": acc_c,

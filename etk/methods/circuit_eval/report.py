@@ -8,13 +8,12 @@ import json
 from typing import Any
 
 from etk.circuits import load_circuit, overlap
-from etk.data.roles import ROLE_VOCAB
+from etk.data.roles import MEMBERS, ROLE_VOCAB
 from etk.metrics import fmt
 from etk.report.context import ReportContext, Section
-from etk.report.findings import Doc
+from etk.report.findings import Doc, above, differ
 from etk.report.tables import markdown, with_ci, write_table
 
-MEMBERS = ("base", "finetuned")
 
 
 def faithfulness_cell(d: dict[str, Any]) -> str:
@@ -54,13 +53,13 @@ def reuse_findings(ctx: ReportContext) -> list[str]:
         return []
     rb, ro = borrowed["random"], own["random"]
     reuse = ("explains the fine-tuned model as well as its own circuit does (intervals overlap)"
-             if borrowed["ci_low"] <= own["ci_high"] and own["ci_low"] <= borrowed["ci_high"]
+             if not differ(borrowed, own)
              else "explains less of it than the fine-tuned model's own circuit"
-             if borrowed["ci_high"] < own["ci_low"] else "explains more of it than its own circuit")
-    above = "well above" if rb.get("ci_high") is not None and borrowed["ci_low"] > rb["ci_high"] else "not clearly above"
+             if above(own, borrowed) else "explains more of it than its own circuit")
+    above_random = "well above" if above(borrowed, rb) else "not clearly above"
     ceil = (own.get("ceiling") or {}).get("faithfulness")
     out = [f"**Circuit reuse.** On the fine-tuned model, the base model's circuit has faithfulness "
-           f"{borrowed['faithfulness']:.2f} [{borrowed['ci_low']:.2f}, {borrowed['ci_high']:.2f}] ({above} random "
+           f"{borrowed['faithfulness']:.2f} [{borrowed['ci_low']:.2f}, {borrowed['ci_high']:.2f}] ({above_random} random "
            f"circuits of the same sizes, {fmt(rb['faithfulness_mean'], 2)}); the fine-tuned model's own circuit has "
            f"{own['faithfulness']:.2f} [{own['ci_low']:.2f}, {own['ci_high']:.2f}] (random {fmt(ro['faithfulness_mean'], 2)}). "
            f"The base circuit {reuse}" + (f"; keeping every head at the three positions gives {ceil:.2f} on `{ft}`"

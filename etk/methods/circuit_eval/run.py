@@ -19,7 +19,7 @@ from etk.methods.circuit_eval.completeness import completeness
 from etk.methods.circuit_eval.evaluator import Evaluator
 from etk.methods.circuit_eval.faithfulness import faithfulness
 from etk.methods.circuit_eval.minimality import minimality
-from etk.metrics import fmt
+from etk.metrics import fmt, spearman
 from etk.runners.common import (run_logger, circuit_spec, emit, output_dir, plain_config,
                                 require_circuit, trainer_kwargs)
 
@@ -189,7 +189,6 @@ def run_circuit_search(cfg: DictConfig) -> dict[str, Any]:
         circuit_from_keep,
         exact_removal_effects,
         grow_and_prune,
-        spearman,
         verify_subset,
     )
     from etk.report.plots import role_head_heatmap

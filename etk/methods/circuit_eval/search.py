@@ -118,15 +118,6 @@ def exact_removal_effects(evaluate_logp: Callable[[list[Ablation]], torch.Tensor
     return lp[0] - lp[1:]
 
 
-def spearman(a: torch.Tensor, b: torch.Tensor) -> float | None:
-    if a.numel() < 3:
-        return None
-    ra, rb = a.double().argsort().argsort().double(), b.double().argsort().argsort().double()
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
-
-
 @dataclass
 class SearchTrace:
     rounds: list[dict[str, Any]] = field(default_factory=list)  # per growth round: the sizes tried and their F

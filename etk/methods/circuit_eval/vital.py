@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from etk.data.roles import ROLE_ID, PromptBatch
+from etk.data.roles import ROLE_ID, VITAL_ROLES, PromptBatch
 from etk.interventions.hooks import Patch, hooked
-from etk.methods.circuit_eval.ablation import VITAL_ROLES, Ablation, ablation_patches
+from etk.methods.circuit_eval.ablation import Ablation, ablation_patches
 from etk.models.arch import LlamaFamily
 from etk.models.forward import cache_kwargs, output_cache
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json, write_text
@@ -13,17 +12,11 @@ from etk.circuits import GROUPS, SHORT, circuit_label, load_dcm_heads
 from etk.data.datasets import prompt_loader, task_examples
 from etk.interventions.heads import HeadSet
 from etk.methods.cmap.module import CMAPModule
-from etk.metrics import share_of_gap, wilson_interval
+from etk.metrics import accuracy_ci, share_of_gap
 from etk.models.arch import LlamaFamily
 from etk.report.tables import markdown, with_ci
 from etk.runners.common import (run_logger, data_config, emit, output_dir, plain_config,
                                 require_circuit, trainer_kwargs)
-
-
-def _acc(correct: torch.Tensor) -> dict[str, float]:
-    k, n = int(correct.sum()), int(correct.numel())
-    lo, hi = wilson_interval(k, n)
-    return {"accuracy": k / n, "ci_low": lo, "ci_high": hi, "n": n}
 
 
 def cmap_circuit(cfg: DictConfig):
@@ -77,8 +70,8 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         c = module.acc.per_example()  # [2 + n_sets, N]
         src_name, tgt_name = ((cfg.pair.finetuned.name, cfg.pair.base.name) if m.direction == "forward"
                               else (cfg.pair.base.name, cfg.pair.finetuned.name))
-        rows = {"source_alone": _acc(c[0]), "target_alone": _acc(c[1])}
-        rows.update({name: {**_acc(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].roles.items()},
+        rows = {"source_alone": accuracy_ci(c[0]), "target_alone": accuracy_ci(c[1])}
+        rows.update({name: {**accuracy_ci(c[2 + i]), "heads_per_role": {r: len(h) for r, h in sets[name].roles.items()},
                             "share_of_gap": share_of_gap(c[2 + i], c[1], c[0], int(m.get("n_bootstrap", 2000)))}
                      for i, name in enumerate(sets)})
         header = ["heads patched", f"accuracy of {tgt_name} (95% CI)", "share of the gap [95% CI]"]

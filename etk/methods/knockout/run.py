@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.knockout.module import KnockoutModule
-from etk.metrics import wilson_interval
+from etk.metrics import accuracy_ci
 from etk.report.plots import line_plot
 from etk.runners.common import emit, run_logger, data_config, output_dir, plain_config, trainer_kwargs
 
@@ -19,17 +19,10 @@ SCHEMA = "etk.knockout/v1"
 PLOT = "knockout.png"
 
 
-def summarise(correct: torch.Tensor) -> dict[str, Any]:
-    """[N] correctness -> accuracy, 95% Wilson interval, n."""
-    n, k = int(correct.numel()), int(correct.sum().item())
-    lo, hi = wilson_interval(k, n)
-    return {"accuracy": k / n if n else float("nan"), "ci_low": lo, "ci_high": hi, "n": n}
-
-
 def knockout_curves(module: KnockoutModule, correct: torch.Tensor) -> tuple[dict[str, Any], dict[str, Any]]:
     """[K, N] correctness in `module.configs()` order -> (baseline summary, {edge: curve over start layers})."""
     cfgs = module.configs()
-    rows = {c: summarise(correct[i]) for i, c in enumerate(cfgs)}
+    rows = {c: accuracy_ci(correct[i]) for i, c in enumerate(cfgs)}
     baseline = rows[cfgs[0]]
     starts = module.start_layers()
     curves = {}

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import PromptBatch, ROLE_ID, SCALAR_ROLES, TEMPLATE_ROLES
+from etk.data.roles import COLLAPSED_ROLES, MEMBERS, ROLE_ID, PromptBatch, collapsed_role
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import PairHost
 from etk.metrics import all_sum
@@ -17,14 +17,14 @@ from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
 from etk.models.partial import LayerInputs
 
-DIFF_ROLES: tuple[str, ...] = SCALAR_ROLES + ("objects", "labels") + TEMPLATE_ROLES  # objects[k] -> objects, ...
+DIFF_ROLES = COLLAPSED_ROLES  # objects[k] -> objects, labels[k] -> labels
 
 
 def role_index() -> torch.Tensor:
     """[len(ROLE_VOCAB)] long: the DIFF_ROLES index of every token role (the boxes' words collapsed)."""
     out = torch.empty(len(ROLE_ID), dtype=torch.long)
     for name, i in ROLE_ID.items():
-        out[i] = DIFF_ROLES.index(name.split("[")[0])  # objects[k] -> objects
+        out[i] = DIFF_ROLES.index(collapsed_role(name))
     return out
 
 
@@ -102,7 +102,7 @@ class ModelDiffModule(PairHost):
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
         runs, dla, lens = {}, {}, {}
-        for member in ("base", "finetuned"):
+        for member in MEMBERS:
             with self.pair.use(member) as model:
                 runs[member] = member_run(model, batch)
                 dla[member] = direct_logit_attribution(model, runs[member], batch)  # [B, L, H]
@@ -120,7 +120,7 @@ class ModelDiffModule(PairHost):
         lp_f = torch.log_softmax(runs["finetuned"]["logits"].float(), -1)
         kl = (lp_f.exp() * (lp_f - lp_b)).sum(-1).clamp_min(0)  # [B, T] KL(finetuned || base) per token
         self._add("token_kl", torch.einsum("btr,bt->r", onehot, kl))
-        for member in ("base", "finetuned"):
+        for member in MEMBERS:
             self._add(f"dla_{member}", dla[member].sum(0))
             self._add(f"lens_{member}", lens[member].sum(0))
         self._add("dla_abs_diff", (dla["finetuned"] - dla["base"]).abs().sum(0))

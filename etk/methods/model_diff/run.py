@@ -14,7 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json
-from etk.circuits import GROUP_ROLE, GROUPS, SHORT, load_circuit
+from etk.circuits import load_circuit
+from etk.metrics import spearman
+from etk.data.roles import GROUP_ROLE, GROUPS, SCALAR_ROLES, SHORT, groups_at
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.model_diff.module import DIFF_ROLES, ModelDiffModule
 from etk.methods.model_diff.weights import weight_deltas
@@ -23,7 +25,6 @@ from etk.report.plots import head_heatmap
 from etk.runners.common import circuit_spec, data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 SCHEMA = "etk.model_diff/v1"
-HEATMAP_ROLES = ("last", "query_label", "prev_query_label", "correct_object")
 
 
 def named(values: torch.Tensor, *axes: str) -> dict[str, Any]:
@@ -70,8 +71,6 @@ def spearman_rho(x: list[float], y: list[float]) -> float | None:
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
     if len(pairs) < 3:
         return None
-    from etk.methods.circuit_eval.search import spearman
-
     r = spearman(torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs]))
     return None if r is None or not math.isfinite(float(r)) else float(r)
 
@@ -84,7 +83,7 @@ def top_changed(act_last: torch.Tensor, circuit, k: int) -> dict[str, Any]:
     k = min(k, flat.numel())
     idx = torch.topk(flat, k).indices
     heads = [(int(i) // H, int(i) % H) for i in idx]
-    at_last = {tuple(h) for g in ("value_fetcher", "pos_transmitter") for h in (circuit.groups.get(g, []) if circuit else [])}
+    at_last = {tuple(h) for g in groups_at("last") for h in (circuit.groups.get(g, []) if circuit else [])}
     hits = sum(h in at_last for h in heads)
     chance = len(at_last) / (L_ * H) if at_last else 0.0
     return {"role": "last", "k": k, "heads": [list(h) for h in heads], "in_circuit": hits,
@@ -113,7 +112,7 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
         dla_diff = t["dla_finetuned"] - t["dla_base"]
         plots = {"weight_delta_head.png": (w["head"], "relative weight change per head (W_Q, W_K, W_V, W_O)"),
                  "dla_diff.png": (dla_diff, "DLA to the answer: fine-tuned - base")}
-        for r in HEATMAP_ROLES:
+        for r in SCALAR_ROLES:
             i = DIFF_ROLES.index(r)
             if float(t["tokens"][i]) > 0:
                 plots[f"activation_delta_{r}.png"] = (t["rel"][i], f"||z_ft - z_base|| / ||z_base|| at {r}")

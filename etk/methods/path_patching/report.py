@@ -3,7 +3,8 @@ heatmaps and their overlap between the two members."""
 
 from __future__ import annotations
 
-from etk.circuits import GROUPS, SHORT, load_circuit, overlap
+from etk.circuits import load_circuit, overlap
+from etk.data.roles import GROUPS, MEMBERS, SHORT
 from etk.metrics import fmt
 from etk.report.context import ReportContext, Section
 from etk.report.tables import markdown
@@ -29,7 +30,7 @@ def section(ctx: ReportContext) -> Section | None:
     for d in pp:
         lines += [f"`{d['model']}`: " + " ".join(f"![{g}]({ctx.rel(d['_dir'])}/heatmaps/{g}.png)" for g in GROUPS), ""]
     findings = []
-    paths = {m: ctx.circuit_path(m) for m in ("base", "finetuned")}
+    paths = {m: ctx.circuit_path(m) for m in MEMBERS}
     if all(paths.values()):
         base_c, ft_c = load_circuit(paths["base"]), load_circuit(paths["finetuned"])
         ov = overlap(base_c, ft_c)

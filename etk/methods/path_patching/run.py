@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from etk.artifacts import save_tensor
 from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
+from etk.metrics import spearman
 from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import discovery_schedule, pp_loader
@@ -29,8 +30,7 @@ def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.T
     e, x = est[mask].double(), exact[mask].double()
     if e.numel() < 2:
         return {"spearman": None, f"top{k}_overlap": None}
-    re, rx = e.argsort().argsort().double(), x.argsort().argsort().double()
-    rho = float(torch.corrcoef(torch.stack([re, rx]))[0, 1])
+    rho = spearman(e, x)
     ke, kx = set(torch.topk(-e, min(k, e.numel())).indices.tolist()), set(torch.topk(-x, min(k, x.numel())).indices.tolist())
     return {"spearman": rho, f"top{k}_overlap": len(ke & kx) / max(1, len(kx))}
 

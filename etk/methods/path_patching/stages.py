@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from etk.data.boxes import Example
 from etk.data.datasets import EncodedDataset, pad_id
 from etk.data.pairs import Pair, path_patching_pairs
-from etk.data.roles import PairBatch, PromptBatch, collate_pairs, encode_example
+from etk.data.roles import GROUP_ROLE, PairBatch, PromptBatch, collate_pairs, encode_example
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
@@ -23,16 +23,20 @@ from etk.models.arch import Dims
 @dataclass(frozen=True)
 class Stage:
     group: str
-    sender_role: str  # role in the clean prompt
     corrupt_role: str  # role in the corrupt prompt ("label_of_source_box": the pair's random box label)
     receiver_site: str | None  # None = direct effect on the logits; "q" or "v"
 
+    @property
+    def sender_role(self) -> str:
+        """The sender's role in the clean prompt: its group's role."""
+        return GROUP_ROLE[self.group]
+
 
 STAGES: dict[str, Stage] = {
-    "value_fetcher": Stage("value_fetcher", "last", "last", None),
-    "pos_transmitter": Stage("pos_transmitter", "last", "last", "q"),
-    "pos_detector": Stage("pos_detector", "query_label", "query_label", "v"),
-    "struct_reader": Stage("struct_reader", "prev_query_label", "label_of_source_box", "v"),
+    "value_fetcher": Stage("value_fetcher", "last", None),
+    "pos_transmitter": Stage("pos_transmitter", "last", "q"),
+    "pos_detector": Stage("pos_detector", "query_label", "v"),
+    "struct_reader": Stage("struct_reader", "label_of_source_box", "v"),
 }
 ORDER = tuple(STAGES)
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import read_json, write_text
 from etk.data.datasets import task_examples
+from etk.data.roles import MEMBERS
 from etk.errors import ConfigError
 from etk.methods.registry import MethodSpec, get
 from etk.models.loading import reuse_models
@@ -36,7 +37,7 @@ class Job:
 class Study:
     def __init__(self, cfg: DictConfig):
         self.cfg, self.m, self.root = cfg, cfg.method, output_dir()
-        self.members = ("base", "finetuned")
+        self.members = MEMBERS
         self.log: list[str] = []
         self.seconds = 0.0  # compute time of all jobs, including those finished by an earlier run
         self.inherited = [o for o in _task_overrides() if o.startswith(INHERITED)] + [f"seed={cfg.seed}"]
