@@ -10,7 +10,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-CONF = ROOT / "etk" / "conf"
+CONF = ROOT / "conf"
 
 
 def load(model: str, *overrides: str, device=None):

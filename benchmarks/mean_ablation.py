@@ -26,8 +26,8 @@ from etk.data.datasets import prompt_loader, task_examples, task_vocab  # noqa: 
 from etk.data.pairs import mean_ablation_examples  # noqa: E402
 from etk.interventions.hooks import Capture, hooked  # noqa: E402
 from etk.data.roles import VITAL_ROLES  # noqa: E402
-from etk.methods.circuit_eval.ablation import ablation_patches, ceiling_ablation, keep_rows  # noqa: E402
-from etk.methods.circuit_eval.vital import background, vital_logits  # noqa: E402
+from etk.methods.mean_ablation.ablation import ablation_patches, ceiling_ablation, keep_rows  # noqa: E402
+from etk.methods.mean_ablation.vital import background, vital_logits  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.forward import last_logits  # noqa: E402
 

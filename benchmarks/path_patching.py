@@ -33,7 +33,7 @@ from etk.methods.path_patching.stages import LLAMA_SCHEDULE, STAGES, minimum_blo
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "etk" / "conf"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 RECEIVERS_TOP_K = LLAMA_SCHEDULE["receivers_top_k"]
 
 

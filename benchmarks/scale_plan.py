@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from omegaconf import OmegaConf  # noqa: E402
 
-CONF = Path(__file__).resolve().parents[1] / "etk" / "conf" / "method"
+CONF = Path(__file__).resolve().parents[1] / "conf" / "method"
 PARAMS_7B, PARAMS_SMOL = 6.5e9, 1.07e8  # non-embedding parameters: 2 FLOPs per parameter per token
 HEADS_7B, HEADS_SMOL = 32 * 32, 30 * 9
 

@@ -16,6 +16,7 @@ import torch
 from etk.data.roles import GROUP_ROLE, GROUPS, ROLE_ID, ROLE_VOCAB, SHORT, key_role  # noqa: F401 (re-exported)
 from etk.errors import DataError, EtkError
 from etk.interventions.components import HeadId
+from etk.interventions.heads import HeadSet
 
 PAPER_CIRCUITS = {"llama_7b": "llama_7b.json", "goat_7b": "goat_7b.json", "float_7b": "float_7b.json"}
 
@@ -58,9 +59,14 @@ class Circuit:
         """The position roles the circuit's entries act at, in order of first appearance."""
         return list(dict.fromkeys(key_role(k) for k in self.groups))
 
+    def head_set(self, keys: list[str] | None = None) -> HeadSet:
+        """The circuit as a head set (role -> heads; VF and PT merged at `last`), of all entries or of `keys`: the
+        one head-set type every intervention takes."""
+        return HeadSet.from_circuit(self, keys)
+
     def heads_at(self, role: str) -> list[HeadId]:
         """Heads acting at a position role (VF and PT share `last`), without duplicates, in entry order."""
-        return [HeadId(layer, head) for r, layer, head in self.units() if r == role]
+        return self.head_set().heads(role)
 
     def sizes(self) -> dict[str, int]:
         """Heads per paper group, or per role for a position-aware circuit."""
@@ -178,24 +184,43 @@ def overlap(a: Circuit, b: Circuit) -> dict[str, dict[str, float | None]]:
     return out
 
 
-def load_dcm_heads(spec: str | Path) -> tuple[list[HeadId], float | None]:
-    """A DCM head selection: an etk DCM run's results.json / selected_heads.json, or the paper's `<circuit>__<group>__
-    <desideratum>__0.01.txt` ("Heads: [[l, h], ...]" then "Test Accuracy: x"; shipped in etk/data/dcm). Returns
-    (heads, test accuracy or None); an empty selection is an empty list, never replaced."""
+@dataclass(frozen=True)
+class DCMSelection:
+    """The heads a DCM run selected for one group and desideratum (the one parser of every form they come in)."""
+
+    heads: list[HeadId]
+    group: str | None = None
+    desideratum: str | None = None
+    test_accuracy: float | None = None
+
+
+def load_dcm_selection(spec: str | Path) -> DCMSelection:
+    """A DCM head selection: an etk DCM run (its folder or results.json), its selected_heads.json, or the paper's
+    `<circuit>__<group>__<desideratum>__0.01.txt` ("Heads: [[l, h], ...]" then "Test Accuracy: x"; shipped in
+    etk/data/dcm). An empty selection is an empty list, never replaced."""
     from etk.models.loading import resolve_path
+    from etk.results import DCMResult
 
     p = resolve_path(str(spec))
+    if p.is_dir():
+        p = p / "results.json"
     if not p.exists():
         raise CircuitError(f"DCM head selection {spec!r}: no such file ({p})")
     text = p.read_text()
     if p.suffix == ".json":
         doc = json.loads(text)
-        heads = doc.get("selected_heads", doc.get("heads"))
-        if heads is None:
-            raise CircuitError(f"{p}: neither `selected_heads` nor `heads`: not a DCM result")
-        return [HeadId(int(a), int(b)) for a, b in heads], (doc.get("test") or {}).get("accuracy")
+        if doc.get("schema") == DCMResult.schema:
+            res = DCMResult.load(p)
+            return DCMSelection([HeadId(int(a), int(b)) for a, b in res.selected_heads], res.group, res.desideratum,
+                                res.test.get("accuracy"))
+        if doc.get("heads") is None:
+            raise CircuitError(f"{p}: neither a DCM result (schema {DCMResult.schema}) nor a selected_heads.json")
+        return DCMSelection([HeadId(int(a), int(b)) for a, b in doc["heads"]], doc.get("group"), doc.get("desideratum"))
     lines = dict(line.split(": ", 1) for line in text.strip().splitlines() if ": " in line)
     if "Heads" not in lines:
         raise CircuitError(f"{p}: expected a line 'Heads: [[layer, head], ...]' (the paper's DCM output)")
     acc = lines.get("Test Accuracy")
-    return [HeadId(int(a), int(b)) for a, b in json.loads(lines["Heads"])], float(acc) if acc else None
+    parts = p.stem.split("__")  # <circuit>__<group>__<desideratum>__<threshold>
+    return DCMSelection([HeadId(int(a), int(b)) for a, b in json.loads(lines["Heads"])],
+                        parts[1] if len(parts) == 4 else None, parts[2] if len(parts) == 4 else None,
+                        float(acc) if acc else None)

@@ -1,5 +1,5 @@
 """Entry points (console scripts `etk-patching`, `etk-train-dcm`, `etk-finetune`; the top-level `run_patching.py`,
-`train_dcm.py`, `finetune.py` are thin aliases). Configs come from the package (`etk/conf`), so they work from any
+`train_dcm.py`, `finetune.py` are thin aliases). Configs come from the package (`etk.conf`: the top-level `conf/`, linked into the package and shipped in the wheel), so they work from any
 folder and from an installed wheel. Every config is validated before a model is loaded; user errors print one
 paragraph and exit with status 2."""
 
@@ -11,13 +11,23 @@ from omegaconf import DictConfig
 from etk.errors import report_user_errors
 
 
+def run_method(cfg: DictConfig):
+    """Dispatch a composed `patching` config to its method: the study (`etk.study`) or a registered method."""
+    from etk.methods.registry import STUDY_METHODS, get
+
+    if cfg.method.name in STUDY_METHODS:
+        from etk.study.run import run_study
+
+        return run_study(cfg)
+    return get(cfg.method.name).run(cfg)
+
+
 @report_user_errors
 def _patching(cfg: DictConfig):
-    from etk.runners.patching import run
     from etk.validate import validate
 
     validate(cfg)
-    return run(cfg)
+    return run_method(cfg)
 
 
 @report_user_errors

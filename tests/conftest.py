@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from etk.models.tiny import tiny_llama, tiny_tokenizer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "etk" / "conf"
+CONF = ROOT / "conf"
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,17 @@
-"""Small shared helpers for tests."""
+"""Small shared helpers for tests (imported by test modules; no test module imports from another)."""
+
+import torch
 
 from etk.data.boxes import generate_examples
 from etk.data.datasets import pad_id, task_vocab
-from etk.data.roles import collate, encode_example
+from etk.data.roles import PromptBatch, collate, encode_example
+from etk.interventions.components import HeadId
+
+# A small model config for modules that load their own model (DCM).
+TINY_CFG = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2}, "dtype": "float32"}
+
+# Receiver heads for the path-patching stages of the 4-layer tiny models.
+RECV = [HeadId(3, 1), HeadId(2, 0), HeadId(2, 3), HeadId(1, 2)]
 
 
 def batch_of(tok, n=8, n_boxes=3, seed=0, padding_side="right", examples=None):
@@ -44,3 +53,78 @@ def compose_cfg(primary: str, run_dir, overrides: list[str]):
     cfg.hydra.runtime.output_dir = str(run_dir)
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+def compose_run(tmp_path, overrides):
+    """`run_patching.py <overrides>` in-process: composed with `tmp_path` as the run directory, then run."""
+    from etk.cli import run_method as run
+
+    return run(compose_cfg("patching", tmp_path, overrides))
+
+
+# mean ablation -------------------------------------------------------------------------------------------------------
+
+def means_of(model, batch: PromptBatch) -> torch.Tensor:
+    """[L, T, H, D] per-position mean of every head's output (o_proj input) over the batch (pads included)."""
+    from etk.interventions.hooks import Capture, hooked
+    from etk.models.arch import LlamaFamily
+    from etk.models.forward import last_logits
+
+    L = LlamaFamily(model).dims.n_layers
+    with hooked(model, captures=[Capture("z", j) for j in range(L)]) as c:
+        last_logits(model, batch)
+    return torch.stack([c[("z", j)].mean(0) for j in range(L)])  # [L, T, H, D]
+
+
+def run_ablations(model, batch, means, ablations):
+    """[K, N, V] last-token logits of K ablations, all in one forward."""
+    from etk.interventions.hooks import hooked
+    from etk.methods.mean_ablation.ablation import ablation_patches, keep_rows, repeat_batch
+    from etk.models.forward import last_logits
+
+    rows = repeat_batch(batch, len(ablations))
+    with hooked(model, patches=ablation_patches(means, keep_rows(ablations, batch))):
+        logits = last_logits(model, rows)
+    return logits.view(len(ablations), len(batch), -1)
+
+
+def evaluator(model, batch, means):
+    """An `evaluate(ablations) -> [K, N] correctness` for the circuit methods, on one batch."""
+    def evaluate(ablations):
+        return (run_ablations(model, batch, means, ablations).argmax(-1) == batch.answer).float()
+    return evaluate
+
+
+# path patching -------------------------------------------------------------------------------------------------------
+
+def pp_batch(tok, n=10, n_boxes=4, side="right", seed=0, mixed=False):
+    """One batch of clean/corrupt path-patching pairs."""
+    from etk.methods.path_patching.stages import pp_loader
+
+    if mixed:
+        exs = mixed_length_examples(tok, n=n, seed=seed)
+    else:
+        objects, labels = task_vocab(tok, n_boxes)
+        exs = generate_examples(n, n_boxes, objects, labels, seed)
+    return next(iter(pp_loader(tok, exs, seed=seed, batch_size=n, padding_side=side)))
+
+
+def assert_scores_close(fast: torch.Tensor, naive: torch.Tensor, floor: float = 1e-6) -> None:
+    """fast == naive (path-patching score maps) to a tolerance relative to the largest score: 1e-4 of each entry
+    plus 1e-3 of the largest one (never below `floor`, the fp32 noise of a relative-probability score). The scores
+    must stand 100x above that floor, or the comparison would only compare noise."""
+    fast, naive = fast.detach().cpu(), naive.detach().cpu()
+    scale = float(naive.abs().max())
+    assert scale > 100 * floor, f"largest score {scale:.2e} is within 100x of the noise floor {floor:.0e}"
+    torch.testing.assert_close(fast, naive, rtol=1e-4, atol=max(1e-3 * scale, floor))
+
+
+# DCM -----------------------------------------------------------------------------------------------------------------
+
+def pair_batch(tok, name="object_value", n=12, n_boxes=3, seed=0):
+    """One batch of (base, source) pairs of a desideratum."""
+    from etk.data.desiderata import desideratum_pairs, pair_loader
+
+    objects, labels = task_vocab(tok, n_boxes)
+    exs = generate_examples(n, n_boxes, objects, labels, seed)
+    return next(iter(pair_loader(tok, desideratum_pairs(name, exs, seed), n)))

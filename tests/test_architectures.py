@@ -17,8 +17,7 @@ from etk.methods.path_patching.stages import STAGES, reachable_layers, receivers
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.tiny import tiny_llama
-from tests.helpers import batch_of
-from tests.test_path_patching import RECV, pp_batch
+from tests.helpers import RECV, batch_of, compose_run, pp_batch
 
 ARCHS = ["qwen2", "qwen3", "mistral", "llama"]
 
@@ -145,8 +144,6 @@ def test_fast_path_patching_equals_naive(tok, model, group):
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
 def test_a_run_through_the_cli(tmp_path, arch):
     import json
-
-    from tests.test_eval_cli import compose_run
 
     compose_run(tmp_path, ["model=tiny", f"+model.tiny.arch={arch}", "method=path_patching", "logger=none",
                            "data.n_examples=12", "data.n_boxes=3", "method.n_examples=6", "method.batch_size=3",

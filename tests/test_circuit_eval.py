@@ -7,36 +7,14 @@ import pytest
 import torch
 
 from etk.circuits import Circuit, load_circuit, overlap
-from etk.data.roles import PromptBatch
-from etk.interventions.hooks import Capture, hooked
-from etk.methods.circuit_eval.ablation import (VITAL_ROLES, ablation_patches, ceiling_ablation, circuit_ablation,
-                                               full_model, keep_rows, repeat_batch)
-from etk.methods.circuit_eval.completeness import completeness
-from etk.methods.circuit_eval.faithfulness import faithfulness, random_ablation
-from etk.methods.circuit_eval.minimality import minimality
+from etk.data.roles import VITAL_ROLES
+from etk.methods.mean_ablation.ablation import ceiling_ablation, circuit_ablation, full_model
+from etk.methods.completeness.completeness import completeness
+from etk.methods.mean_ablation.summary import faithfulness, random_ablation
+from etk.methods.minimality.minimality import minimality
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
-from tests.helpers import batch_of, planted_model
-
-
-def means_of(model, batch: PromptBatch) -> torch.Tensor:
-    L = LlamaFamily(model).dims.n_layers
-    with hooked(model, captures=[Capture("z", j) for j in range(L)]) as c:
-        last_logits(model, batch)
-    return torch.stack([c[("z", j)].mean(0) for j in range(L)])  # [L, T, H, D]
-
-
-def run_ablations(model, batch, means, ablations):
-    rows = repeat_batch(batch, len(ablations))
-    with hooked(model, patches=ablation_patches(means, keep_rows(ablations, batch))):
-        logits = last_logits(model, rows)
-    return logits.view(len(ablations), len(batch), -1)
-
-
-def evaluator(model, batch, means):
-    def evaluate(ablations):
-        return (run_ablations(model, batch, means, ablations).argmax(-1) == batch.answer).float()
-    return evaluate
+from tests.helpers import batch_of, evaluator, means_of, planted_model, run_ablations
 
 
 def slow_reference(model, batch, means, circuit: Circuit, ablate_non_vital: bool):
@@ -162,12 +140,22 @@ def test_completeness_on_planted(planted):
 def test_minimality_prunes_to_the_planted_head(planted, mode):
     model, batch, means, dims = planted
     circ = Circuit({"value_fetcher": [[1, 2], [1, 0], [0, 1], [0, 3]], "struct_reader": [[0, 2]]})
-    r = minimality(evaluator(model, batch, means), circ, dims, threshold=0.01, mode=mode)
+    evaluate, done = evaluator(model, batch, means), []
+
+    def counting(ablations):  # the evaluations made, counted where they are made
+        done.append(len(ablations))
+        return evaluate(ablations)
+
+    r = minimality(counting, circ, dims, threshold=0.01, mode=mode)
     assert r["circuit"].groups["value_fetcher"] == [(1, 2)]
     assert r["circuit"].groups["struct_reader"] == []
-    vf = r["groups"]["value_fetcher"]
-    assert vf["paper_evaluations"] == 4 * 5 // 2 + 8
-    assert vf["evaluations"] == (vf["paper_evaluations"] if mode == "batched" else 4 + 1 + 8)
+    sr, vf = r["groups"]["struct_reader"], r["groups"]["value_fetcher"]
+    # Counted by hand. The paper's procedure, per group of n heads: every drop of one or two heads, n(n+1)/2
+    # ablations, then 2 per head for the significance test (before / after): VF (n=4) 10 + 8 = 18, SR (n=1) 1 + 2 = 3.
+    # Greedy ranks the partners by single drops instead, n + 1 ablations: VF 5 + 8 = 13, SR 2 + 2 = 4.
+    assert (vf["paper_evaluations"], sr["paper_evaluations"]) == (18, 3)
+    assert (vf["evaluations"], sr["evaluations"]) == ((18, 3) if mode == "batched" else (13, 4))
+    assert sum(done) == vf["evaluations"] + sr["evaluations"]  # what it reports is what it evaluated
 
 
 SPEC_OVERLAP = {  # SPEC §9.5: shared (precision, recall)
@@ -191,7 +179,7 @@ def test_paper_overlap_table(pair):
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_vital_only_fast_path_equals_full_forward(tok, padding_side):
     """Recomputing only the three vital tokens on the all-ablated background gives the full forward's logits."""
-    from etk.methods.circuit_eval.vital import background, vital_logits, vital_only
+    from etk.methods.mean_ablation.vital import background, vital_logits, vital_only
     from etk.models.tiny import tiny_llama
     from tests.helpers import mixed_length_examples
 
@@ -212,7 +200,7 @@ def test_vital_only_fast_path_equals_full_forward(tok, padding_side):
 
 
 def test_vital_only_is_detected_from_the_kept_roles(setup):
-    from etk.methods.circuit_eval.vital import vital_only
+    from etk.methods.mean_ablation.vital import vital_only
 
     _, _, _, dims = setup
     circ = circuit_ablation(Circuit({"value_fetcher": [[0, 1]]}), dims)

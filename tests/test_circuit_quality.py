@@ -2,6 +2,7 @@
 on planted tiny models whose mechanism is known."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,15 +10,13 @@ import torch
 from etk.circuits import GROUPS, Circuit, load_circuit
 from etk.data.roles import ROLE_ID, ROLE_VOCAB
 from etk.interventions.hooks import hooked
-from etk.methods.circuit_eval.ablation import Ablation, ablation_patches, ceiling_ablation, empty_keep, full_model
-from etk.methods.circuit_eval.curve import curve_circuits, integrated, ranked_heads
-from etk.methods.circuit_eval.faithfulness import faithfulness
-from etk.methods.circuit_eval.search import UnitAttribution, exact_removal_effects, grow_and_prune
+from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, ceiling_ablation, empty_keep, full_model
+from etk.methods.faithfulness_curve.curve import curve_circuits, integrated, ranked_heads
+from etk.methods.mean_ablation.summary import faithfulness
+from etk.methods.circuit_search.search import UnitAttribution, exact_removal_effects, grow_and_prune
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
-from tests.helpers import batch_of, planted_model
-from tests.test_circuit_eval import evaluator, means_of, run_ablations
-from tests.test_eval_cli import compose_run
+from tests.helpers import batch_of, compose_run, evaluator, means_of, planted_model, run_ablations
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +159,9 @@ def test_circuit_search_cli_finds_the_planted_units(tmp_path):
                                  "method.exact_max_units=0", "method.n_verify=8", "method.verify_prompts=12"] + SMALL)
     circ = load_circuit(tmp_path / "circuit.json")
     assert set(circ.units()) == {("correct_object", 0, 1), ("last", 1, 2)}
-    assert res["faithfulness"] == 1.0 and res["ceiling"]["faithfulness"] < 0.2
-    assert res["unit_fraction"] == pytest.approx(2 / res["units_total"])
-    assert res["scoring"] == "attribution" and res["verification"]["units"] == 8
+    assert res.faithfulness == 1.0 and res.ceiling["faithfulness"] < 0.2
+    assert res.unit_fraction == pytest.approx(2 / res.units_total)
+    assert res.extra["scoring"] == "attribution" and res.extra["verification"]["units"] == 8
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["schema"] == "etk.circuit_search/v1" and (tmp_path / "circuit.png").exists()
 
@@ -170,10 +169,18 @@ def test_circuit_search_cli_finds_the_planted_units(tmp_path):
 def test_faithfulness_curve_cli_from_a_path_patching_run(tmp_path):
     compose_run(tmp_path / "pp", ["method=path_patching", "model=tiny_planted", "method.n_examples=8",
                                   "method.batch_size=8"] + SMALL)
-    res = compose_run(tmp_path / "curve", ["method=faithfulness_curve", "model=tiny_planted",
+    compose_run(tmp_path / "curve", ["method=faithfulness_curve", "model=tiny_planted",
                                            f"scores={tmp_path / 'pp'}", "method.n_examples=24", "method.n_random=1"] + SMALL)
     curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
     assert [p["fraction"] for p in curve["points"]] == sorted(p["fraction"] for p in curve["points"])
     assert curve["points"][-1]["faithfulness"] == pytest.approx(curve["ceiling"]["faithfulness"])
-    assert 0 <= curve["cpr"] <= 1.5 and curve["cmd"] >= 0 and res["cpr"] == curve["cpr"]
+    # CPR and CMD recomputed from the written points: trapezoids over log(fraction) rescaled to [0, 1], under the
+    # faithfulness curve (CPR) and between it and 1 (CMD)
+    xs = [math.log(p["fraction"]) for p in curve["points"]]
+    t = [(x - xs[0]) / (xs[-1] - xs[0]) for x in xs]
+    fs = [p["faithfulness"] for p in curve["points"]]
+    area = lambda ys: sum((t[i + 1] - t[i]) * (ys[i] + ys[i + 1]) / 2 for i in range(len(t) - 1))  # noqa: E731
+    assert curve["cpr"] == pytest.approx(area(fs), abs=1e-12)
+    assert curve["cmd"] == pytest.approx(area([abs(1 - f) for f in fs]), abs=1e-12)
+    assert json.loads((tmp_path / "curve" / "results.json").read_text())["cpr"] == curve["cpr"]
     assert (tmp_path / "curve" / "curve.png").exists()

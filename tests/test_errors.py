@@ -1,5 +1,6 @@
-"""Bad input through the real CLI: one paragraph on stderr naming what is wrong, exit status 2, no traceback; and
-results that stay valid JSON when a ratio is undefined."""
+"""Bad input: one paragraph on stderr naming what is wrong, exit status 2, no traceback (once through the real
+CLI, the other cases in-process through the CLI's task function); and results that stay valid JSON when a ratio is
+undefined."""
 
 import copy
 import json
@@ -14,11 +15,10 @@ from tests.conftest import ROOT
 TINY = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false"]
 
 
-def cli(tmp_path, args, env_extra=None):
+def cli(tmp_path, args):
     env = dict(os.environ, WANDB_MODE="disabled")
     env.pop("ETK_DEBUG", None)
     env.pop("HYDRA_FULL_ERROR", None)
-    env.update(env_extra or {})
     return subprocess.run([sys.executable, str(ROOT / "run_patching.py"), *args, f"hydra.run.dir={tmp_path / 'run'}"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
@@ -72,9 +72,19 @@ def test_bad_values_and_files_exit_2_with_one_paragraph(tmp_path, capsys, monkey
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-def test_debug_shows_the_traceback(tmp_path):
-    out = cli(tmp_path, TINY + ["data.n_boxes=1"], {"ETK_DEBUG": "1", "HYDRA_FULL_ERROR": "1"})
-    assert out.returncode != 0 and "Traceback" in out.stderr
+@pytest.mark.parametrize("var", ["ETK_DEBUG", "HYDRA_FULL_ERROR"])
+def test_debug_shows_the_traceback(tmp_path, monkeypatch, var):
+    """In debug mode the error is raised, not turned into the one-paragraph exit: Hydra then prints its traceback."""
+    from etk.cli import _patching
+    from etk.errors import ConfigError
+    from tests.helpers import compose_cfg
+
+    monkeypatch.delenv("ETK_DEBUG", raising=False)
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setenv(var, "1")
+    cfg = compose_cfg("patching", tmp_path / "run", TINY + ["data.n_boxes=1"])
+    with pytest.raises(ConfigError, match="data.n_boxes = 1"):  # not SystemExit(2)
+        _patching(cfg)
 
 
 def test_truncated_adapter_names_the_file(tmp_path, capsys, tiny, tiny_dir, monkeypatch):

@@ -7,13 +7,8 @@ import sys
 
 import pytest
 
-from etk.runners.patching import run
 from tests.conftest import ROOT
-from tests.helpers import compose_cfg
-
-
-def compose_run(tmp_path, overrides):
-    return run(compose_cfg("patching", tmp_path, overrides))
+from tests.helpers import compose_run
 
 
 @pytest.mark.parametrize("logger", ["csv", "wandb", "none"])
@@ -24,7 +19,7 @@ def test_eval_composed_with_each_logger(tmp_path, logger):
     assert doc["schema"] == "etk.eval/v1"
     assert doc["n"] == 12 and 0 <= doc["ci_low"] <= doc["accuracy"] <= doc["ci_high"] <= 1
     assert doc["config"]["model"]["name"] == "tiny" and "hydra" not in doc["config"]
-    assert res["accuracy"] == doc["accuracy"]
+    assert res.accuracy == doc["accuracy"]
     if logger == "csv":
         assert (tmp_path / "csv" / "metrics.csv").exists()
 
@@ -32,8 +27,8 @@ def test_eval_composed_with_each_logger(tmp_path, logger):
 def test_eval_box_counts_table(tmp_path):
     res = compose_run(tmp_path, ["model=tiny", "logger=none", "data.n_examples=6", "method.box_counts=[2,3]",
                                  "data.n_boxes=3", "trainer.enable_progress_bar=false"])
-    assert [r["n_boxes"] for r in res["by_n_boxes"]] == [2, 3]
-    assert res["n_boxes"] == 3
+    assert [r["n_boxes"] for r in res.by_n_boxes] == [2, 3]
+    assert res.n_boxes == 3
 
 
 @pytest.mark.slow

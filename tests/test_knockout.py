@@ -14,7 +14,8 @@ from etk.methods.knockout.module import KnockoutModule
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.tiny import tiny_llama
-from tests.helpers import batch_of, mixed_length_examples, planted_model
+from etk.models.loading import LoadedModel
+from tests.helpers import batch_of, compose_run, mixed_length_examples, planted_model
 
 EDGES = ["last->correct_object", "last->query_label", "last->random", "query_label->prev_query_label",
          "query_label->random"]
@@ -130,7 +131,7 @@ def test_planted_head_needs_the_last_to_object_edge(tok):
 # (e) batched configurations ---------------------------------------------------------------------------------------
 
 def test_many_configs_in_one_forward_equal_one_at_a_time(tok, pair):
-    from etk.methods.circuit_eval.ablation import repeat_batch
+    from etk.methods.mean_ablation.ablation import repeat_batch
 
     model = pair[0]
     batch, _ = batch_of(tok, n=4, padding_side="left", examples=mixed_length_examples(tok, 4))
@@ -153,8 +154,8 @@ def test_module_sweep_chunks_agree_and_baseline_is_the_plain_model(tok, pair):
     plain = (last_logits(model, batch).argmax(-1) == batch.answer).float()
 
     def sweep(rows_per_forward):
-        mod = KnockoutModule({}, EDGES, None, rows_per_forward=rows_per_forward, random_seed=5)
-        mod.net, mod.tokenizer = model, tok
+        mod = KnockoutModule({}, EDGES, None, rows_per_forward=rows_per_forward, random_seed=5,
+                             model=LoadedModel(model, tok, {}))
         mod.on_predict_epoch_start()
         mod.predict_step(batch, 0)
         return mod, mod.acc.per_example()
@@ -172,7 +173,7 @@ def test_module_sweep_chunks_agree_and_baseline_is_the_plain_model(tok, pair):
 def test_prefix_reuse_equals_full_knockout_forwards(tok, pair, padding_side):
     """Rows start at their start layer from the clean residual: same logits as knocking out in a full forward, and
     the module's sweep agrees configuration by configuration."""
-    from etk.methods.circuit_eval.ablation import repeat_batch
+    from etk.methods.mean_ablation.ablation import repeat_batch
     from etk.models.partial import LayerInputs, forward_from_layer
 
     model = pair[0]
@@ -191,8 +192,7 @@ def test_prefix_reuse_equals_full_knockout_forwards(tok, pair, padding_side):
         got = arch.lm_head(hid[b, rows.roles["last"]]).view(2, 4, -1)
         for i, e in enumerate(EDGES[:2]):
             torch.testing.assert_close(got[i], knocked(model, batch, e, start, rand), atol=1e-5, rtol=1e-5)
-    mod = KnockoutModule({}, EDGES, None, rows_per_forward=8, random_seed=5)
-    mod.net, mod.tokenizer = model, tok
+    mod = KnockoutModule({}, EDGES, None, rows_per_forward=8, random_seed=5, model=LoadedModel(model, tok, {}))
     mod.on_predict_epoch_start()
     mod.predict_step(batch, 0)
     per = mod.acc.per_example()
@@ -263,24 +263,47 @@ def test_random_positions_are_real_context_tokens_and_seeded(tok):
 # (h) end to end ------------------------------------------------------------------------------------------------------
 
 def test_run_knockout_end_to_end(tmp_path, capsys):
-    from tests.test_eval_cli import compose_run
+    """The runner on the planted model, whose answer rests on what head (1, 2) at `last` reads from the objects (a
+    random tiny model answers next to nothing, and every accuracy compared would be 0): each accuracy it writes for
+    a fixed edge and start layer is the accuracy of the hand-built eager reference on the same prompts, and the
+    baseline that of the plain model. (The random-key edges draw per dataset index:
+    test_random_keys_are_drawn_per_dataset_index.)"""
+    import copy
 
-    res = compose_run(tmp_path, ["method=knockout", "model=tiny", "logger=none", "data.n_boxes=3",
-                                 "method.n_examples=6", "method.batch_size=3", "trainer.enable_progress_bar=false"])
+    from omegaconf import OmegaConf
+
+    from etk.models.loading import load_model
+
+    compose_run(tmp_path, ["method=knockout", "model=tiny_planted_direct", "logger=none", "data.n_boxes=3",
+                           "method.n_examples=6", "method.batch_size=3", "trainer.enable_progress_bar=false"])
     doc = json.loads((tmp_path / "results.json").read_text())
-    assert doc["schema"] == "etk.knockout/v1" and doc["model"] == "tiny" and doc["n"] == 6
+    assert doc["schema"] == "etk.knockout/v1" and doc["model"] == "tiny_planted_direct" and doc["n"] == 6
     assert set(doc["edges"]) == set(EDGES) and doc["config"]["method"]["name"] == "knockout"
-    for curve in doc["edges"].values():
-        assert curve["start_layer"] == [0, 1]
-        for lo, a, hi in zip(curve["ci_low"], curve["accuracy"], curve["ci_high"]):
-            assert 0 <= lo <= a <= hi <= 1
-    b = doc["baseline"]
-    assert b["n"] == 6 and 0 <= b["ci_low"] <= b["accuracy"] <= b["ci_high"] <= 1
     png = tmp_path / "knockout.png"
     assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
-    assert res["edges"] == doc["edges"]
     out = capsys.readouterr().out
-    assert all(f"[etk] knockout {e} on tiny" in out for e in EDGES)
+    assert all(f"[etk] knockout {e} on tiny_planted_direct" in out for e in EDGES)
+    # the same model and prompts, rebuilt here; the reference masks attention by hand in eager attention
+    model, mtok = load_model(OmegaConf.create(doc["config"]["model"]))
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    data = doc["config"]["data"]
+    batch, _ = batch_of(mtok, n=6, n_boxes=data["n_boxes"], seed=data["seed"], padding_side=data["padding_side"])
+    B = len(batch)
+
+    def acc(logits):  # k / n, as a count over the prompts
+        return int((logits.argmax(-1) == batch.answer).sum()) / B
+
+    b = doc["baseline"]
+    assert b["n"] == 6 and b["accuracy"] == acc(reference_logits(eager, batch, [-1] * B, [-1] * B, [0] * B))
+    for edge in ("last->correct_object", "last->query_label", "query_label->prev_query_label"):
+        curve = doc["edges"][edge]
+        assert curve["start_layer"] == [0, 1]
+        qp, kp = edge_positions(batch, edge)
+        for s, a in zip(curve["start_layer"], curve["accuracy"]):
+            assert a == acc(reference_logits(eager, batch, qp.tolist(), kp.tolist(), [s] * B)), (edge, s)
+    # blocking the answer head's view of the correct object never helps it (an edge mix-up would show here)
+    assert doc["edges"]["last->correct_object"]["accuracy"][0] <= b["accuracy"]
 
 
 def test_random_keys_are_drawn_per_dataset_index():

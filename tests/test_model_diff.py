@@ -4,25 +4,25 @@ merged-weights delta; DLA and the logit lens against hand computations; the CLI 
 
 import copy
 import json
+import math
 
 import pytest
 import torch
 
+from etk.circuits import load_circuit
 from etk.methods.model_diff.module import DIFF_ROLES, ModelDiffModule, direct_logit_attribution, lens_kl, member_run
 from etk.methods.model_diff.weights import weight_deltas
 from etk.models.arch import LlamaFamily
 from etk.models.pair import PairModels
 from etk.models.tiny import tiny_llama
-from tests.helpers import batch_of
-from tests.test_eval_cli import compose_run
+from tests.helpers import batch_of, compose_run
 
 COMMON = ["method=model_diff", "logger=none", "trainer.enable_progress_bar=false", "data.n_boxes=3",
           "data.n_examples=12", "method.n_examples=6", "method.batch_size=3"]
 
 
 def diff_of(base, ft, tok, toggled=False, n=6):
-    mod = ModelDiffModule({}, {})
-    mod.pair = PairModels(base, ft, tok, tok, ("a", "b"), toggled=toggled)
+    mod = ModelDiffModule({}, {}, pair=PairModels(base, ft, tok, tok, ("a", "b"), toggled=toggled))
     mod.on_predict_epoch_start()
     for seed in range(n // 3):
         mod.predict_step(batch_of(tok, n=3, n_boxes=3, seed=seed)[0], seed)
@@ -114,5 +114,27 @@ def test_model_diff_on_a_different_pair_ranks_the_groups_beside_cmap(tmp_path):
     d = json.loads((run / "results.json").read_text())
     assert d["token_kl"]["last"] > 0 and min(min(r) for r in d["weight_delta"]["head"]["values"]) > 0
     groups = {r["group"]: r for r in d["by_group"]}
-    assert groups and all("cmap_share_of_gap" in r and 0 <= r["activation_percentile"] <= 100 for r in groups.values())
-    assert d["verdict"]["most_changed_group"] in groups
+    # recomputed from what the same results.json reports per head: the groups of the fine-tuned member's circuit,
+    # each read at its own position, its mean z change, and its mean percentile among all heads at that position
+    circuit = load_circuit(d["circuit"])
+    assert set(groups) == {g for g, hs in circuit.groups.items() if hs}
+    cmap_doc = json.loads((cmap / "results.json").read_text())
+    roles, rel = d["activation_delta"]["roles"], d["activation_delta"]["rel_norm"]["values"]  # [role][layer][head]
+    at = {"value_fetcher": "last", "pos_transmitter": "last", "pos_detector": "query_label",
+          "struct_reader": "prev_query_label"}  # SPEC: the position each group acts at
+    percentile = {}
+    for g, r in groups.items():
+        heads = [tuple(h) for h in circuit.groups[g]]
+        assert r["role"] == at[g] and r["n_heads"] == len(heads)
+        grid = rel[roles.index(r["role"])]
+        pool = [x for row in grid for x in row if x is not None and math.isfinite(x)]
+        vals = [grid[layer][head] for layer, head in heads]
+        assert all(v is not None for v in vals)
+        assert r["activation_delta"] == pytest.approx(sum(vals) / len(vals), rel=1e-5)
+        # a head's percentile: the share of all heads strictly below it, plus half the ties
+        percentile[g] = sum(100 * (sum(p < v for p in pool) + 0.5 * sum(p == v for p in pool)) / len(pool)
+                            for v in vals) / len(vals)
+        assert r["activation_percentile"] == pytest.approx(percentile[g], abs=1e-9), g
+        assert r["cmap_share_of_gap"] == cmap_doc["results"][g]["share_of_gap"]
+    top = max(percentile.values())
+    assert d["verdict"]["most_changed_group"] in {g for g, p in percentile.items() if p == pytest.approx(top, abs=1e-9)}

@@ -1,9 +1,5 @@
 """Model zoo: every config composes, loading paths, clear errors for missing weights and bad models."""
 
-import subprocess
-import sys
-import time
-
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -29,24 +25,23 @@ def test_zoo_has_the_issue_models():
         assert name in MODELS
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_every_model_config_composes(name):
-    cfg = model_cfg(name)
-    # base / finetuned are the members of the selected pair (default pair=smol_enhance)
-    assert cfg.name == {"base": "smollm2_tracker_weak", "finetuned": "smollm2_weak_enhanced"}.get(name, name)
-    assert cfg.source in ("tiny", "local", "gguf_package")
-    OmegaConf.to_container(cfg, resolve=True)
+def test_every_model_config_composes():
+    members = {"base": "smollm2_tracker_weak", "finetuned": "smollm2_weak_enhanced"}  # of the default pair=smol_enhance
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        for name in MODELS:
+            cfg = compose("patching", overrides=[f"model={name}"]).model
+            assert cfg.name == members.get(name, name), name
+            assert cfg.source in ("tiny", "local", "gguf_package"), name
+            OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("name", ["llama_7b", "goat_7b", "llama3_2_1b"])
 def test_missing_local_weights_fail_fast_and_clearly(name, monkeypatch):
     monkeypatch.delenv("ETK_MODEL_ROOT", raising=False)
-    t = time.time()
     with pytest.raises(ModelNotFoundError, match="model.path=.*ETK_MODEL_ROOT"):
         load_model(model_cfg(name))
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         load_model(model_cfg(name, path="/nonexistent/weights"))
-    assert time.time() - t < 5  # never waits on a hub
 
 
 def test_tiny_loads_through_from_pretrained(tiny_dir, tiny, tok):
@@ -100,11 +95,13 @@ def test_dtype_resolution():
         resolve_dtype("float8", "cpu")
 
 
-def test_tiny_model_is_created_fast():
-    code = ("import time; t=time.time(); from etk.models.loading import load_model; from omegaconf import OmegaConf;"
-            "t=time.time(); load_model(OmegaConf.create({'name':'tiny','source':'tiny','tiny':{}})); print(time.time()-t)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert float(out.stdout.strip().splitlines()[-1]) < 1.0
+def test_tiny_model_loads_from_a_minimal_config():
+    """`source: tiny` with no sizes: the default tiny Llama (2 layers, 4 query heads over 2 KV groups) over its own
+    tokenizer's vocabulary, frozen. (How fast it loads is for the benchmarks.)"""
+    model, tokenizer = load_model(OmegaConf.create({"name": "tiny", "source": "tiny", "tiny": {}}))
+    d = LlamaFamily(model).dims
+    assert (d.n_layers, d.n_heads, d.n_kv_heads, d.vocab_size) == (2, 4, 2, len(tokenizer))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
 
 
 def test_reuse_models_hands_the_same_frozen_model_to_identical_configs():

@@ -17,7 +17,7 @@ COMMON = ["model=tiny", "logger=none", "trainer.enable_progress_bar=false", "dat
 
 
 def run_eval(tmp_path, overrides):
-    from etk.runners.patching import run
+    from etk.cli import run_method as run
     from etk.validate import validate
 
     cfg = compose_cfg("patching", tmp_path, COMMON + overrides)

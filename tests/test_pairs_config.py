@@ -2,12 +2,11 @@
 
 import json
 
-import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from etk.methods.eval.report import accuracy_table
-from etk.report.collect import collect_eval
+from etk.study.collect import collect_all
 from tests.conftest import CONF
 
 PAIRS = {"smol_tracking": ("smollm2_135m_instruct", "smollm2_tracker"),
@@ -15,13 +14,13 @@ PAIRS = {"smol_tracking": ("smollm2_135m_instruct", "smollm2_tracker"),
          "tiny": ("tiny", "tiny_other"), "tiny_self": ("tiny", "tiny")}
 
 
-@pytest.mark.parametrize("pair", sorted(PAIRS))
-@pytest.mark.parametrize("member", ["base", "finetuned"])
-def test_model_member_of_pair(pair, member):
+def test_model_member_of_pair():
     with initialize_config_dir(str(CONF), version_base="1.3"):
-        cfg = compose("patching", overrides=[f"pair={pair}", f"model={member}"])
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    assert model["name"] == PAIRS[pair][0 if member == "base" else 1]
+        for pair, names in sorted(PAIRS.items()):
+            for member, want in zip(("base", "finetuned"), names):
+                cfg = compose("patching", overrides=[f"pair={pair}", f"model={member}"])
+                model = OmegaConf.to_container(cfg.model, resolve=True)
+                assert model["name"] == want, (pair, member)
 
 
 def test_embedded_pair_adapters_stack():
@@ -43,7 +42,7 @@ def test_collector_table(tmp_path):
         d.mkdir()
         rows = [{"n_boxes": n, "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 10} for n in (2, 7)]
         (d / "results.json").write_text(json.dumps({"schema": "etk.eval/v1", "model": m, **rows[-1], "by_n_boxes": rows}))
-    md = collect_eval([tmp_path], tmp_path)
+    md = dict(collect_all([tmp_path], tmp_path))["eval"]
     assert "| a | 0.500 [0.400, 0.600] | 0.500 [0.400, 0.600] |" in md
     assert (tmp_path / "accuracy_table.csv").read_text().startswith("model,2 boxes,7 boxes")
     header, _ = accuracy_table([])

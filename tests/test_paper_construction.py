@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from etk.circuits import GROUPS, candidates, load_circuit, load_score_map
-from etk.methods.circuit_eval.minimality import significant
+from etk.methods.minimality.minimality import significant
 
 PAPER = Path(__file__).parent / "fixtures" / "paper"
 MODELS = {"llama": "llama_7b", "goat": "goat_7b", "float": "float_7b"}

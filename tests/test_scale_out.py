@@ -20,9 +20,7 @@ from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.loading import is_dispatched, load_model
 from tests.conftest import CONF, ROOT
-from tests.helpers import batch_of
-from tests.test_eval_cli import compose_run
-from tests.test_path_patching import pp_batch
+from tests.helpers import batch_of, compose_run, pp_batch
 
 SPLIT = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
          "model.norm": "cpu", "lm_head": "disk"}
@@ -71,7 +69,7 @@ def test_split_model_through_a_lightning_run(both, tmp_path):
     b = compose_run(tmp_path / "b", common + ["model.source=local", f"+model.path={split_cfg['path']}",
                                                "+model.device_map={" + ",".join(f"{k}:{v}" for k, v in SPLIT.items()) + "}",
                                                f"+model.offload_folder={split_cfg['offload_folder']}"])
-    assert a["accuracy"] == b["accuracy"] and a["n"] == b["n"] == 12
+    assert a.accuracy == b.accuracy and a.n == b.n == 12
 
 
 def test_paper_model_configs_default_to_fp32():

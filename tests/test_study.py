@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tests.conftest import CONF
-from tests.test_eval_cli import compose_run
+from tests.helpers import compose_run
 
 SMALL = ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetuned.tiny.n_layers=3", "data.n_boxes=3",
          "data.n_examples=20", "logger=none", "trainer.enable_progress_bar=false", "method.eval.box_counts=[3]",

@@ -3,8 +3,10 @@ packaged configs, and loads the shipped circuits (nothing read from the source c
 
 import json
 import os
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,11 +21,25 @@ def test_wheel_runs_from_an_empty_folder(tmp_path):
     out = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(ROOT))
     assert out.returncode == 0, out.stderr[-3000:]
     wheel = next(dist.glob("etk-*.whl"))
-    out = run(sys.executable, "-m", "venv", "--system-site-packages", str(venv))  # torch & co. from this machine
+    # A plain venv: `--system-site-packages` would give it the BASE interpreter's site-packages, not those of a
+    # virtualenv running these tests (`make test PY=.venv/bin/python`), and its console script could not import hydra.
+    out = run(sys.executable, "-m", "venv", str(venv))
     assert out.returncode == 0, out.stderr
     py = venv / "bin" / "python"
     out = run(str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel))
     assert out.returncode == 0, out.stderr[-3000:]
+    # torch & co. from whichever environment runs the tests: its site-packages, listed in a .pth file of the new venv
+    # (written after the install, so pip saw the venv alone). site.py puts the venv's own site-packages on sys.path
+    # first and appends the directories a .pth names after it, so the installed wheel's `etk` is found before
+    # anything there. Plain paths are not site dirs: their own .pth files (the checkout's editable-install finder
+    # among them) are not processed, so nothing of the checkout reaches the venv.
+    parent = [d for d in site.getsitepackages() if os.path.isdir(d)]
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        parent.append(site.getusersitepackages())
+    out = run(str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
+    assert out.returncode == 0, out.stderr
+    own = out.stdout.strip()
+    (Path(own) / "_etk_test_parent_site.pth").write_text("".join(f"{d}\n" for d in parent if d != own))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     out = run(str(venv / "bin" / "etk-patching"), "method=eval", "model=tiny", "logger=none", "data.n_examples=7",

@@ -14,7 +14,7 @@ stock `sdpa_attention_forward`. Layers where no row is knocked out get the incom
 
 Rows. Row r of the batch blocks the pairs (query_pos[r, p], key_pos[r, p]) in layers >= start_layer[r] (pairs with
 a -1 position block nothing), so one forward evaluates many (edge, start layer) configurations: rows = configs x
-prompts, in the order of `etk.methods.circuit_eval.ablation.repeat_batch` (row k*N + n)."""
+prompts, in the order of `etk.methods.mean_ablation.ablation.repeat_batch` (row k*N + n)."""
 
 from __future__ import annotations
 

@@ -8,29 +8,39 @@ import lightning as L
 from omegaconf import OmegaConf
 
 from etk.models.arch import LlamaFamily
-from etk.models.loading import is_dispatched, shared_model
+from etk.models.loading import LoadedModel, is_dispatched, shared_model
+from etk.models.pair import PairModels
+
+
+# constructor inputs that are objects, not settings: never saved as hyper-parameters (nor into checkpoints)
+NOT_HPARAMS = ("model", "pair", "means", "head_sets", "stage", "receivers", "senders")
 
 
 class ModelHost(L.LightningModule):
-    """A LightningModule that owns a frozen model built from its `model` config (loaded once, in
-    `configure_model`, so hyper-parameters stay plain and checkpoints never contain the weights)."""
+    """A LightningModule that owns a frozen model: the `LoadedModel` it is given at construction (the runners and
+    the Python API load it once with `etk.models.loading.load`), or one built from its `model` config in
+    Lightning's `configure_model` hook. Hyper-parameters stay plain and checkpoints never contain the weights."""
 
-    def __init__(self, model_cfg: dict[str, Any]):
+    def __init__(self, model_cfg: dict[str, Any], model: LoadedModel | None = None):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=list(NOT_HPARAMS))
         self.model_cfg = model_cfg
         self.net = None
         self.tokenizer = None
+        if model is not None:
+            self._attach(model.net, model.tokenizer)
 
-    def configure_model(self) -> None:
-        if self.net is not None:
-            return
-        net, self.tokenizer = shared_model(OmegaConf.create(self.model_cfg))
+    def _attach(self, net, tokenizer) -> None:
+        self.tokenizer = tokenizer
         if is_dispatched(net):  # split over devices by accelerate: not a submodule, so Lightning never moves it
             self.__dict__.pop("net", None)
             object.__setattr__(self, "net", net)
         else:
             self.net = net
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self._attach(*shared_model(OmegaConf.create(self.model_cfg)))
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """etk batches are dataclasses with a `.to(device)` that moves every tensor (roles included); a dispatched
@@ -50,9 +60,11 @@ class PairHost(L.LightningModule):
     on one copy of the base weights, toggling the adapter). The models are not submodules (one copy may serve both
     members), so they are moved to the run's device at predict start."""
 
-    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle_adapter: bool = True):
+    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle_adapter: bool = True,
+                 pair: PairModels | None = None):
         super().__init__()
-        self.pair = None
+        self.save_hyperparameters(ignore=list(NOT_HPARAMS))
+        self.pair = pair
 
     def configure_model(self) -> None:
         from etk.models.pair import load_pair

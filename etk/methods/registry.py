@@ -1,105 +1,98 @@
-"""The method registry: one spec per method, registered in one place. The CLI dispatch (`method=<name>`), the
-study's steps and the report's sections are all driven by it.
+"""The method registry: one spec per method, with direct references to its runner, its result type and its report
+section, so readers, IDEs and tests can follow every one. The CLI dispatch (`method=<name>`), the study's steps
+(`etk.study`), the report's sections and the multirun collectors are all driven by it.
 
-Adding a method: write its folder `etk/methods/<name>/` (a LightningModule in `module.py`, `run(cfg) -> payload`
-in `run.py`, optionally `study_jobs(study)` and `section(ctx)`), its config `etk/conf/method/<name>.yaml`, and one
-line below."""
+Adding a method: its folder `etk/methods/<name>/` (a LightningModule in `module.py`, `run(cfg) -> <Result>` in
+`run.py`, optionally `section(ctx)` in `report.py`), its result type in `etk/results.py`, its config
+`conf/method/<name>.yaml`, and one entry below (plus `etk/study/plan.py` when the study runs it)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import import_module
-from typing import Any, Callable
+from typing import Callable
 
 from etk.errors import ConfigError
+from etk.methods.activation_patching import report as ap_report
+from etk.methods.activation_patching.run import run_activation_patching
+from etk.methods.circuit_search import report as search_report
+from etk.methods.circuit_search.run import run_circuit_search
+from etk.methods.cmap import report as cmap_report
+from etk.methods.cmap.run import run_cmap
+from etk.methods.completeness.run import run_completeness
+from etk.methods.dcm import report as dcm_report
+from etk.methods.dcm.run import run_dcm
+from etk.methods.eval import report as eval_report
+from etk.methods.eval.run import run_eval
+from etk.methods.faithfulness import report as faithfulness_report
+from etk.methods.faithfulness.run import run_faithfulness
+from etk.methods.faithfulness_curve import report as curve_report
+from etk.methods.faithfulness_curve.run import run_faithfulness_curve
+from etk.methods.finetune.run import run_finetune
+from etk.methods.knockout import report as knockout_report
+from etk.methods.knockout.run import run_knockout
+from etk.methods.minimality.run import run_minimality
+from etk.methods.model_diff import report as model_diff_report
+from etk.methods.model_diff.run import run_model_diff
+from etk.methods.overlap.run import run_overlap
+from etk.methods.path_patching import report as pp_report
+from etk.methods.path_patching.run import run_path_patching
+from etk.report.context import ReportContext, Section
+from etk.results import (ActivationPatchingResult, CircuitSearchResult, CMAPResult, CompletenessResult, CurveResult,
+                         DCMResult, EvalResult, FaithfulnessResult, FinetuneResult, KnockoutResult, MinimalityResult,
+                         ModelDiffResult, OverlapResult, PathPatchingResult, Result)
+
+Table = tuple[list[str], list[list[str]]]
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    name: str  # `method=<name>`, config `etk/conf/method/<name>.yaml` (dcm: `train_dcm.py`, its own primary config)
-    run: str  # "module:function", cfg -> payload (writes results.json with `schema`)
-    schema: str
-    needs: tuple[str, ...] = ("model",)  # model | pair, and circuit | scores | heads when it reads those
-    artefacts: tuple[str, ...] = ("results.json",)
+    name: str  # `method=<name>`, config `conf/method/<name>.yaml` (dcm: `train_dcm.py`, its own primary config)
+    run: Callable[..., Result]  # cfg -> the method's typed result (also written to results.json)
+    result: type[Result]
+    section: Callable[[ReportContext], Section | None] | None = None  # the study report's section of this step
+    collect: Callable[..., str | None] | None = None  # results of a multirun, out dir -> the Markdown table written
     entry: str = "patching"  # the primary config it runs under: patching | dcm | finetune
-    study: str | None = None  # "module:function", Study -> the jobs of this study step
-    report: str | None = None  # "module:function", ReportContext -> the report section of this step
     summary: str = ""
 
-    def runner(self) -> Callable[[Any], dict]:
-        return _load(self.run)
-
-    def study_jobs(self) -> Callable | None:
-        return _load(self.study) if self.study else None
-
-    def section(self) -> Callable | None:
-        return _load(self.report) if self.report else None
+    @property
+    def schema(self) -> str:
+        return self.result.schema
 
 
-def _load(ref: str) -> Callable:
-    module, name = ref.split(":")
-    return getattr(import_module(module), name)
-
-
-_M = "etk.methods"
 REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("eval", f"{_M}.eval.run:run_eval", "etk.eval/v1", study=f"{_M}.eval.run:study_jobs",
-               report=f"{_M}.eval.report:section", summary="task accuracy with a 95% interval"),
-    MethodSpec("path_patching", f"{_M}.path_patching.run:run_path_patching", "etk.path_patching/v1",
-               artefacts=("results.json", "circuit.json", "scores/<group>.json", "heatmaps/<group>.png"),
-               study=f"{_M}.path_patching.run:study_jobs", report=f"{_M}.path_patching.report:section",
+    MethodSpec("eval", run_eval, EvalResult, eval_report.section, eval_report.collect,
+               summary="task accuracy with a 95% interval"),
+    MethodSpec("path_patching", run_path_patching, PathPatchingResult, pp_report.section,
                summary="4-stage circuit discovery; writes the paper's candidate sets"),
-    MethodSpec("minimality", f"{_M}.circuit_eval.run:run_minimality", "etk.minimality/v1", ("model", "circuit"),
-               ("results.json", "circuit.json"), study=f"{_M}.circuit_eval.run:minimality_jobs",
+    MethodSpec("minimality", run_minimality, MinimalityResult,
                summary="the paper's significance pruning of candidate sets"),
-    MethodSpec("faithfulness", f"{_M}.circuit_eval.run:run_faithfulness", "etk.faithfulness/v1", ("model", "circuit"),
-               study=f"{_M}.circuit_eval.run:faithfulness_jobs", report=f"{_M}.circuit_eval.report:faithfulness_section",
+    MethodSpec("faithfulness", run_faithfulness, FaithfulnessResult, faithfulness_report.section,
+               faithfulness_report.collect,
                summary="F(circuit)/F(model) under mean ablation, with its ceiling and random circuits"),
-    MethodSpec("faithfulness_curve", f"{_M}.circuit_eval.run:run_faithfulness_curve", "etk.faithfulness_curve/v1",
-               ("model", "scores"), ("results.json", "curve.json", "curve.png"),
-               study=f"{_M}.circuit_eval.run:curve_jobs", report=f"{_M}.circuit_eval.report:quality_section",
+    MethodSpec("faithfulness_curve", run_faithfulness_curve, CurveResult, curve_report.section,
                summary="faithfulness of top-x% circuits, CPR and CMD"),
-    MethodSpec("circuit_search", f"{_M}.circuit_eval.run:run_circuit_search", "etk.circuit_search/v1",
-               artefacts=("results.json", "circuit.json", "circuit.png"), study=f"{_M}.circuit_eval.run:search_jobs",
-               report=f"{_M}.circuit_eval.report:search_section",
+    MethodSpec("circuit_search", run_circuit_search, CircuitSearchResult, search_report.section,
                summary="position-aware circuit grown to a target faithfulness"),
-    MethodSpec("completeness", f"{_M}.circuit_eval.run:run_completeness", "etk.completeness/v1", ("model", "circuit"),
-               summary="incompleteness |F(C\\K) - F(M\\K)|"),
-    MethodSpec("overlap", f"{_M}.circuit_eval.run:run_overlap", "etk.overlap/v1", ("circuit",),
-               summary="shared heads of two circuits per group"),
-    MethodSpec("dcm", f"{_M}.dcm.run:run_dcm", "etk.dcm/v1", ("model", "circuit"),
-               ("results.json", "selected_heads.json", "mask.pt", "mask.png"), entry="dcm",
-               study=f"{_M}.dcm.run:study_jobs", report=f"{_M}.dcm.report:section",
+    MethodSpec("completeness", run_completeness, CompletenessResult, summary="incompleteness |F(C\\K) - F(M\\K)|"),
+    MethodSpec("overlap", run_overlap, OverlapResult, summary="shared heads of two circuits per group"),
+    MethodSpec("dcm", run_dcm, DCMResult, dcm_report.section, dcm_report.collect, entry="dcm",
                summary="desiderata-based component masks"),
-    MethodSpec("activation_patching", f"{_M}.activation_patching.run:run_activation_patching",
-               "etk.activation_patching/v1", ("model", "heads"), study=f"{_M}.activation_patching.run:study_jobs",
-               report=f"{_M}.activation_patching.report:section", summary="DCM head sets patched inside a model"),
-    MethodSpec("cmap", f"{_M}.cmap.run:run_cmap", "etk.cmap/v1", ("pair", "circuit"), ("results.json", "cmap_table.md"),
-               study=f"{_M}.cmap.run:study_jobs", report=f"{_M}.cmap.report:section",
+    MethodSpec("activation_patching", run_activation_patching, ActivationPatchingResult, ap_report.section,
+               summary="DCM head sets patched inside a model"),
+    MethodSpec("cmap", run_cmap, CMAPResult, cmap_report.section,
                summary="cross-model activation patching and the share of the gap"),
-    MethodSpec("model_diff", f"{_M}.model_diff.run:run_model_diff", "etk.model_diff/v1", ("pair",),
-               ("results.json", "heatmaps/<delta>.png"), study=f"{_M}.model_diff.run:study_jobs",
-               report=f"{_M}.model_diff.report:section",
+    MethodSpec("model_diff", run_model_diff, ModelDiffResult, model_diff_report.section,
                summary="what fine-tuning changed per head (weights, z, DLA, lens, token KL) beside the CMAP gain"),
-    MethodSpec("knockout", f"{_M}.knockout.run:run_knockout", "etk.knockout/v1",
-               artefacts=("results.json", "knockout.png"), study=f"{_M}.knockout.run:study_jobs",
-               report=f"{_M}.knockout.report:section", summary="attention-edge knockout from each start layer"),
-    MethodSpec("finetune", f"{_M}.finetune.run:run_finetune", "etk.finetune/v1", entry="finetune",
-               artefacts=("results.json", "checkpoints/", "<export>/card.json"), summary="LoRA or full fine-tuning"),
-    MethodSpec("study", f"{_M}.study.run:run_study", "etk.study/v1", ("pair",), ("report.md", "<step>/<job>/"),
-               summary="the paper's whole argument for a pair, from the steps above"),
+    MethodSpec("knockout", run_knockout, KnockoutResult, knockout_report.section,
+               summary="attention-edge knockout from each start layer"),
+    MethodSpec("finetune", run_finetune, FinetuneResult, entry="finetune", summary="LoRA or full fine-tuning"),
 )}
-ALIASES = {"study_paper": "study"}  # method configs that run another method's code (the study at paper sizes)
+STUDY_METHODS = ("study", "study_paper")  # method configs that run the study (etk.study), at CPU or paper sizes
 
 
 def get(name: str) -> MethodSpec:
     """The spec of `method=<name>` (a ConfigError naming the available methods otherwise)."""
-    spec = REGISTRY.get(ALIASES.get(name, name))
+    spec = REGISTRY.get(name)
     if spec is None:
-        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+        raise ConfigError(f"unknown method {name!r}; available: {', '.join(sorted([*REGISTRY, *STUDY_METHODS]))}")
     return spec
-
-
-def run(cfg) -> dict:
-    """Dispatch a composed config to its method's runner."""
-    return get(cfg.method.name).runner()(cfg)

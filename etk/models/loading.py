@@ -8,6 +8,7 @@ import json
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -175,16 +176,40 @@ def reuse_models(slots: int):
         _REUSE.update(saved)
 
 
+def _key(cfg: Any) -> str:
+    """A model config as a cache key (its resolved, sorted JSON)."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if hasattr(cfg, "keys") and not isinstance(cfg, dict) else cfg
+    return json.dumps(plain, sort_keys=True, default=str)
+
+
+@contextmanager
+def preloaded(*models: "LoadedModel"):
+    """Inside the block, a job whose model config equals one of `models`' configs runs on that model object, in
+    memory (the Python API: the same runner code as the CLI, on a model the user already holds)."""
+    saved = _REUSE.get("preloaded", {})
+    _REUSE["preloaded"] = {**saved, **{_key(m.cfg): (m.net, m.tokenizer) for m in models}}
+    try:
+        yield
+    finally:
+        _REUSE["preloaded"] = saved
+
+
+def preloaded_model(cfg: Any):
+    """(model, tokenizer) preloaded for this config (`preloaded`), or None."""
+    return _REUSE.get("preloaded", {}).get(_key(cfg))
+
+
 def shared_model(cfg: Any):
     """(model, tokenizer) for a frozen-model job: `load_model(cfg)`, or inside `reuse_models` the model an earlier
     job loaded from the same config (eval mode, no gradients; etk's interventions live in hooks that are always
     removed, so the weights are never changed)."""
+    key = _key(cfg)
+    if key in _REUSE.get("preloaded", {}):
+        return _REUSE["preloaded"][key]
     if not _REUSE["slots"]:
         return load_model(cfg)
-    from omegaconf import OmegaConf
-
-    plain = OmegaConf.to_container(cfg, resolve=True) if hasattr(cfg, "keys") and not isinstance(cfg, dict) else cfg
-    key = json.dumps(plain, sort_keys=True, default=str)
     models: OrderedDict = _REUSE["models"]
     if key in models:
         models.move_to_end(key)
@@ -194,3 +219,31 @@ def shared_model(cfg: Any):
         models.popitem(last=False)
     models[key] = load_model(cfg)
     return models[key]
+
+
+@dataclass
+class LoadedModel:
+    """A frozen model in memory with its tokenizer and the (plain, resolved) `model` config it was built from: what
+    every LightningModule of etk receives at construction, and what `etk.load_model` returns."""
+
+    net: Any
+    tokenizer: Any
+    cfg: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return str(self.cfg.get("name"))
+
+    @property
+    def arch(self) -> LlamaFamily:
+        return LlamaFamily.of(self.net)
+
+
+def load(cfg: Any) -> LoadedModel:
+    """The one way a run gets its model: `shared_model(cfg)` (a preloaded or reused model, else loaded from disk)
+    with its plain config."""
+    from omegaconf import OmegaConf
+
+    plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
+    net, tok = shared_model(cfg if not isinstance(cfg, dict) else OmegaConf.create(cfg))
+    return LoadedModel(net, tok, plain)

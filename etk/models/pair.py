@@ -75,9 +75,15 @@ class PairModels:
 def load_pair(base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle: bool = True) -> PairModels:
     """Load and validate a pair. A LoRA fine-tune of the base member (same weights + one adapter) is run by
     toggling that adapter (`toggle=True`); otherwise each member is loaded (adapters merged at load)."""
-    from etk.models.loading import attach_adapter, load_model
+    from etk.models.loading import attach_adapter, load_model, preloaded_model
 
     names = (base_cfg["name"], finetuned_cfg["name"])
+    held = preloaded_model(base_cfg), preloaded_model(finetuned_cfg)
+    if all(held):  # two models already in memory (the Python API): run them as they are, never wrap them
+        (base, tok), (ft, ft_tok) = held
+        pair = PairModels(base, ft, tok, ft_tok, names)
+        pair.check()
+        return pair
     extra = toggled_adapter(base_cfg, finetuned_cfg) if toggle else None
     if extra is not None:
         base, tok = load_model(OmegaConf.create(base_cfg))

@@ -1,13 +1,12 @@
-"""What a report section reads: the study folder's results, by step and job, and the pair's members."""
+"""What a report section reads: the study's job graph — every job with its typed result — and the pair's members."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-Doc = dict[str, Any]
+from etk.results import Job, Result
 
 
 @dataclass
@@ -22,6 +21,7 @@ class ReportContext:
     root: Path
     cfg: Any
     steps: list[str]
+    graph: list[tuple[Job, Result]] = field(default_factory=list)
 
     @property
     def base(self) -> str:
@@ -31,17 +31,18 @@ class ReportContext:
     def ft(self) -> str:
         return self.cfg.pair.finetuned.name
 
-    def docs(self, step: str) -> list[Doc]:
-        """The step's results.json documents, each with `_dir` (its folder), in folder order."""
-        out = []
-        for p in sorted((self.root / step).glob("*/results.json")):
-            d = json.loads(p.read_text())
-            d["_dir"] = p.parent
-            out.append(d)
-        return out
+    def results(self, step: str, **match: Any) -> list[tuple[Job, Result]]:
+        """The step's (job, result) pairs by job name; `match` filters on Job fields (member=..., circuit_of=...)."""
+        return sorted(((j, r) for j, r in self.graph if j.step == step and j.matches(**match)), key=lambda jr: jr[0].name)
 
-    def job(self, step: str, name: str) -> Doc | None:
-        return next((d for d in self.docs(step) if d["_dir"].name == name), None)
+    def of(self, step: str, **match: Any) -> list[Any]:
+        """The step's results (typed), by job name."""
+        return [r for _, r in self.results(step, **match)]
+
+    def result(self, step: str, **match: Any) -> Any:
+        """The first result of a step whose job matches, or None."""
+        found = self.of(step, **match)
+        return found[0] if found else None
 
     def rel(self, path: Path) -> Path:
         return path.relative_to(self.root)
@@ -50,13 +51,13 @@ class ReportContext:
         """'fine-tuned circuit explains F [lo, hi]; three-position ceiling C', for every circuit claim."""
         from etk.report.findings import explains
 
-        text = explains(self.job("faithfulness", "finetuned_circuit-on-finetuned"))
+        text = explains(self.result("faithfulness", circuit_of="finetuned", member="finetuned"))
         return f"fine-tuned {text}" if text else None
 
     def circuit_path(self, member: str) -> Path | None:
         """The member's circuit as the study used it: minimality's, else path patching's candidates."""
         for step in ("minimality", "path_patching"):
-            p = self.root / step / member / "circuit.json"
-            if p.exists():
-                return p
+            res = self.result(step, member=member)
+            if res is not None and (res.dir / "circuit.json").exists():
+                return res.dir / "circuit.json"
         return None

@@ -12,9 +12,10 @@ from etk.artifacts import write_text
 from etk.metrics import fmt
 
 
-def with_ci(d: dict[str, Any], key: str = "accuracy") -> str:
-    """'value [ci_low, ci_high]' of a result with a 95% interval (`n/a` where undefined)."""
-    return f"{fmt(d[key])} [{fmt(d['ci_low'])}, {fmt(d['ci_high'])}]"
+def with_ci(d: Any, key: str = "accuracy") -> str:
+    """'value [ci_low, ci_high]' of a record or typed result with a 95% interval (`n/a` where undefined)."""
+    get = (lambda k: d.get(k)) if isinstance(d, dict) else (lambda k: getattr(d, k, None))  # noqa: E731
+    return f"{fmt(get(key))} [{fmt(get('ci_low'))}, {fmt(get('ci_high'))}]"
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -33,13 +34,12 @@ def write_table(out_dir: Path, name: str, header: list[str], rows: list[list[str
     return md
 
 
-def find_results(roots: list[Path], schema: str) -> list[dict[str, Any]]:
-    """Every results.json below the roots with this schema (each with `_path` = its folder)."""
-    docs = []
+def find_results(roots: list[Path], result: type) -> list[Any]:
+    """Every run below the roots whose results.json has this result type's schema, loaded as that type (each with
+    `.dir`)."""
+    found = []
     for root in roots:
         for p in sorted(Path(root).rglob("results.json")):
-            doc = json.loads(p.read_text())
-            if doc.get("schema") == schema:
-                doc["_path"] = str(p.parent)
-                docs.append(doc)
-    return docs
+            if json.loads(p.read_text()).get("schema") == result.schema:
+                found.append(result.load(p))
+    return found

@@ -3,43 +3,42 @@ model, and which functionalities changed."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from etk.circuits import SHORT
+from etk.data.roles import SHORT
 from etk.report.context import ReportContext, Section
-from etk.report.findings import DES_SHORT, Doc, above
+from etk.report.findings import DES_SHORT, above
 from etk.report.tables import markdown, with_ci
+from etk.results import ActivationPatchingResult, DCMResult, Job
 
 
-def activation_findings(ap: list[Doc], base: str) -> list[str]:
+def activation_findings(ap: list[tuple[Job, ActivationPatchingResult]], base: str) -> list[str]:
     """The fine-tuned circuit's DCM heads patched inside the base model: same heads, same information?"""
-    rows = [d for d in ap if d["model"] == base and Path(d.get("_dir", "finetuned-")).name.startswith("finetuned-")]
+    rows = [d for j, d in ap if d.model == base and j.circuit_of == "finetuned"]
     if not rows:
         return []
     parts = []
     for d in rows:
-        s = d["accuracy_percent"]
-        parts.append(f"{SHORT.get(d['group'], d['group'])} {DES_SHORT.get(d['desideratum'], d['desideratum'])} "
+        s = d.accuracy_percent
+        parts.append(f"{SHORT.get(d.group, d.group)} {DES_SHORT.get(d.desideratum, d.desideratum)} "
                      f"{s['selected_heads']['mean']:.0f}% (random {s['random_heads']['mean']:.0f}%, floor "
                      f"{s['unpatched_floor']['mean']:.0f}%)")
     return [f"**Same heads, same information.** The fine-tuned model's DCM heads patched inside `{base}`: " + "; ".join(parts) + "."]
 
 
-def functionality_findings(dc: list[Doc], ap: list[Doc], base: str) -> list[str]:
+def functionality_findings(dc: list[DCMResult], ap: list[ActivationPatchingResult], base: str) -> list[str]:
     """Which functionalities changed: each fine-tuned DCM head set's test accuracy in the fine-tuned model against
     the same heads patched (same desideratum) inside the base model; judged on the two 95% intervals."""
     rows = []
     for d in dc:
-        if not d.get("n_selected"):
+        if not d.n_selected:
             continue
-        match = next((a for a in ap if a["model"] == base and a["group"] == d["group"]
-                      and a["desideratum"] == d["desideratum"] and a["heads"] == d["selected_heads"]), None)
-        if not match or "pooled" not in match["accuracy_percent"]["selected_heads"]:
+        match = next((a for a in ap if a.model == base and a.group == d.group
+                      and a.desideratum == d.desideratum and a.heads == d.selected_heads), None)
+        if not match or "pooled" not in match.accuracy_percent["selected_heads"]:
             continue
-        ft_acc, base_acc = d["test"], match["accuracy_percent"]["selected_heads"]["pooled"]
+        ft_acc, base_acc = d.test, match.accuracy_percent["selected_heads"]["pooled"]
         verdict = ("stronger after fine-tuning" if above(ft_acc, base_acc) else
                    "weaker after fine-tuning" if above(base_acc, ft_acc) else "unchanged")
-        rows.append(f"{SHORT.get(d['group'], d['group'])} {DES_SHORT.get(d['desideratum'], d['desideratum'])} "
+        rows.append(f"{SHORT.get(d.group, d.group)} {DES_SHORT.get(d.desideratum, d.desideratum)} "
                     f"{with_ci(ft_acc)} vs {with_ci(base_acc)} in `{base}`: {verdict}")
     if not rows:
         return []
@@ -48,16 +47,17 @@ def functionality_findings(dc: list[Doc], ap: list[Doc], base: str) -> list[str]
 
 
 def section(ctx: ReportContext) -> Section | None:
-    ap, dc = ctx.docs("activation_patching"), ctx.docs("dcm")
+    ap, dc = ctx.results("activation_patching"), ctx.of("dcm")
     if dc and not ap:
         return Section("Activation patching of the DCM heads",
                        ["No DCM run selected any head, so there is nothing to patch (see the DCM section).", ""])
     if not ap:
         return None
     rows = []
-    for d in ap:
-        s = d["accuracy_percent"]
-        rows.append([d["_dir"].name.split("-in-")[0], d["model"],
+    for j, d in ap:
+        s = d.accuracy_percent
+        dcm_job = j.reads[0][1] if j.reads else f"{d.group}-{d.desideratum}"
+        rows.append([dcm_job, d.model,
                      f"{s['selected_heads']['mean']:.1f} ± {s['selected_heads']['sd']:.1f}",
                      f"{s['random_heads']['mean']:.1f} ± {s['random_heads']['sd']:.1f}",
                      f"{s['unpatched_floor']['mean']:.1f} ± {s['unpatched_floor']['sd']:.1f}"])
@@ -65,4 +65,4 @@ def section(ctx: ReportContext) -> Section | None:
              "the same information there? A random head set of the same size and the unpatched model give the floors.",
              "", markdown(["DCM heads", "patched in", "selected heads %", "random heads %", "unpatched floor %"], rows)]
     return Section("Activation patching of the DCM heads (mean ± sd over resampled sources)", lines,
-                   activation_findings(ap, ctx.base) + functionality_findings(dc, ap, ctx.base))
+                   activation_findings(ap, ctx.base) + functionality_findings(dc, [d for _, d in ap], ctx.base))

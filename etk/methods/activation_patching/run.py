@@ -4,42 +4,44 @@ sources), against the unpatched floor and a random head set of the same size."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from etk.artifacts import read_json
-from etk.circuits import key_role
+from etk.circuits import load_dcm_selection
+from etk.data.roles import key_role
 from etk.data.datasets import task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader
 from etk.errors import ConfigError
-from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
 from etk.methods.activation_patching.module import ActivationPatchingModule
 from etk.metrics import accuracy_ci
-from etk.models.arch import LlamaFamily
-from etk.runners.common import run_logger, data_config, emit, plain_config, trainer_kwargs
+from etk.models.loading import load
+from etk.runtime import run_logger, data_config, emit, plain_config, trainer_kwargs
+from etk.results import ActivationPatchingResult
 
 
 def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     if not m.get("heads"):
         raise ConfigError("method=activation_patching needs method.heads=<DCM results.json or selected_heads.json>")
-    doc = read_json(Path(m.heads))
-    group = doc["group"]
-    desideratum = m.get("desideratum") or doc["desideratum"]
-    heads = [HeadId(*h) for h in doc.get("selected_heads", doc.get("heads", []))]
+    selection = load_dcm_selection(m.heads)
+    group = selection.group
+    desideratum = m.get("desideratum") or selection.desideratum
+    if group is None or desideratum is None:
+        raise ConfigError(f"method.heads={m.heads}: the selection does not say its group and desideratum; give a DCM "
+                          "run's results.json or selected_heads.json (and method.desideratum=<name>)")
+    heads = selection.heads
     L.seed_everything(cfg.seed, verbose=False)
-    module = ActivationPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), float(m.get("cache_mb", 512)))
-    module.configure_model()
-    dims = LlamaFamily.of(module.net).dims
+    model = load(cfg.model)
+    dims = model.arch.dims
     selected = HeadSet.from_circuit({group: heads}).check(dims)
     rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
     rand = rand_set.heads(key_role(group))
-    module.head_sets = {"selected": selected, "random": rand_set}
+    module = ActivationPatchingModule(model.cfg, {"selected": selected, "random": rand_set},
+                                      float(m.get("cache_mb", 512)), model)
     data_cfg = data_config(cfg, m.n_examples)
     bases = task_examples(data_cfg, module.tokenizer)
     with run_logger(cfg) as logger:
@@ -62,20 +64,4 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
         payload = {"model": cfg.model.name, "group": group, "desideratum": desideratum, "heads": [list(h) for h in heads],
                    "random_heads": [list(h) for h in rand], "repeats": int(m.repeats), "n": len(bases),
                    "accuracy_percent": summary, "config": plain_config(cfg)}
-        return emit(payload, "etk.activation_patching/v1", logger, {f"ap/{n}": v["mean"] for n, v in summary.items()})
-
-
-def study_jobs(study):
-    """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members."""
-    from etk.methods.study.run import Job
-
-    wanted = set(study.plan.ap_desiderata or study.plan.dcm_desiderata)
-    for run in study.docs("dcm"):
-        if run.parent.name.rsplit("-", 1)[-1] not in wanted:
-            continue
-        if not read_json(run).get("selected_heads"):
-            study.note(f"activation_patching/{run.parent.name}: DCM selected no heads, nothing to patch")
-            continue
-        for m in study.plan.ap_members:
-            yield Job(f"{run.parent.name}-in-{m}", [f"model={m}", f"method.heads={run}",
-                                                    *study.sizes("activation_patching")])
+        return emit(ActivationPatchingResult.from_payload(payload), logger)

@@ -1,8 +1,6 @@
-"""CMAP (cross-model activation patching, SPEC §6) and activation patching of head sets, as predict loops.
-
-Both run the target model on the base prompts and replace chosen heads' z at their groups' roles by the z of a
-source run: for CMAP the source is the other model on the SAME prompt; for activation patching it is the same
-model on the pair's source prompt. Only the needed positions of the source run are kept."""
+"""CMAP (cross-model activation patching, SPEC §6) as a predict loop: the target model runs the prompts with
+chosen heads' z at their groups' roles replaced by the source model's z on the SAME prompt (only the needed
+positions of the source run are kept)."""
 
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ import torch
 from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
-from etk.methods.circuit_eval.module import AblationAccuracy, answer_logp
+from etk.methods.mean_ablation.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
 from etk.models.prefix import earliest, patched_last_logits, row_logits, unpatched_rows
@@ -26,13 +24,12 @@ class CMAPModule(PairHost):
     """Two frozen models; per batch, the target model alone and with each head set patched from the source model.
     A LoRA pair runs on one copy of the base weights, toggling the adapter (see `load_pair`)."""
 
-    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], direction: str = "forward",
-                 toggle_adapter: bool = True):
-        super().__init__(base_cfg, finetuned_cfg, toggle_adapter)
+    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], head_sets: HeadSets,
+                 direction: str = "forward", toggle_adapter: bool = True, pair=None):
+        super().__init__(base_cfg, finetuned_cfg, toggle_adapter, pair)
         if direction not in ("forward", "reverse"):
             raise ConfigError(f"direction must be 'forward' (fine-tuned -> base) or 'reverse', got {direction!r}")
-        self.save_hyperparameters()
-        self.head_sets: HeadSets = {}
+        self.head_sets: HeadSets = dict(head_sets)  # configuration name -> head set (patched rows, in order)
         self.acc = AblationAccuracy()
 
     @property

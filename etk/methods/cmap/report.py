@@ -3,26 +3,27 @@ each group's heads carry, with paired-bootstrap intervals)."""
 
 from __future__ import annotations
 
-from etk.circuits import GROUPS, SHORT
+from etk.data.roles import GROUPS, SHORT
 from etk.report.context import ReportContext, Section
-from etk.report.findings import Doc, differ, share_text
+from etk.report.findings import differ, share_text
+from etk.results import CMAPResult
 
 
-def cmap_findings(cm: list[Doc], qualifier: str | None = None) -> list[str]:
+def cmap_findings(cm: list[CMAPResult], qualifier: str | None = None) -> list[str]:
     """Forward CMAP: the share of the fine-tuned model's gain that each group's heads carry into the base model (with
     paired-bootstrap intervals); reverse: how much of the gain the base model's heads take away."""
     out = []
     tail = f" ({qualifier})" if qualifier else ""
     for d in cm:
-        r = d["results"]
+        r = d.results
         src, tgt = r["source_alone"], r["target_alone"]
         groups = {g: r[g] for g in [*GROUPS, "all"] if g in r}
         if not groups:
             continue
-        if d["direction"] == "forward":
+        if d.direction == "forward":
             if not differ(src, tgt):
                 moved = [SHORT.get(g, g) for g, v in groups.items() if differ(v, tgt)]
-                out.append(f"**CMAP.** `{d['source_model']}` and `{d['target_model']}` are equally accurate "
+                out.append(f"**CMAP.** `{d.source_model}` and `{d.target_model}` are equally accurate "
                            f"({src['accuracy']:.3f} vs {tgt['accuracy']:.3f}): there is no gain to locate. Patching the "
                            "fine-tuned heads into the base model " + (f"changes accuracy significantly for {', '.join(moved)}"
                            if moved else "leaves accuracy unchanged for every group: the two models' head outputs are "
@@ -48,19 +49,19 @@ def cmap_findings(cm: list[Doc], qualifier: str | None = None) -> list[str]:
                        f"group: {parts}.{verdict}{tail}")
         else:
             drops = {g: v for g, v in groups.items() if differ(v, tgt)}
-            shares = ", ".join(f"{SHORT.get(g, g)} {v['accuracy']:.3f} ({share_text(v)} of the way to `{d['source_model']}`)"
+            shares = ", ".join(f"{SHORT.get(g, g)} {v['accuracy']:.3f} ({share_text(v)} of the way to `{d.source_model}`)"
                                for g, v in drops.items())
-            out.append(f"**Reverse CMAP.** Giving `{d['target_model']}` ({tgt['accuracy']:.3f}) the base model's head "
+            out.append(f"**Reverse CMAP.** Giving `{d.target_model}` ({tgt['accuracy']:.3f}) the base model's head "
                        f"outputs: " + (shares if drops else "no group changes it significantly") + ".")
     return out
 
 
 def section(ctx: ReportContext) -> Section | None:
-    cm = ctx.docs("cmap")
+    cm = ctx.of("cmap")
     if not cm:
         return None
     lines = []
     for d in cm:
-        lines += [f"**{d['direction']}**: heads of the fine-tuned circuit patched from `{d['source_model']}` into "
-                  f"`{d['target_model']}`.", "", (d["_dir"] / "cmap_table.md").read_text()]
+        lines += [f"**{d.direction}**: heads of the fine-tuned circuit patched from `{d.source_model}` into "
+                  f"`{d.target_model}`.", "", (d.dir / "cmap_table.md").read_text()]
     return Section("Cross-model activation patching", lines, cmap_findings(cm, ctx.qualifier()))

@@ -7,16 +7,19 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import read_json, write_text
-from etk.circuits import GROUPS, SHORT, circuit_label, load_dcm_heads
+from etk.artifacts import write_text
+from etk.circuits import circuit_label, load_dcm_selection
+from etk.data.roles import GROUPS, MEMBERS, SHORT
+from etk.models.pair import load_pair
 from etk.data.datasets import prompt_loader, task_examples
 from etk.interventions.heads import HeadSet
 from etk.methods.cmap.module import CMAPModule
 from etk.metrics import accuracy_ci, share_of_gap
 from etk.models.arch import LlamaFamily
 from etk.report.tables import markdown, with_ci
-from etk.runners.common import (run_logger, data_config, emit, output_dir, plain_config,
+from etk.runtime import (run_logger, data_config, emit, output_dir, plain_config,
                                 require_circuit, trainer_kwargs)
+from etk.results import CMAPResult
 
 
 def cmap_circuit(cfg: DictConfig):
@@ -32,11 +35,11 @@ def cmap_head_sets(cfg: DictConfig, circuit) -> tuple[dict[str, list], dict[str,
     EMPTY selection also keeps them, and the results say so."""
     groups = {g: list(hs) for g, hs in circuit.groups.items()}
     sources = {g: "circuit" for g in groups}
-    selections = {read_json(p)["group"]: p for p in (cfg.method.get("dcm_runs") or [])}
+    selections = {load_dcm_selection(p).group: p for p in (cfg.method.get("dcm_runs") or [])}
     if not selections:
         selections = {g: f for g, f in (cfg.pair.finetuned.get("cmap_heads") or {}).items() if f}
     for group, path in selections.items():
-        heads, _ = load_dcm_heads(path)
+        heads = load_dcm_selection(path).heads
         if heads:
             groups[group], sources[group] = heads, f"DCM selection {path}"
         else:
@@ -50,16 +53,15 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     spec, circuit = cmap_circuit(cfg)
     groups, sources = cmap_head_sets(cfg, circuit)
-    module = CMAPModule(OmegaConf.to_container(cfg.pair.base, resolve=True),
-                        OmegaConf.to_container(cfg.pair.finetuned, resolve=True), m.direction,
-                        bool(m.get("toggle_adapter", True)))
-    module.configure_model()
-    dims = LlamaFamily.of(module.base_net).dims
+    base_cfg, ft_cfg = (OmegaConf.to_container(cfg.pair[k], resolve=True) for k in MEMBERS)
+    toggle = bool(m.get("toggle_adapter", True))
+    pair = load_pair(base_cfg, ft_cfg, toggle)
+    dims = LlamaFamily.of(pair.base).dims
     sets = {}
     for name in m.groups:
         chosen = {g: groups.get(g, []) for g in GROUPS} if name == "all" else {name: groups.get(name, [])}
         sets[name] = HeadSet.from_circuit(chosen).check(dims)
-    module.head_sets = sets
+    module = CMAPModule(base_cfg, ft_cfg, sets, m.direction, toggle, pair)
     data_cfg = data_config(cfg, m.n_examples)
     examples = task_examples(data_cfg, module.tokenizer)
     module.pair.check([e.render().text for e in examples[:50]])
@@ -87,18 +89,4 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
                    "head_sources": sources,
                    "adapter_toggled": module.pair.toggled,
                    "circuit": circuit_label(spec, circuit), "results": rows, "config": plain_config(cfg)}
-        return emit(payload, "etk.cmap/v1", logger, {f"cmap/{k}": v["accuracy"] for k, v in rows.items()})
-
-
-def study_jobs(study):
-    """The fine-tuned circuit patched across the pair in each direction, with the paper's head choice: DCM
-    selections for VF (object value), PT and PD (positional), all SR heads."""
-    from etk.methods.study.run import Job
-    from etk.runners.common import hydra_value
-
-    chosen = [str(p) for p in study.docs("dcm")
-              if p.parent.name in ("finetuned-value_fetcher-object", "finetuned-pos_transmitter-position",
-                                   "finetuned-pos_detector-position")]
-    for direction in study.plan.cmap_directions:
-        yield Job(direction, [f"circuit.path={study.circuit_path('finetuned')}", f"method.direction={direction}",
-                              f"method.dcm_runs={hydra_value(chosen)}", *study.sizes("cmap")])
+        return emit(CMAPResult.from_payload(payload), logger)

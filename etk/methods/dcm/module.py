@@ -23,9 +23,8 @@ from etk.models.prefix import RowCache, patched_last_logits, row_logits, stack, 
 
 class DCMModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
-                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512):
-        super().__init__(model_cfg)
-        self.save_hyperparameters()
+                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model=None):
+        super().__init__(model_cfg, model)
         if group not in GROUPS and group not in ROLE_ID:
             raise ConfigError(f"unknown group {group!r}; groups are {list(GROUPS)} (or a position role of a "
                              "position-aware circuit)")

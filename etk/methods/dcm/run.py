@@ -8,17 +8,18 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor, write_json
 from etk.circuits import circuit_label
 from etk.data.datasets import task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
 from etk.methods.dcm.module import DCMModule
+from etk.models.loading import load
 from etk.report.plots import mask_plot
-from etk.runners.common import data_config, emit, run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.runtime import data_config, emit, run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
+from etk.results import DCMResult
 
-SCHEMA = "etk.dcm/v1"
 
 
 def dcm_loaders(cfg: DictConfig, tokenizer):
@@ -42,9 +43,9 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
     spec, circuit = require_circuit(cfg)
     heads = [list(h) for h in circuit.groups.get(cfg.group, [])]
     d = cfg.dcm
-    module = DCMModule(OmegaConf.to_container(cfg.model, resolve=True), cfg.group, heads, d.parametrisation,
-                       float(d.lam), float(d.lr), d.objective, float(d.get("cache_mb", 512)))
-    module.configure_model()
+    model = load(cfg.model)
+    module = DCMModule(model.cfg, cfg.group, heads, d.parametrisation, float(d.lam), float(d.lr), d.objective,
+                       float(d.get("cache_mb", 512)), model)
     train, val, test = dcm_loaders(cfg, module.tokenizer)
     with run_logger(cfg) as logger:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/select", mode="max", save_top_k=1,
@@ -76,30 +77,8 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
             "train_seconds": round(train_s, 1), "checkpoint_bytes": (out / "checkpoints" / "best.ckpt").stat().st_size,
             "config": plain_config(cfg),
         }
-        emit(payload, SCHEMA)
+        result = emit(DCMResult.from_payload(payload), logger)
         print(f"[etk] DCM {cfg.model.name} {cfg.group}/{cfg.desideratum.name}: {len(selected)}/{len(heads)} heads, "
               f"test accuracy {acc['accuracy']:.3f} (95% CI {acc['ci_low']:.3f}-{acc['ci_high']:.3f}; "
               f"unpatched floor {floor['accuracy']:.3f}), {train_s:.0f} s")
-        if logger is not None:
-            logger.log_metrics({"test/accuracy": acc["accuracy"], "test/floor": floor["accuracy"], "n_selected": len(selected)})
-            if hasattr(logger, "log_table"):
-                logger.log_table(key="dcm/mask", columns=["layer", "head", "mask", "selected"],
-                                 data=[[h[0], h[1], float(v), h in selected] for h, v in zip(heads, values.tolist())])
-            if hasattr(logger, "log_image"):
-                logger.log_image(key="dcm/mask_plot", images=[str(out / "mask.png")])
-        return payload
-
-
-def study_jobs(study):
-    """A mask per (member in plan.dcm_members, group with heads in its circuit, desideratum)."""
-    from etk.circuits import load_circuit
-    from etk.methods.study.run import Job
-
-    for owner in study.plan.dcm_members:
-        circuit = load_circuit(study.circuit_path(owner))
-        for group in study.plan.dcm_groups:
-            if not circuit.groups.get(group):
-                continue
-            for d in study.plan.dcm_desiderata:
-                yield Job(f"{owner}-{group}-{d}", [f"model={owner}", f"circuit.path={study.circuit_path(owner)}",
-                                                   f"group={group}", f"desideratum={d}", *study.sizes("dcm", "dcm")])
+        return result

@@ -13,8 +13,8 @@ from etk.models.forward import assert_eval, last_logits
 
 
 class AccuracyModule(ModelHost):
-    def __init__(self, model_cfg: dict[str, Any]):
-        super().__init__(model_cfg)
+    def __init__(self, model_cfg: dict[str, Any], model=None):
+        super().__init__(model_cfg, model)
         self.acc = TaskAccuracy()
 
     def on_predict_epoch_start(self) -> None:

@@ -2,38 +2,43 @@
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
 
 from etk.report.context import ReportContext, Section
-from etk.report.findings import Doc, differ
-from etk.report.tables import markdown, with_ci
+from etk.report.findings import differ
+from etk.report.tables import markdown, with_ci, write_table
+from etk.results import EvalResult
 
 
-def accuracy_table(docs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+def accuracy_table(results: list[EvalResult]) -> tuple[list[str], list[list[str]]]:
     """Rows = models, columns = box counts; cells 'acc [lo, hi]'."""
-    counts = sorted({r["n_boxes"] for d in docs for r in d.get("by_n_boxes", [d])})
+    counts = sorted({r["n_boxes"] for d in results for r in d.by_n_boxes})
     header = ["model"] + [f"{n} boxes" for n in counts]
     rows = []
-    for d in docs:
-        by = {r["n_boxes"]: r for r in d.get("by_n_boxes", [d])}
-        rows.append([d["model"]] + [
-            with_ci(by[n]) if n in by else "" for n in counts
-        ])
+    for d in results:
+        by = {r["n_boxes"]: r for r in d.by_n_boxes}
+        rows.append([d.model] + [with_ci(by[n]) if n in by else "" for n in counts])
     return header, rows
 
 
-def accuracy_finding(acc: dict[str, Doc], base: str, ft: str, n_boxes: int) -> str | None:
-    if base not in acc or ft not in acc:
+def accuracy_finding(a: EvalResult | None, b: EvalResult | None, n_boxes: int) -> str | None:
+    if a is None or b is None:
         return None
-    a, b = acc[base], acc[ft]
-    verdict = (f"a significant change of {b['accuracy'] - a['accuracy']:+.3f}" if differ(a, b)
+    verdict = (f"a significant change of {b.accuracy - a.accuracy:+.3f}" if differ(a, b)
                else "no significant change: the intervals overlap")
-    return f"**Accuracy.** Fine-tuning takes {n_boxes}-box accuracy from {with_ci(a)} (`{base}`) to {with_ci(b)} (`{ft}`), {verdict}."
+    return (f"**Accuracy.** Fine-tuning takes {n_boxes}-box accuracy from {with_ci(a)} (`{a.model}`) to {with_ci(b)} "
+            f"(`{b.model}`), {verdict}.")
 
 
 def section(ctx: ReportContext) -> Section | None:
-    acc = ctx.docs("eval")
+    acc = ctx.of("eval")
     if not acc:
         return None
-    finding = accuracy_finding({d["model"]: d for d in acc}, ctx.base, ctx.ft, ctx.cfg.data.n_boxes)
+    finding = accuracy_finding(ctx.result("eval", member="base"), ctx.result("eval", member="finetuned"),
+                               ctx.cfg.data.n_boxes)
     return Section("Task accuracy (95% Wilson CI)", [markdown(*accuracy_table(acc))], [finding] if finding else [])
+
+
+def collect(results: list[EvalResult], out_dir: Path) -> str:
+    """The multirun's accuracy table (models x box counts)."""
+    return write_table(out_dir, "accuracy_table", *accuracy_table(results))

@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.eval.module import AccuracyModule
-from etk.runners.common import emit, run_logger, data_config, plain_config, trainer_kwargs
+from etk.models.loading import load
+from etk.runtime import emit, run_logger, data_config, plain_config, trainer_kwargs
+from etk.results import EvalResult
 
-SCHEMA = "etk.eval/v1"
 
 
 def evaluate(module: AccuracyModule, data_cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:
@@ -42,8 +43,8 @@ def evaluate_box_counts(module: AccuracyModule, data_cfg: DictConfig, counts: li
 
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
-    module = AccuracyModule(OmegaConf.to_container(cfg.model, resolve=True))
-    module.configure_model()
+    model = load(cfg.model)
+    module = AccuracyModule(model.cfg, model)
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         counts = list(cfg.method.get("box_counts") or [cfg.data.n_boxes])
@@ -52,9 +53,4 @@ def run_eval(cfg: DictConfig) -> dict[str, Any]:
         rows = evaluate_box_counts(module, data, counts, trainer, cfg.model.name, logger)
         main = rows[-1] if len(rows) == 1 else next((r for r in rows if r["n_boxes"] == cfg.data.n_boxes), rows[-1])
         payload = {"model": cfg.model.name, **main, "by_n_boxes": rows, "config": plain_config(cfg)}
-        return emit(payload, SCHEMA)
-
-
-def study_jobs(study):
-    """Accuracy of both members."""
-    return study.per_member("eval")
+        return emit(EvalResult.from_payload(payload), logger)

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from etk.data.finetune_data import TextItem
-from etk.models.loading import load_model
+from etk.models.loading import LoadedModel, load_model
 
 IGNORE = -100
 
@@ -41,17 +41,12 @@ def collate_lm(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
 
 
 class FineTuneModule(L.LightningModule):
-    def __init__(self, model_cfg: dict[str, Any], lora: dict[str, Any], optim: dict[str, Any], max_steps: int):
+    def __init__(self, model_cfg: dict[str, Any], lora: dict[str, Any], optim: dict[str, Any], max_steps: int,
+                 model: LoadedModel | None = None):
+        """`model`: a fresh (not shared) copy of the weights to train; loaded from `model_cfg` when not given."""
         super().__init__()
-        self.save_hyperparameters()
-        self.net = None
-        self.tokenizer = None
-
-    def configure_model(self) -> None:
-        if self.net is not None:
-            return
-        net, self.tokenizer = load_model(OmegaConf.create(self.hparams.model_cfg))
-        lora = self.hparams.lora
+        self.save_hyperparameters(ignore=["model"])
+        net, self.tokenizer = (model.net, model.tokenizer) if model is not None else load_model(OmegaConf.create(model_cfg))
         if lora.get("enabled", True):
             from peft import LoraConfig, get_peft_model
 

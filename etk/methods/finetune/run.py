@@ -24,10 +24,10 @@ from etk.errors import ConfigError
 from etk.methods.eval.module import AccuracyModule
 from etk.methods.eval.run import evaluate_box_counts
 from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
-from etk.models.loading import resolve_path
-from etk.runners.common import emit, run_logger, output_dir, plain_config, trainer_kwargs
+from etk.models.loading import LoadedModel, load_model, resolve_path
+from etk.runtime import emit, run_logger, output_dir, plain_config, trainer_kwargs
+from etk.results import FinetuneResult
 
-SCHEMA = "etk.finetune/v1"
 
 
 def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:
@@ -44,8 +44,7 @@ def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:
 
 def evaluate_model(module: FineTuneModule, cfg: DictConfig, logger) -> list[dict[str, Any]]:
     """Accuracy of the merged fine-tuned model on the standard evaluation set, per box count."""
-    acc = AccuracyModule(module.hparams.model_cfg)
-    acc.net, acc.tokenizer = module.merged(), module.tokenizer
+    acc = AccuracyModule(module.hparams.model_cfg, LoadedModel(module.merged(), module.tokenizer, module.hparams.model_cfg))
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
     return evaluate_box_counts(acc, cfg.data, list(cfg.eval.box_counts), trainer,
                                f"fine-tuned {cfg.model.name}+{cfg.finetune_data.kind}", logger)
@@ -69,9 +68,9 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     out = output_dir()
     steps, bs = int(cfg.train.steps), int(cfg.train.batch_size)
-    module = FineTuneModule(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.lora),
-                            OmegaConf.to_container(cfg.optim), steps)
-    module.configure_model()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    module = FineTuneModule(model_cfg, OmegaConf.to_container(cfg.lora), OmegaConf.to_container(cfg.optim), steps,
+                            LoadedModel(*load_model(cfg.model), model_cfg))  # a fresh copy: its weights are trained
     items = encode_items(module.tokenizer, training_items(cfg, module.tokenizer, steps * bs))
     loader = DataLoader(EncodedDataset(items), batch_size=bs, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed),
@@ -98,9 +97,9 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
             "eval": rows,
             "command": "python finetune.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         }
-        emit({**card, "config": plain_config(cfg)}, SCHEMA)
+        result = emit(FinetuneResult.from_payload({**card, "config": plain_config(cfg)}), logger)
         if cfg.export and cfg.lora.enabled:
             export_adapter(adapter_dir, resolve_path(str(cfg.export)), card)
             print(f"[etk] adapter exported to {cfg.export}")
         print(f"[etk] trained {steps} steps in {train_s:.0f} s")
-        return card
+        return result

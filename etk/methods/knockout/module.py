@@ -12,8 +12,8 @@ from etk.errors import ConfigError
 from etk.interventions.knockout import (RANDOM, config_rows, edge_positions, knockout, parse_edge,
                                         random_context_positions)
 from etk.methods.base import ModelHost
-from etk.methods.circuit_eval.ablation import repeat_batch
-from etk.methods.circuit_eval.module import AblationAccuracy
+from etk.methods.mean_ablation.ablation import repeat_batch
+from etk.methods.mean_ablation.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
 from etk.models.partial import LayerInputs, forward_from_layer
@@ -26,8 +26,8 @@ class KnockoutModule(ModelHost):
     `self.acc.per_example()` is [K, N] correctness in the order of `self.configs()`."""
 
     def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
-                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1):
-        super().__init__(model_cfg)
+                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model=None):
+        super().__init__(model_cfg, model)
         self.every = max(1, int(start_layers_every))
         for e in edges:
             parse_edge(e)

@@ -7,15 +7,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.knockout.module import KnockoutModule
+from etk.models.loading import load
 from etk.metrics import accuracy_ci
 from etk.report.plots import line_plot
-from etk.runners.common import emit, run_logger, data_config, output_dir, plain_config, trainer_kwargs
+from etk.runtime import emit, run_logger, data_config, output_dir, plain_config, trainer_kwargs
+from etk.results import KnockoutResult
 
-SCHEMA = "etk.knockout/v1"
 PLOT = "knockout.png"
 
 
@@ -35,10 +36,9 @@ def knockout_curves(module: KnockoutModule, correct: torch.Tensor) -> tuple[dict
 def run_knockout(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     m = cfg.method
-    module = KnockoutModule(OmegaConf.to_container(cfg.model, resolve=True), list(m.edges),
-                            None if m.get("start_layers") is None else list(m.start_layers),
-                            int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)))
-    module.configure_model()
+    model = load(cfg.model)
+    module = KnockoutModule(model.cfg, list(m.edges), None if m.get("start_layers") is None else list(m.start_layers),
+                            int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)), model)
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         data_cfg = data_config(cfg, m.n_examples)
@@ -61,9 +61,4 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
                 logger.log_metrics({f"knockout/{e}": c["accuracy"][i] for e, c in curves.items()}, step=s)
         payload = {"model": cfg.model.name, "n": baseline["n"], "n_layers": module.n_layers, "baseline": baseline,
                    "edges": curves, "plot": PLOT, "forwards": module.forwards, "config": plain_config(cfg)}
-        return emit(payload, SCHEMA)
-
-
-def study_jobs(study):
-    """Knockout curves of both members."""
-    return study.per_member("knockout")
+        return emit(KnockoutResult.from_payload(payload), logger)

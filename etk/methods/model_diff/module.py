@@ -85,9 +85,9 @@ def lens_kl(model, run: dict[str, torch.Tensor], batch: PromptBatch) -> torch.Te
 class ModelDiffModule(PairHost):
     """Both members on the same prompts; per batch, the sums behind every per-(role, layer, head) delta."""
 
-    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle_adapter: bool = True):
-        super().__init__(base_cfg, finetuned_cfg, toggle_adapter)
-        self.save_hyperparameters()
+    def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle_adapter: bool = True,
+                 pair=None):
+        super().__init__(base_cfg, finetuned_cfg, toggle_adapter, pair)
         self.totals: dict[str, torch.Tensor] = {}
 
     def on_predict_epoch_start(self) -> None:

@@ -3,10 +3,10 @@ carry (CMAP), the most-changed heads against the circuit, and the logit lens / t
 
 from __future__ import annotations
 
-from etk.circuits import SHORT
+from etk.data.roles import SHORT
 from etk.report.context import ReportContext, Section
-from etk.report.findings import Doc
 from etk.report.tables import markdown
+from etk.results import ModelDiffResult
 
 
 def _share(r: dict) -> str:
@@ -16,11 +16,11 @@ def _share(r: dict) -> str:
     return f"{100 * s['share']:.0f}% [{100 * s['ci_low']:.0f}, {100 * s['ci_high']:.0f}]"
 
 
-def diff_findings(d: Doc) -> list[str]:
+def diff_findings(d: ModelDiffResult) -> list[str]:
     """One sentence: do the heads that changed most carry the gain?"""
-    rows, v, top = d.get("by_group") or [], d.get("verdict") or {}, d.get("top_changed") or {}
+    rows, v, top = d.by_group or [], d.verdict or {}, d.top_changed or {}
     if not rows:
-        return [f"**What fine-tuning changed.** Token KL at `last` {d['token_kl']['last']:.4f} (no circuit to rank)."]
+        return [f"**What fine-tuning changed.** Token KL at `last` {d.token_kl['last']:.4f} (no circuit to rank)."]
     changed, gain = v.get("most_changed_group"), v.get("largest_gain_group")
     parts = [f"the group whose heads' outputs changed most at their position is {SHORT[changed]} "
              f"({next(r for r in rows if r['group'] == changed)['activation_percentile']:.0f}th percentile of all heads)"]
@@ -39,7 +39,7 @@ def diff_findings(d: Doc) -> list[str]:
 
 
 def section(ctx: ReportContext) -> Section | None:
-    docs = ctx.docs("model_diff")
+    docs = ctx.of("model_diff")
     if not docs:
         return None
     lines, findings = [], []
@@ -47,18 +47,18 @@ def section(ctx: ReportContext) -> Section | None:
         rows = [[SHORT[r["group"]], str(r["n_heads"]), f"`{r['role']}`",
                  f"{r['weight_delta']:.4f} ({r['weight_percentile']:.0f})",
                  f"{r['activation_delta']:.3f} ({r['activation_percentile']:.0f})",
-                 f"{r['dla_change']:.3f} ({r['dla_percentile']:.0f})", _share(r)] for r in d.get("by_group") or []]
-        lens = d["logit_lens"]["kl_to_final"]
+                 f"{r['dla_change']:.3f} ({r['dla_percentile']:.0f})", _share(r)] for r in d.by_group or []]
+        lens = d.logit_lens["kl_to_final"]
         half = len(lens["base"]["values"]) // 2
-        lines += [f"`{d['base_model']}` → `{d['finetuned_model']}` on {d['n']} prompts"
-                  + (" (LoRA deltas from the adapter)" if d.get("adapter_toggled") else "") + ". Per circuit group: mean "
+        lines += [f"`{d.base_model}` → `{d.finetuned_model}` on {d.n} prompts"
+                  + (" (LoRA deltas from the adapter)" if d.adapter_toggled else "") + ". Per circuit group: mean "
                   "change of its heads (percentile among all heads):", "",
                   markdown(["group", "heads", "position", "weights ‖ΔW‖/‖W‖", "z ‖Δz‖/‖z‖", "|ΔDLA|", "CMAP share of gain"],
                            rows) if rows else "(no circuit)", "",
-                  f"Next-token KL(fine-tuned ‖ base) at `last` {d['token_kl']['last']:.4f}; logit-lens KL to the final "
+                  f"Next-token KL(fine-tuned ‖ base) at `last` {d.token_kl['last']:.4f}; logit-lens KL to the final "
                   f"output at layer {half}: base {lens['base']['values'][half]:.2f}, fine-tuned "
                   f"{lens['finetuned']['values'][half]:.2f}.", ""]
-        lines += [f"![{h}]({ctx.rel(d['_dir'])}/{h})" for h in d.get("heatmaps", []) if "activation_delta_last" in h
+        lines += [f"![{h}]({ctx.rel(d.dir)}/{h})" for h in d.heatmaps if "activation_delta_last" in h
                   or "weight_delta" in h or "dla_diff" in h] + [""]
         findings += diff_findings(d)
     return Section("Model diffing: what changed, beside where the gain is", lines, findings)

@@ -16,15 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from etk.artifacts import read_json
 from etk.circuits import load_circuit
 from etk.metrics import spearman
-from etk.data.roles import GROUP_ROLE, GROUPS, SCALAR_ROLES, SHORT, groups_at
+from etk.data.roles import GROUP_ROLE, GROUPS, MEMBERS, SCALAR_ROLES, SHORT, groups_at
+from etk.models.pair import load_pair
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.model_diff.module import DIFF_ROLES, ModelDiffModule
 from etk.methods.model_diff.weights import weight_deltas
 from etk.models.arch import LlamaFamily
 from etk.report.plots import head_heatmap
-from etk.runners.common import circuit_spec, data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import circuit_spec, data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.results import ModelDiffResult
 
-SCHEMA = "etk.model_diff/v1"
 
 
 def named(values: torch.Tensor, *axes: str) -> dict[str, Any]:
@@ -93,9 +94,9 @@ def top_changed(act_last: torch.Tensor, circuit, k: int) -> dict[str, Any]:
 def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
-    module = ModelDiffModule(OmegaConf.to_container(cfg.pair.base, resolve=True),
-                             OmegaConf.to_container(cfg.pair.finetuned, resolve=True), bool(m.get("toggle_adapter", True)))
-    module.configure_model()
+    base_cfg, ft_cfg = (OmegaConf.to_container(cfg.pair[k], resolve=True) for k in MEMBERS)
+    toggle = bool(m.get("toggle_adapter", True))
+    module = ModelDiffModule(base_cfg, ft_cfg, toggle, load_pair(base_cfg, ft_cfg, toggle))
     examples = task_examples(data_config(cfg, m.n_examples), module.tokenizer)
     module.pair.check([e.render().text for e in examples[:50]])
     spec = circuit_spec(cfg, cfg.pair.finetuned.get("circuit"))  # the fine-tuned circuit, as CMAP patches
@@ -154,13 +155,4 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
         print(f"[etk] model_diff {cfg.pair.name} (n={payload['n']}): token KL at last {payload['token_kl']['last']:.4f}; "
               + "; ".join(f"{SHORT[r['group']]} z change {r['activation_delta']:.3f} (pct {r['activation_percentile']:.0f})"
                           for r in ranking))
-        return emit(payload, SCHEMA, logger, {"model_diff/token_kl_last": payload["token_kl"]["last"]})
-
-
-def study_jobs(study):
-    """The pair diffed on the study's prompts, beside the forward CMAP's shares of the gain."""
-    from etk.methods.study.run import Job
-
-    fwd = [str(p) for p in study.docs("cmap") if p.parent.name == "forward"]
-    extra = [f"method.cmap_run={fwd[0]}"] if fwd else []
-    yield Job("pair", [f"circuit.path={study.circuit_path('finetuned')}", *extra, *study.sizes("model_diff")])
+        return emit(ModelDiffResult.from_payload(payload), logger)

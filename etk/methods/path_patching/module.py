@@ -21,17 +21,16 @@ ALGORITHMS = {"fast": fast_scores, "naive": naive_scores, "attribution": attribu
 
 
 class PathPatchingModule(ModelHost):
-    def __init__(self, model_cfg: dict[str, Any], algorithm: str = "fast", chunk_rows: int = 4096,
-                 suffix_chunk_rows: int = 512):
-        super().__init__(model_cfg)
+    """One stage of path patching (its receivers and senders) scored by one algorithm, as one predict loop; a
+    discovery builds one module per stage and algorithm on the same loaded model."""
+
+    def __init__(self, model_cfg: dict[str, Any], stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
+                 algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model=None):
+        super().__init__(model_cfg, model)
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
-        self.algorithm, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
-        self.stage: Stage | None = None
-
-    def begin_stage(self, stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId], algorithm: str | None = None) -> None:
+        self.current, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
         self.stage, self.receivers, self.senders = stage, receivers, list(senders)
-        self.current = algorithm or self.algorithm
         self.sums: torch.Tensor | None = None
         self.n = 0
         self.cost: Counter = Counter()

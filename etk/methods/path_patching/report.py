@@ -11,24 +11,23 @@ from etk.report.tables import markdown
 
 
 def section(ctx: ReportContext) -> Section | None:
-    pp = ctx.docs("path_patching")
+    pp = ctx.results("path_patching")
     if not pp:
         return None
-    mini = {d["model"]: d for d in ctx.docs("minimality")}
     lines = ["The paper's construction (SPEC §2.5, §3.4): each group's top candidates by path-patching score (PT "
              "candidates removed from VF), pruned by minimality's significance rule; the pruned circuit is what the "
              "later sections use.", ""]
     rows = []
-    for d in pp:
-        md = mini.get(d["model"])
-        sizes = "/".join(str(len(d["circuit"].get(g, []))) for g in GROUPS)
-        pruned = ("/".join(str(md["groups"].get(g, {}).get("kept", 0)) for g in GROUPS)
-                  + f" ({md['mode']}, threshold {md['threshold']})") if md else "not pruned"
-        rows.append([d["model"]] + [", ".join(f"({a},{b})" for a, b in d["circuit"].get(g, [])[:6]) for g in GROUPS]
+    for j, d in pp:
+        md = ctx.result("minimality", member=j.member)
+        sizes = "/".join(str(len(d.circuit.get(g, []))) for g in GROUPS)
+        pruned = ("/".join(str(md.groups.get(g, {}).get("kept", 0)) for g in GROUPS)
+                  + f" ({md.mode}, threshold {md.threshold})") if md else "not pruned"
+        rows.append([d.model] + [", ".join(f"({a},{b})" for a, b in d.circuit.get(g, [])[:6]) for g in GROUPS]
                     + [f"{sizes} → {pruned}"])
     lines += [markdown(["model"] + [f"{SHORT[g]} (top heads)" for g in GROUPS] + ["candidates → pruned"], rows)]
-    for d in pp:
-        lines += [f"`{d['model']}`: " + " ".join(f"![{g}]({ctx.rel(d['_dir'])}/heatmaps/{g}.png)" for g in GROUPS), ""]
+    for _, d in pp:
+        lines += [f"`{d.model}`: " + " ".join(f"![{g}]({ctx.rel(d.dir)}/heatmaps/{g}.png)" for g in GROUPS), ""]
     findings = []
     paths = {m: ctx.circuit_path(m) for m in MEMBERS}
     if all(paths.values()):

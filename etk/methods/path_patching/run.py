@@ -9,7 +9,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor
 from etk.circuits import SHORT, candidates, save_score_map, top_k
@@ -18,11 +18,11 @@ from etk.metrics import spearman
 from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import discovery_schedule, pp_loader
-from etk.models.arch import LlamaFamily
+from etk.models.loading import load
 from etk.report.plots import head_heatmap
-from etk.runners.common import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.results import PathPatchingResult
 
-SCHEMA = "etk.path_patching/v1"
 
 
 def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.Tensor) -> dict[str, float]:
@@ -39,15 +39,13 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
     out = output_dir()
-    module = PathPatchingModule(OmegaConf.to_container(cfg.model, resolve=True), m.algorithm, m.chunk_rows,
-                                m.suffix_chunk_rows)
-    module.configure_model()
-    dims = LlamaFamily.of(module.net).dims
+    model = load(cfg.model)
+    dims = model.arch.dims
     schedule = discovery_schedule(m, cfg.model, dims)
     seed = int(m.seed if m.get("seed") is not None else (cfg.model.get("discovery") or {}).get("seed", 20))
     data_cfg = data_config(cfg, m.n_examples)
-    examples = task_examples(data_cfg, module.tokenizer)
-    loader = pp_loader(module.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
+    examples = task_examples(data_cfg, model.tokenizer)
+    loader = pp_loader(model.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
     with run_logger(cfg) as logger:
         kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
         trainer = L.Trainer(**kw)
@@ -58,7 +56,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             """Every algorithm of the run on this stage, as Lightning predict loops; the exact scores pass on."""
             report, scores = {}, {}
             for alg in runs:
-                module.begin_stage(stage, rec, senders, alg)
+                module = PathPatchingModule(model.cfg, stage, rec, senders, alg, m.chunk_rows, m.suffix_chunk_rows, model)
                 t0 = time.time()
                 trainer.predict(module, loader, return_predictions=False)
                 report[alg] = {"wall_s": round(time.time() - t0, 3), **module.total_cost()}
@@ -89,14 +87,6 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                          f"{cfg.model.name}: {SHORT[group]} path-patching scores", top)
             walls = ", ".join(f"{a} {r.report[a]['wall_s']:.1f}s" for a in runs)
             print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in top[:5]]} ({walls})")
-            if logger is not None:
-                logger.log_metrics({f"path_patching/{group}/{a}_wall_s": r.report[a]["wall_s"] for a in runs})
-                if hasattr(logger, "log_image"):
-                    logger.log_image(key=f"path_patching/{group}", images=[str(out / "heatmaps" / f"{group}.png")])
-                if hasattr(logger, "log_table"):  # long format: one row per head
-                    logger.log_table(key=f"path_patching/{group}_scores", columns=["layer", "head", "score"],
-                                     data=[[lay, h, float(chosen[lay, h])] for lay in range(dims.n_layers)
-                                           for h in range(dims.n_heads)])
         chosen_scores = {r.group: r.scores for r in results if r.scores is not None}
         scored = {r.group: r.scored for r in results if r.scores is not None}
         meta = {"model": cfg.model.name, "kind": "candidates", "seed": seed, "n_examples": len(examples),
@@ -106,10 +96,4 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
         cand.save(out / "circuit.json")
         payload = {"model": cfg.model.name, "stages": reports, "schedule": schedule, "seed": seed,
                    "circuit": {g: [list(h) for h in hs] for g, hs in cand.groups.items()}, "config": plain_config(cfg)}
-        emit(payload, SCHEMA)
-        return payload
-
-
-def study_jobs(study):
-    """Circuit discovery on both members (their candidate sets)."""
-    return study.per_member("path_patching")
+        return emit(PathPatchingResult.from_payload(payload), logger)

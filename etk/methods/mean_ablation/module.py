@@ -1,0 +1,145 @@
+"""Circuit evaluation as Lightning predict loops: per-position means, then many ablations per forward."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from etk.data.roles import PromptBatch
+from etk.interventions.hooks import Capture, hooked
+from etk.methods.base import ModelHost
+from etk.metrics import ExampleMetric, all_sum
+from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, keep_rows
+from etk.methods.mean_ablation.vital import background, vital_logits, vital_only
+from etk.models.arch import LlamaFamily
+from etk.models.forward import assert_eval, last_logits
+
+
+class AblationAccuracy(ExampleMetric):
+    """Per-example correctness of K configurations (state [N, K]) and the answer's log-probability, gathered from
+    every process in dataset order; compute() -> [K] accuracies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("correct", default=[], dist_reduce_fx="cat")
+        self.add_state("logp", default=[], dist_reduce_fx="cat")
+
+    def update(self, correct: torch.Tensor, logp: torch.Tensor | None = None, index: torch.Tensor | None = None) -> None:
+        """correct [K, B] bool, logp [K, B] float (NaN when not measured)."""
+        self.correct.append(correct.T.float())
+        self.logp.append(logp.T.float() if logp is not None else torch.full_like(correct.T, float("nan"), dtype=torch.float))
+        self._add_index(index, correct.shape[1], correct.device)
+
+    def per_example(self) -> torch.Tensor:
+        """[K, N] correctness."""
+        c = self.gathered("correct")[0]
+        return c.T if c.numel() else torch.zeros(0, 0)
+
+    def per_example_logp(self) -> torch.Tensor:
+        """[K, N] log-probability of the answer."""
+        lp = self.gathered("logp")[0]
+        return lp.T if lp.numel() else torch.zeros(0, 0)
+
+    def compute(self) -> torch.Tensor:
+        return self.per_example().mean(1)
+
+
+def answer_logp(logits: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+    """[B] log-probability of each row's answer token (logits [B, V])."""
+    return logits.float().log_softmax(-1).gather(1, answer.clamp_min(0)[:, None])[:, 0]
+
+
+class MeansModule(ModelHost):
+    """Per-position z means over the ablation prompts (SPEC §3.1), pads excluded: one predict loop, then `means()`."""
+
+    def on_predict_epoch_start(self) -> None:
+        assert_eval(self.net)
+        self._sum, self._count = None, None
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        dims = LlamaFamily.of(self.net).dims
+        with hooked(self.net, captures=[Capture("z", j) for j in range(dims.n_layers)]) as cache:
+            LlamaFamily.of(self.net).base.model(**batch.model_inputs(), use_cache=False)
+        z = torch.stack([cache[("z", j)] for j in range(dims.n_layers)])  # [L, B, T, H, D]
+        m = batch.attention_mask.to(z.dtype)[None, :, :, None, None]
+        s, c = (z * m).sum(1).double(), batch.attention_mask.sum(0)
+        if self._sum is None:
+            self._sum, self._count = s, c
+        else:
+            if s.shape[1] != self._sum.shape[1]:
+                raise ValueError("ablation prompts of different lengths: use one n_boxes/template per ablation set")
+            self._sum, self._count = self._sum + s, self._count + c
+
+    def means(self) -> torch.Tensor:
+        """[L, T, H, D] per-position means (pads excluded), over every process's ablation prompts."""
+        total, count = all_sum(self._sum), all_sum(self._count)
+        return (total / count.clamp_min(1)[None, :, None, None]).float().cpu()
+
+
+class AblationEval(ModelHost):
+    """Accuracy of ablations (`Ablation`s: which (role, head) units keep their z; the others take `means`) on every
+    prompt. The ablations are the module's one per-loop input: `evaluate(trainer, loader, ablations)` runs one
+    predict loop on them. Ablations that keep heads only at the vital roles take the exact vital-only path
+    (`vital.py`) unless `vital_fast_path=False`; `forwards` counts full-sequence forwards, `vital_forwards`
+    vital-only ones."""
+
+    def __init__(self, model_cfg: dict[str, Any], means: torch.Tensor, ablations_per_forward: int = 16,
+                 vital_rows_per_forward: int = 2048, vital_fast_path: bool = True, model=None):
+        super().__init__(model_cfg, model)
+        self.means = means  # [L, T, H, D]
+        self.per_forward = ablations_per_forward
+        self.vital_rows = vital_rows_per_forward
+        self.vital_fast_path = vital_fast_path
+        self.backgrounds: dict = {}  # per evaluation batch: the all-ablated keys/values (reused across calls)
+        self.acc = AblationAccuracy()
+        self.ablations: Sequence[Ablation] = ()
+        self.forwards = self.vital_forwards = 0
+
+    def evaluate(self, trainer, loader, ablations: Sequence[Ablation]) -> torch.Tensor:
+        """[K, N] correctness of K ablations on the loader's prompts (one predict loop); `self.acc` keeps the
+        answer's log-probabilities of the same loop."""
+        self.ablations = list(ablations)
+        trainer.predict(self, loader, return_predictions=False)
+        return self.acc.per_example()
+
+    def on_predict_epoch_start(self) -> None:
+        assert_eval(self.net)
+        self.acc.reset()
+        self.forwards = self.vital_forwards = 0
+
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        N = len(batch)
+        means = self.means.to(self.device)
+        fast = [i for i, a in enumerate(self.ablations) if self.vital_fast_path and vital_only(a)]
+        slow = [i for i in range(len(self.ablations)) if i not in set(fast)]
+        logp = torch.empty(len(self.ablations), N, device=self.device)
+        correct = torch.empty(len(self.ablations), N, dtype=torch.bool, device=self.device)
+
+        def record(idx: list[int], logits: torch.Tensor) -> None:  # logits [len(idx)*N, V]
+            ans = batch.answer.repeat(len(idx))
+            correct[idx] = (logits.argmax(-1) == ans).view(len(idx), N)
+            logp[idx] = answer_logp(logits, ans).view(len(idx), N)
+
+        if fast:
+            key = (batch_idx, id(self.means), tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
+            if key not in self.backgrounds:  # the background depends only on the prompts and the means
+                self.backgrounds = {key: background(self.net, batch, means), **self.backgrounds}
+                self.forwards += 1
+            bg = self.backgrounds[key]
+            step = max(1, self.vital_rows // N)
+            for c0 in range(0, len(fast), step):
+                idx = fast[c0:c0 + step]
+                record(idx, vital_logits(self.net, batch, means, [self.ablations[i] for i in idx], bg))
+                self.vital_forwards += 1
+        for c0 in range(0, len(slow), self.per_forward):
+            idx = slow[c0:c0 + self.per_forward]
+            rows = batch.repeat(len(idx))
+            with hooked(self.net, patches=ablation_patches(means, keep_rows([self.ablations[i] for i in idx], batch))):
+                record(idx, last_logits(self.net, rows))  # [K*N, V]
+            self.forwards += 1
+        self.acc.update(correct, logp, batch.index)
+
+    def forget_backgrounds(self) -> None:
+        """Drop the cached backgrounds (the evaluation prompts changed)."""
+        self.backgrounds = {}

@@ -1,0 +1,485 @@
+"""Typed results: one dataclass per method, its schema string defined once (the class attribute `schema`).
+
+Every runner returns one of these; every consumer — the study's report sections, the multirun collectors, CMAP reading
+DCM selections, activation patching reading head sets, `etk.load_result` — reads these types, never a results.json
+by key. A result declares as fields what its consumers read (nested records are `TypedDict`s); whatever else a method
+records travels in `extra` and is written back unchanged, so `results.json` keeps its full content.
+
+    res = FaithfulnessResult.load(run_dir)      # DataError when the file is missing, invalid or of another schema
+    res.faithfulness, res.ci_low, res.ceiling["faithfulness"]
+    res.save(other_dir)                         # atomic, NaN-free JSON: {"schema": ..., **fields, **extra}
+    res.log(logger)                             # headline scalars, tables and figures, the same way for every method
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypedDict
+
+from etk.artifacts import read_json, write_json
+from etk.errors import DataError
+
+RESULTS_FILE = "results.json"
+
+
+class AccuracyCI(TypedDict):
+    """Accuracy with its 95% interval (`etk.metrics.accuracy_ci`)."""
+
+    accuracy: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+
+
+class ShareOfGap(TypedDict, total=False):
+    """`etk.metrics.share_of_gap`: share of the accuracy gap a patch recovers, with a paired-bootstrap interval."""
+
+    share: float | None
+    ci_low: float | None
+    ci_high: float | None
+    gap: float
+    reason: str
+
+
+def _optional(default: Any = None) -> Any:
+    """A field written only when set (absent from results.json when None, as the runners always did)."""
+    return field(default=default, metadata={"omit_none": True})
+
+
+@dataclass(kw_only=True)
+class Result:
+    """What every method's result has: the resolved config, the run's resources, the rest of its record (`extra`)
+    and, once saved or loaded, the folder it lives in (`dir`)."""
+
+    schema: ClassVar[str] = ""
+    method: ClassVar[str] = ""
+    figures: ClassVar[tuple[str, ...]] = ()  # figure files beside results.json (may contain `{group}`-free names)
+
+    config: dict[str, Any] = field(default_factory=dict, repr=False)
+    resources: dict[str, Any] | None = _optional()
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dir: Path | None = None
+
+    # -- JSON ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.name != "extra"]
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "Result":
+        """A result from a runner's record: declared keys become fields, the others go to `extra`."""
+        known = set(cls.field_names())
+        missing = [f.name for f in fields(cls) if f.name in known and f.default is MISSING
+                   and f.default_factory is MISSING and f.name not in payload]
+        if missing:
+            raise DataError(f"a {cls.schema} result needs {missing}; the record has {sorted(payload)}")
+        return cls(**{k: v for k, v in payload.items() if k in known},
+                   extra={k: v for k, v in payload.items() if k not in known and k != "schema"})
+
+    def to_json(self) -> dict[str, Any]:
+        """The record: the method's fields, then `extra`, then the config and the resources."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name in ("extra", "config", "resources") or (v is None and f.metadata.get("omit_none")):
+                continue
+            out[f.name] = v
+        out.update(self.extra)
+        out["config"] = self.config
+        if self.resources is not None:
+            out["resources"] = self.resources
+        return out
+
+    def save(self, folder: str | Path) -> Path:
+        """`<folder>/results.json` with this result's schema, written atomically (rank 0 only)."""
+        self.dir = Path(folder)
+        return write_json(self.dir / RESULTS_FILE, self.to_json(), self.schema)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Result":
+        """The result a run wrote into `folder` (or the results.json path itself); a DataError naming the file when
+        it is missing, not JSON, or of another schema."""
+        path = Path(folder)
+        path = path if path.suffix == ".json" else path / RESULTS_FILE
+        if not path.exists():
+            raise DataError(f"no {RESULTS_FILE} in {path.parent}: the run did not finish (rerun it)")
+        res = cls.from_payload(read_json(path, cls.schema))
+        res.dir = path.parent
+        return res
+
+    # -- what a dashboard and a notebook show ----------------------------------------------------------------------
+    def headline(self) -> dict[str, float]:
+        """The scalars a logger plots: every top-level number of the result (None and NaN left out)."""
+        out = {}
+        for name in self.field_names():
+            v = getattr(self, name)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                out[f"{self.method}/{name}"] = float(v)
+        return out
+
+    def tables(self) -> dict[str, tuple[list[str], list[list[Any]]]]:
+        """Named tables (header, rows) of the result, for W&B tables and notebooks."""
+        return {}
+
+    def figure_paths(self) -> list[Path]:
+        """The figure files this result wrote (those that exist)."""
+        if self.dir is None:
+            return []
+        return [self.dir / f for f in self.figures if (self.dir / f).exists()]
+
+    def plot(self):
+        """The result's figure(s) (paths of the PNGs beside results.json); in a notebook, shown inline."""
+        paths = self.figure_paths()
+        try:
+            from IPython.display import Image, display
+
+            for p in paths:
+                display(Image(filename=str(p)))
+        except ImportError:
+            pass
+        return paths
+
+    def log(self, logger) -> None:
+        """Send the headline scalars, every table and every figure to a Lightning logger (W&B gets tables and
+        images; loggers without them get the scalars)."""
+        if logger is None:
+            return
+        if self.headline():
+            logger.log_metrics(self.headline())
+        if hasattr(logger, "log_table"):
+            for name, (header, rows) in self.tables().items():
+                logger.log_table(key=f"{self.method}/{name}", columns=list(header), data=[list(r) for r in rows])
+        if hasattr(logger, "log_image"):
+            for p in self.figure_paths():
+                logger.log_image(key=f"{self.method}/{p.stem}", images=[str(p)])
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a study: which step ran it, its folder (`<run dir>/<step>/<name>`, written only, never parsed),
+    its overrides, and what it ran on. Report sections and later steps find results by these fields."""
+
+    step: str
+    name: str
+    overrides: tuple[str, ...] = ()
+    member: str | None = None  # the pair member whose model the job runs on (None: the pair)
+    circuit_of: str | None = None  # the member whose circuit (or DCM heads) the job uses
+    group: str | None = None  # DCM / activation patching: the circuit group
+    desideratum: str | None = None
+    direction: str | None = None  # CMAP: forward (fine-tuned -> base) | reverse
+    reads: tuple[tuple[str, str], ...] = ()  # (step, name) of the earlier jobs whose results it reads
+
+    def matches(self, **fields: Any) -> bool:
+        return all(getattr(self, k) == v for k, v in fields.items())
+
+
+def load_result(folder: str | Path) -> Result:
+    """Any run folder the CLI wrote (or its results.json), as its method's result type (found by its schema)."""
+    path = Path(folder)
+    path = path if path.suffix == ".json" else path / RESULTS_FILE
+    if not path.exists():
+        raise DataError(f"no {RESULTS_FILE} in {path.parent}: not an etk run folder, or the run did not finish")
+    schema = read_json(path).get("schema")
+    cls = RESULT_TYPES.get(schema)
+    if cls is None:
+        raise DataError(f"{path}: unknown schema {schema!r}; known: {', '.join(sorted(RESULT_TYPES))}")
+    return cls.load(path)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# One class per method. Fields: what the report, the collectors and other methods read.
+
+
+@dataclass(kw_only=True)
+class EvalResult(Result):
+    schema = "etk.eval/v1"
+    method = "eval"
+    model: str
+    n_boxes: int
+    accuracy: float | None
+    ci_low: float | None
+    ci_high: float | None
+    n: int
+    by_n_boxes: list[dict[str, Any]] = field(default_factory=list)  # AccuracyCI + n_boxes per box count
+
+    def tables(self):
+        return {"accuracy": (["n_boxes", "accuracy", "ci_low", "ci_high", "n"],
+                             [[r["n_boxes"], r["accuracy"], r["ci_low"], r["ci_high"], r["n"]] for r in self.by_n_boxes])}
+
+
+@dataclass(kw_only=True)
+class PathPatchingResult(Result):
+    schema = "etk.path_patching/v1"
+    method = "path_patching"
+    figures = tuple(f"heatmaps/{g}.png" for g in ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader"))
+    model: str
+    stages: dict[str, Any]  # group -> per-stage report (receivers, senders scored, cost, wall time)
+    schedule: dict[str, Any]
+    seed: int
+    circuit: dict[str, list[list[int]]]  # the candidate sets written to circuit.json
+
+    def headline(self):
+        return {f"path_patching/{g}/wall_s": float(r["fast" if "fast" in r else next(
+            (a for a in ("naive", "attribution") if a in r), "")]["wall_s"])
+                for g, r in self.stages.items() if any(a in r for a in ("fast", "naive", "attribution"))}
+
+    def tables(self):
+        out = {"candidates": (["group", "layer", "head", "rank"],
+                              [[g, lh[0], lh[1], i] for g, hs in self.circuit.items() for i, lh in enumerate(hs)])}
+        for g in self.stages:  # long format: one row per head, from the score maps beside results.json
+            p = self.dir / "scores" / f"{g}.json" if self.dir is not None else None
+            if p is not None and p.exists():
+                rows = read_json(p)["scores"]
+                out[f"{g}_scores"] = (["layer", "head", "score"],
+                                      [[lay, h, v] for lay, row in enumerate(rows) for h, v in enumerate(row)])
+        return out
+
+
+@dataclass(kw_only=True)
+class _CircuitRun(Result):
+    """A method that evaluates one circuit on one model under mean ablation."""
+
+    model: str
+    circuit: str | None = _optional()  # short label: shipped name or the model it was discovered on
+    circuit_spec: str | None = _optional()
+    circuit_sizes: dict[str, int] | None = _optional()
+
+
+@dataclass(kw_only=True)
+class MinimalityResult(_CircuitRun):
+    schema = "etk.minimality/v1"
+    method = "minimality"
+    mode: str
+    threshold: float
+    groups: dict[str, Any]  # group -> {n, kept, evaluations, ...}
+    pruned: dict[str, Any]  # the pruned circuit (circuit.json)
+
+    def tables(self):
+        return {"kept": (["group", "n", "kept"], [[g, v["n"], v.get("kept", 0)] for g, v in self.groups.items()])}
+
+
+@dataclass(kw_only=True)
+class FaithfulnessResult(_CircuitRun):
+    schema = "etk.faithfulness/v1"
+    method = "faithfulness"
+    faithfulness: float | None
+    ci_low: float | None
+    ci_high: float | None
+    accuracy_model: float
+    accuracy_circuit: float
+    ceiling: dict[str, Any]  # {accuracy, faithfulness}
+    relative_to_ceiling: float | None
+    random: dict[str, Any]  # random circuits: accuracy per draw, faithfulness_mean/sd, ci_low/ci_high
+    n: int
+    heads_per_role: dict[str, int]
+    reason: str | None = _optional()
+
+    def headline(self):
+        out = super().headline()
+        for k in ("faithfulness", "accuracy"):
+            if self.ceiling.get(k) is not None:
+                out[f"faithfulness/ceiling_{k}"] = float(self.ceiling[k])
+        return out
+
+
+@dataclass(kw_only=True)
+class CompletenessResult(_CircuitRun):
+    schema = "etk.completeness/v1"
+    method = "completeness"
+    random: dict[str, Any]
+    groups: dict[str, Any]  # K = a whole group -> its incompleteness
+
+    def tables(self):
+        return {"groups": (["K", "incompleteness"], [[g, v.get("incompleteness")] for g, v in self.groups.items()])}
+
+
+@dataclass(kw_only=True)
+class CurveResult(Result):
+    schema = "etk.faithfulness_curve/v1"
+    method = "faithfulness_curve"
+    figures = ("curve.png",)
+    model: str
+    scores: str
+    points: list[dict[str, Any]]  # per fraction: {fraction, heads, faithfulness, ci_low, ci_high, ...}
+    cpr: float | None
+    cmd: float | None
+    ceiling: dict[str, Any]
+    accuracy_model: float
+    n: int
+    reason: str | None = _optional()
+
+    def tables(self):
+        return {"curve": (["fraction", "faithfulness", "ci_low", "ci_high"],
+                          [[p["fraction"], p["faithfulness"], p.get("ci_low"), p.get("ci_high")] for p in self.points])}
+
+
+@dataclass(kw_only=True)
+class CircuitSearchResult(Result):
+    schema = "etk.circuit_search/v1"
+    method = "circuit_search"
+    figures = ("circuit.png",)
+    model: str
+    faithfulness: float | None
+    ci_low: float | None = _optional()
+    ci_high: float | None = _optional()
+    ceiling: dict[str, Any] | None = _optional()
+    accuracy_model: float
+    units_kept: int
+    units_total: int | None = _optional()
+    unit_fraction: float | None
+    heads_per_role: dict[str, int]
+    reason: str | None = _optional()
+
+    def tables(self):
+        return {"heads_per_role": (["role", "heads"], [[r, n] for r, n in self.heads_per_role.items()])}
+
+
+@dataclass(kw_only=True)
+class OverlapResult(Result):
+    schema = "etk.overlap/v1"
+    method = "overlap"
+    a: str
+    b: str
+    overlap: dict[str, dict[str, Any]]  # group -> {shared, size_a, size_b, precision, recall}
+
+    def tables(self):
+        return {"overlap": (["group", "shared", "size_a", "size_b", "precision", "recall"],
+                            [[g, v["shared"], v["size_a"], v["size_b"], v["precision"], v["recall"]]
+                             for g, v in self.overlap.items()])}
+
+
+@dataclass(kw_only=True)
+class DCMResult(Result):
+    schema = "etk.dcm/v1"
+    method = "dcm"
+    figures = ("mask.png",)
+    model: str
+    circuit: str
+    circuit_spec: str
+    group: str
+    desideratum: str
+    group_size: int
+    n_selected: int
+    selected_heads: list[list[int]]
+    test: AccuracyCI
+    chance_floor_unpatched: AccuracyCI
+    best_val_accuracy: float | None = None
+    mask_raw: list[float] = field(default_factory=list)
+
+    def headline(self):
+        return {"test/accuracy": self.test["accuracy"], "test/floor": self.chance_floor_unpatched["accuracy"],
+                "n_selected": float(self.n_selected)}
+
+    def tables(self):
+        return {"selected_heads": (["layer", "head"], [list(h) for h in self.selected_heads]),
+                "mask": (["index", "mask"], [[i, float(v)] for i, v in enumerate(self.mask_raw)])}
+
+
+@dataclass(kw_only=True)
+class ActivationPatchingResult(Result):
+    schema = "etk.activation_patching/v1"
+    method = "activation_patching"
+    model: str
+    group: str
+    desideratum: str
+    heads: list[list[int]]
+    random_heads: list[list[int]]
+    repeats: int
+    n: int
+    accuracy_percent: dict[str, dict[str, Any]]  # unpatched_floor | selected_heads | random_heads -> mean, sd, pooled
+
+    def headline(self):
+        return {f"ap/{k}": float(v["mean"]) for k, v in self.accuracy_percent.items()}
+
+    def tables(self):
+        return {"accuracy_percent": (["rows", "mean", "sd", "pooled accuracy", "ci_low", "ci_high"],
+                                     [[k, v["mean"], v["sd"], v["pooled"]["accuracy"], v["pooled"]["ci_low"],
+                                       v["pooled"]["ci_high"]] for k, v in self.accuracy_percent.items()])}
+
+
+@dataclass(kw_only=True)
+class CMAPResult(Result):
+    schema = "etk.cmap/v1"
+    method = "cmap"
+    pair: str
+    direction: str
+    source_model: str
+    target_model: str
+    head_sources: dict[str, str]
+    adapter_toggled: bool
+    circuit: str
+    results: dict[str, dict[str, Any]]  # source_alone | target_alone | <group> | all -> AccuracyCI (+ share_of_gap)
+
+    def headline(self):
+        return {f"cmap/{k}": v["accuracy"] for k, v in self.results.items() if v.get("accuracy") is not None}
+
+    def tables(self):
+        return {"cmap": (["heads patched", "accuracy", "ci_low", "ci_high", "share_of_gap"],
+                         [[k, v["accuracy"], v["ci_low"], v["ci_high"], (v.get("share_of_gap") or {}).get("share")]
+                          for k, v in self.results.items()])}
+
+
+@dataclass(kw_only=True)
+class ModelDiffResult(Result):
+    schema = "etk.model_diff/v1"
+    method = "model_diff"
+    base_model: str
+    finetuned_model: str
+    n: int
+    by_group: list[dict[str, Any]]
+    verdict: dict[str, Any]
+    top_changed: dict[str, Any]
+    token_kl: dict[str, Any]
+    logit_lens: dict[str, Any]
+    heatmaps: list[str] = field(default_factory=list)
+    adapter_toggled: bool = False
+
+    def figure_paths(self):
+        return [self.dir / h for h in self.heatmaps if self.dir is not None and (self.dir / h).exists()]
+
+    def tables(self):
+        keys = ["group", "n_heads", "role", "weight_delta", "activation_delta", "dla_change"]
+        return {"by_group": (keys, [[r.get(k) for k in keys] for r in self.by_group])}
+
+
+@dataclass(kw_only=True)
+class KnockoutResult(Result):
+    schema = "etk.knockout/v1"
+    method = "knockout"
+    figures = ("knockout.png",)
+    model: str
+    baseline: AccuracyCI
+    edges: dict[str, dict[str, list]]  # edge -> {start_layer, accuracy, ci_low, ci_high}
+
+    def headline(self):
+        return {"knockout/baseline": self.baseline["accuracy"]} if self.baseline["accuracy"] is not None else {}
+
+    def tables(self):
+        return {"knockout": (["edge", "start_layer", "accuracy", "ci_low", "ci_high"],
+                             [[e, s, a, lo, hi] for e, c in self.edges.items()
+                              for s, a, lo, hi in zip(c["start_layer"], c["accuracy"], c["ci_low"], c["ci_high"])])}
+
+
+@dataclass(kw_only=True)
+class FinetuneResult(Result):
+    schema = "etk.finetune/v1"
+    method = "finetune"
+    base_model: str
+    steps: int
+    train_seconds: float
+    final_train_loss: float | None
+    eval: list[dict[str, Any]]  # AccuracyCI + n_boxes per box count
+
+    def tables(self):
+        return {"eval": (["n_boxes", "accuracy", "ci_low", "ci_high", "n"],
+                         [[r["n_boxes"], r["accuracy"], r["ci_low"], r["ci_high"], r["n"]] for r in self.eval])}
+
+
+RESULT_TYPES: dict[str, type[Result]] = {c.schema: c for c in (
+    EvalResult, PathPatchingResult, MinimalityResult, FaithfulnessResult, CompletenessResult, CurveResult,
+    CircuitSearchResult, OverlapResult, DCMResult, ActivationPatchingResult, CMAPResult, ModelDiffResult,
+    KnockoutResult, FinetuneResult)}

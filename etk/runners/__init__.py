@@ -1,1 +1,0 @@
-"""Runners: what the top-level Hydra entry points call."""

@@ -1,0 +1,217 @@
+"""What every run needs at run time: its output directory (a study's step folder inside a study), its logger (W&B
+offline by default) and resources, the resolved config it records, `emit` (the typed results.json plus the logger),
+the DDP barrier, and Hydra's compose API and override grammar for runs composed in code (the study, the Python API)."""
+
+from __future__ import annotations
+
+import gc
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from etk.errors import ConfigError
+
+if TYPE_CHECKING:
+    from etk.results import Result
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config without the `hydra` key (for results files and loggers)."""
+    c = OmegaConf.to_container(cfg, resolve=False)
+    c.pop("hydra", None)
+    return OmegaConf.to_container(OmegaConf.create(c), resolve=True)  # type: ignore[return-value]
+
+
+_OUT_OVERRIDE: list[Path] = []
+
+
+@contextmanager
+def step_output(path: Path):
+    """Inside the block, `output_dir()` is `path` (a study runs each step in its own folder)."""
+    _OUT_OVERRIDE.append(Path(path))
+    try:
+        yield Path(path)
+    finally:
+        _OUT_OVERRIDE.pop()
+
+
+def output_dir() -> Path:
+    """The Hydra run (or sweep job) directory, or the current study step's folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    out = _OUT_OVERRIDE[-1] if _OUT_OVERRIDE else Path(HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def build_logger(cfg: DictConfig):
+    """`logger=wandb|csv|none`: a Lightning logger or None."""
+    lcfg = cfg.get("logger")
+    if not lcfg or not lcfg.get("_target_"):
+        return None
+    from hydra.utils import instantiate
+
+    if "wandb" in lcfg._target_.lower():
+        os.environ.setdefault("WANDB_SILENT", "true")
+    logger = instantiate(lcfg)
+    hp = plain_config(cfg)
+    logger.log_hyperparams(hp)
+    return logger
+
+
+_RUNS: list[tuple[float, DictConfig]] = []  # (start time, config) of the runs in progress (a study nests them)
+
+
+@contextmanager
+def run_logger(cfg: DictConfig):
+    """The run's logger (`logger=wandb|csv|none`, None for none) for the block; finished (W&B run ended) on exit,
+    also on errors. The block's wall time and peak memory go into the run's results (`emit`)."""
+    import time
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    _RUNS.append((time.time(), cfg))
+    logger = build_logger(cfg)
+    try:
+        yield logger
+    finally:
+        _RUNS.pop()
+        finish_logger(logger)
+
+
+def resources(cfg: DictConfig | None = None) -> dict[str, Any]:
+    """What the current run used: wall time since its start, peak memory (process peak RSS on CPU; CUDA max
+    allocated on GPU), device, dtype, world size."""
+    import resource
+    import time
+
+    from etk.metrics import world_size
+    from etk.models.loading import resolve_dtype
+
+    start, run_cfg = _RUNS[-1] if _RUNS else (None, cfg)
+    cfg = cfg or run_cfg
+    cuda = torch.cuda.is_available() and (cfg is None or cfg.get("trainer", {}).get("accelerator") in ("auto", "gpu", "cuda"))
+    out: dict[str, Any] = {"wall_s": round(time.time() - start, 1) if start else None,
+                           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                           "device": "cuda" if cuda else "cpu", "world_size": world_size()}
+    if cuda:
+        out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    model = (cfg.get("model") if cfg is not None else None) or {}
+    if model.get("dtype") is not None:
+        out["dtype"] = str(resolve_dtype(model.get("dtype"), "cuda" if cuda else "cpu")).replace("torch.", "")
+    return out
+
+
+def finish_logger(logger) -> None:
+    """End the W&B run (multirun jobs in one process must not merge) and flush other loggers."""
+    if logger is None:
+        return
+    try:
+        logger.finalize("success")
+    finally:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            wandb.finish()
+
+
+def barrier() -> None:
+    """Wait for every process of a distributed run (a no-op with one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def free_model() -> None:
+    """Release model memory between jobs run in one process (after the caller dropped its references)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    return dict(OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
+
+
+def circuit_spec(cfg: DictConfig, fallback: str | None = None) -> str | None:
+    """The selected circuit: `circuit.path` (any circuit.json), else the `circuit=` option's shipped name, else
+    `fallback` (e.g. the fine-tuned member's own circuit)."""
+    c = cfg.get("circuit")
+    if isinstance(c, str):  # a plain string (older configs)
+        return c
+    spec = (c.get("path") or c.get("name")) if c else None
+    return str(spec) if spec else fallback
+
+
+def require_circuit(cfg: DictConfig, fallback: str | None = None):
+    """(spec, Circuit) of the selected circuit; a clear error when there is none."""
+    from etk.circuits import load_circuit
+
+    spec = circuit_spec(cfg, fallback)
+    if not spec:
+        raise ConfigError("this method needs a circuit: circuit=<llama_7b|goat_7b|float_7b> (the paper's) or "
+                          "circuit.path=<circuit.json> (e.g. a path-patching or minimality run's)")
+    return spec, load_circuit(spec)
+
+
+def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:
+    """The run's `data` block with another number of prompts."""
+    from omegaconf import open_dict
+
+    d = cfg.data.copy()
+    with open_dict(d):
+        d.n_examples = int(n_examples)
+    return d
+
+
+def emit(result: "Result", logger=None) -> "Result":
+    """Write the run's typed results.json (with the run's `resources`) and send its headline numbers, tables and
+    figures to the logger; returns the result."""
+    result.resources = resources()
+    result.save(output_dir())
+    result.log(logger)
+    return result
+
+
+def compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """A primary config (`patching`, `dcm`, `finetune`) composed by Hydra from the packaged configs, exactly as
+    the command line would (inside a running Hydra app its search path is used)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return hydra_compose(config_name, overrides=overrides)
+    with initialize_config_module("etk.conf", version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides)
+
+
+def hydra_value(v: Any) -> str:
+    """A Python value in Hydra's override grammar."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(hydra_value(x) for x in v) + "]"
+    s = str(v)
+    return s if s and all(c.isalnum() or c in "_-./:" for c in s) else "'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def to_overrides(prefix: str, block: Any) -> list[str]:
+    """`{a: 1, b: {c: [2, 3]}}` under `prefix` -> ["prefix.a=1", "prefix.b.c=[2,3]"]."""
+    node = OmegaConf.to_container(block, resolve=True) if not isinstance(block, dict) else block
+    out = []
+    for k, v in node.items():
+        if isinstance(v, dict):
+            out += to_overrides(f"{prefix}.{k}", v)
+        else:
+            out.append(f"{prefix}.{k}={hydra_value(v)}")
+    return out

@@ -1,0 +1,133 @@
+"""The study's job graph: for each step, the jobs it runs, built from the study's plan and the typed results of
+earlier steps (never from folder names). Each function is `(study) -> list[Job]`; `STEP_JOBS` maps step -> it."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from etk.data.roles import MEMBERS
+from etk.results import Job
+from etk.runtime import hydra_value
+
+if TYPE_CHECKING:
+    from etk.study.run import Study
+
+# CMAP's head choice (SPEC §6.1): DCM selections for VF (object value), PT and PD (position); SR keeps all its heads
+CMAP_DCM_CHOICE = {("value_fetcher", "object"), ("pos_transmitter", "position"), ("pos_detector", "position")}
+
+
+def per_member(study: "Study", step: str, *extra: str) -> list[Job]:
+    """One job per member: `model=<member>`, `extra` overrides, the step's sizes."""
+    return [Job(step, m, (f"model={m}", *extra, *study.sizes(step)), member=m) for m in MEMBERS]
+
+
+def eval_jobs(study: "Study") -> list[Job]:
+    """Accuracy of both members."""
+    return per_member(study, "eval")
+
+
+def path_patching_jobs(study: "Study") -> list[Job]:
+    """Circuit discovery on both members (their candidate sets)."""
+    return per_member(study, "path_patching")
+
+
+def minimality_jobs(study: "Study") -> list[Job]:
+    """The paper's construction: each member's candidates pruned at its model's threshold
+    (`discovery.minimality_threshold`); the pruned circuit is what later steps use."""
+    jobs = []
+    for m in MEMBERS:
+        threshold = (study.member(m).get("discovery") or {}).get("minimality_threshold", 0.01)
+        pp = study.result("path_patching", member=m)
+        jobs.append(Job("minimality", m, (f"model={m}", f"circuit.path={pp.dir / 'circuit.json'}",
+                                          f"method.threshold={threshold}", *study.sizes("minimality"), *study.ablation()),
+                        member=m, circuit_of=m, reads=(("path_patching", m),)))
+    return jobs
+
+
+def faithfulness_jobs(study: "Study") -> list[Job]:
+    """Each member's circuit on each member: the cross-model faithfulness matrix."""
+    return [Job("faithfulness", f"{c}_circuit-on-{m}", (f"model={m}", f"circuit.path={study.circuit_path(c)}",
+                                                         *study.sizes("faithfulness"), *study.ablation()),
+                member=m, circuit_of=c) for c in MEMBERS for m in MEMBERS]
+
+
+def curve_jobs(study: "Study") -> list[Job]:
+    """Each member's curve from its own path-patching scores."""
+    return [Job("faithfulness_curve", m, (f"model={m}", f"scores={study.result('path_patching', member=m).dir}",
+                                          *study.sizes("faithfulness_curve"), *study.ablation()),
+                member=m, reads=(("path_patching", m),)) for m in MEMBERS]
+
+
+def search_jobs(study: "Study") -> list[Job]:
+    """Each member's position-aware circuit."""
+    return per_member(study, "circuit_search", *study.ablation())
+
+
+def dcm_jobs(study: "Study") -> list[Job]:
+    """A mask per (member in plan.dcm_members, group with heads in its circuit, desideratum)."""
+    from etk.circuits import load_circuit
+
+    jobs = []
+    for owner in study.plan.dcm_members:
+        path = study.circuit_path(owner)
+        circuit = load_circuit(path)
+        for group in study.plan.dcm_groups:
+            if not circuit.groups.get(group):
+                continue
+            for d in study.plan.dcm_desiderata:
+                jobs.append(Job("dcm", f"{owner}-{group}-{d}", (f"model={owner}", f"circuit.path={path}", f"group={group}",
+                                                               f"desideratum={d}", *study.sizes("dcm", "dcm")),
+                                member=owner, circuit_of=owner, group=group, desideratum=d))
+    return jobs
+
+
+def activation_patching_jobs(study: "Study") -> list[Job]:
+    """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members."""
+    wanted = set(study.plan.ap_desiderata or study.plan.dcm_desiderata)
+    jobs = []
+    for dj, res in sorted(study.results("dcm"), key=lambda jr: jr[0].name):  # the DCM jobs in folder-name order
+        if dj.desideratum not in wanted:
+            continue
+        if not res.selected_heads:
+            study.note(f"activation_patching/{dj.name}: DCM selected no heads, nothing to patch")
+            continue
+        for m in study.plan.ap_members:
+            jobs.append(Job("activation_patching", f"{dj.name}-in-{m}",
+                            (f"model={m}", f"method.heads={res.dir / 'results.json'}", *study.sizes("activation_patching")),
+                            member=m, circuit_of=dj.member, group=dj.group, desideratum=dj.desideratum,
+                            reads=(("dcm", dj.name),)))
+    return jobs
+
+
+def cmap_jobs(study: "Study") -> list[Job]:
+    """The fine-tuned circuit patched across the pair in each direction, with the paper's head choice: DCM
+    selections for VF (object value), PT and PD (positional), all SR heads."""
+    chosen = [(dj, res) for dj, res in sorted(study.results("dcm", member="finetuned"), key=lambda jr: jr[0].name)
+              if (dj.group, dj.desideratum) in CMAP_DCM_CHOICE]
+    runs = hydra_value([str(res.dir / "results.json") for _, res in chosen])
+    return [Job("cmap", d, (f"circuit.path={study.circuit_path('finetuned')}", f"method.direction={d}",
+                            f"method.dcm_runs={runs}", *study.sizes("cmap")),
+                circuit_of="finetuned", direction=d, reads=tuple(("dcm", dj.name) for dj, _ in chosen))
+            for d in study.plan.cmap_directions]
+
+
+def model_diff_jobs(study: "Study") -> list[Job]:
+    """The pair diffed on the study's prompts, beside the forward CMAP's shares of the gain."""
+    fwd = study.result("cmap", direction="forward")
+    extra = (f"method.cmap_run={fwd.dir / 'results.json'}",) if fwd is not None else ()
+    return [Job("model_diff", "pair", (f"circuit.path={study.circuit_path('finetuned')}", *extra,
+                                       *study.sizes("model_diff")),
+                circuit_of="finetuned", reads=(("cmap", "forward"),) if fwd is not None else ())]
+
+
+def knockout_jobs(study: "Study") -> list[Job]:
+    """Knockout curves of both members."""
+    return per_member(study, "knockout")
+
+
+STEP_JOBS: dict[str, Callable[["Study"], list[Job]]] = {
+    "eval": eval_jobs, "path_patching": path_patching_jobs, "minimality": minimality_jobs,
+    "faithfulness": faithfulness_jobs, "faithfulness_curve": curve_jobs, "circuit_search": search_jobs,
+    "dcm": dcm_jobs, "activation_patching": activation_patching_jobs, "cmap": cmap_jobs,
+    "model_diff": model_diff_jobs, "knockout": knockout_jobs,
+}

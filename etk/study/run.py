@@ -1,0 +1,158 @@
+"""`method=study pair=<p>`: the paper's whole argument for one model pair, step by step, then report.md.
+
+Each step is a registered method (`etk.methods.registry`); `etk.study.plan` builds its jobs from the study's plan and
+the typed results of earlier steps. Every job's config is composed through Hydra's compose API from the method's own
+primary config, with the study's overrides (pair, data, seed, trainer, ...), the step's sizes (`method.<step>`) and the
+job's own settings, so defaults lists and overrides apply exactly as on the command line. Results go to
+`<run dir>/<step>/<job>/`; the study keeps its job graph — every (job, typed result) — and hands it to the report. A
+rerun with the same `hydra.run.dir` skips every job whose results.json is valid for its method (resumable)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from etk.artifacts import write_text
+from etk.data.datasets import task_examples
+from etk.data.roles import MEMBERS
+from etk.errors import ConfigError, DataError
+from etk.methods.registry import REGISTRY, MethodSpec, get
+from etk.models.loading import reuse_models
+from etk.models.pair import load_pair
+from etk.results import Job, Result
+from etk.runtime import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
+from etk.study.plan import STEP_JOBS
+from etk.study.report import write_report
+
+INHERITED = ("pair", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
+
+
+class Study:
+    def __init__(self, cfg: DictConfig):
+        self.cfg, self.m, self.root = cfg, cfg.method, output_dir()
+        self.log: list[str] = []
+        self.seconds = 0.0  # compute time of all jobs, including those finished by an earlier run
+        self.inherited = [o for o in _task_overrides() if o.startswith(INHERITED)] + [f"seed={cfg.seed}"]
+        self.graph: list[tuple[Job, Result]] = []  # every job run (or found done) so far, with its result
+
+    # -- what the plan's job functions read -------------------------------------------------------------------
+    def member(self, member: str) -> DictConfig:
+        """The member's model config (pair.base / pair.finetuned)."""
+        return self.cfg.pair[member]
+
+    @property
+    def plan(self) -> DictConfig:
+        return self.m.plan
+
+    def sizes(self, step: str, prefix: str = "method") -> list[str]:
+        """The step's block of the study config as overrides of the method's config."""
+        block = self.m.get(step)
+        return to_overrides(prefix, block) if block else []
+
+    def ablation(self) -> list[str]:
+        return [f"ablation.n_prompts={int(self.m.ablation_prompts)}"]
+
+    def dir(self, step: str, name: str = "") -> Path:
+        return self.root / step / name if name else self.root / step
+
+    def results(self, step: str, **match: Any) -> list[tuple[Job, Result]]:
+        """The (job, result) pairs of a step so far, in run order; `match` filters on Job fields."""
+        return [(j, r) for j, r in self.graph if j.step == step and j.matches(**match)]
+
+    def result(self, step: str, **match: Any) -> Result | None:
+        """The first result of a step whose job matches, or None."""
+        found = self.results(step, **match)
+        return found[0][1] if found else None
+
+    def circuit_path(self, member: str) -> str:
+        """The member's circuit: minimality's pruned circuit, or path patching's candidates when the study skips
+        minimality."""
+        for step in ("minimality", "path_patching"):
+            res = self.result(step, member=member)
+            if res is not None and (res.dir / "circuit.json").exists():
+                return str(res.dir / "circuit.json")
+        raise ConfigError(f"the study has no circuit of the {member} member: run path_patching (and minimality) "
+                          "before the steps that use circuits")
+
+    def note(self, line: str) -> None:
+        self.log.append(line)
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def compose(self, spec: MethodSpec, job: Job) -> DictConfig:
+        """The job's config, composed and validated (before any model is loaded)."""
+        from etk.validate import validate
+
+        head = [f"method={spec.name}"] if spec.entry == "patching" else []
+        sub = compose(spec.entry, head + self.inherited + list(job.overrides) + ["logger=none"])
+        validate(sub)
+        return sub
+
+    def run_job(self, spec: MethodSpec, job: Job) -> Result:
+        """Run one job in its folder unless a valid result is already there; record it in the job graph."""
+        folder = self.dir(job.step, job.name)
+        timing = folder / "job_seconds.json"
+        label = f"{job.step}/{job.name}"
+        try:
+            result = spec.result.load(folder)
+            earlier = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+            self.log.append(f"{label}: done earlier" + (f" ({earlier:.0f} s), skipped" if earlier else ", skipped"))
+            self.seconds += earlier or 0.0
+        except DataError:  # not run yet, interrupted, or written by another method: run it
+            sub = self.compose(spec, job)
+            t0 = time.time()
+            with step_output(folder):
+                spec.run(sub)
+            barrier()  # in a distributed run rank 0 writes the results; every rank reads them after this
+            free_model()
+            dt = time.time() - t0
+            write_text(timing, json.dumps({"seconds": round(dt, 1)}))
+            self.seconds += dt
+            self.log.append(f"{label}: {dt:.0f} s")
+            result = spec.result.load(folder)
+        self.graph.append((job, result))
+        return result
+
+    def validate_pair(self) -> None:
+        """Before any work: the two members must be comparable head by head (architecture, dims, tokenizer
+        vocabulary, the ids of the study's prompts); a mismatch raises PairMismatchError naming the first one."""
+        b, f = (OmegaConf.to_container(self.member(m), resolve=True) for m in MEMBERS)
+        pair = load_pair(b, f)
+        pair.check([e.render().text for e in task_examples(data_config(self.cfg, 50), pair.tokenizer)])
+        del pair
+        free_model()
+
+    def run(self) -> dict[str, Any]:
+        steps = list(self.m.steps)
+        for step in steps:
+            get(step)  # an unknown method: a ConfigError naming the methods
+            if step not in STEP_JOBS:
+                raise ConfigError(f"method {step!r} has no study step; study steps: {', '.join(STEP_JOBS)}")
+        self.validate_pair()
+        with reuse_models(int(self.m.get("reuse_models", 0))):  # jobs of the same member share its loaded weights
+            for step in steps:
+                for job in STEP_JOBS[step](self):
+                    self.run_job(REGISTRY[step], job)
+        self.log.append(f"total compute time of the study's jobs: {self.seconds / 60:.1f} min")
+        report = write_report(self.root, self.cfg, steps, self.graph, self.log)
+        print(f"[etk] study of pair {self.cfg.pair.name}: {report}")
+        for line in self.log:
+            print(f"[etk]   {line}")
+        return {"report": str(report), "log": self.log}
+
+
+def _task_overrides() -> list[str]:
+    """The command line's overrides of the running (study) job."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra
+        return []
+
+
+def run_study(cfg: DictConfig) -> dict[str, Any]:
+    return Study(cfg).run()
