@@ -17,13 +17,13 @@ QUIET = {"trainer": {"enable_progress_bar": False}}
 def test_api_faithfulness_equals_the_cli_on_the_same_config(tmp_path):
     """etk.faithfulness on a model in memory gives exactly the CLI's numbers for the same settings."""
     model = etk.load_model("tiny_planted")
-    pp = etk.path_patching(model, out_dir=tmp_path / "pp", n_examples=8, batch_size=8, data={"n_boxes": 1}, **QUIET)
+    pp = etk.path_patching(model, out_dir=tmp_path / "pp", n_examples=8, batch_size=8, data={"n_boxes": 2}, **QUIET)
     assert isinstance(pp, PathPatchingResult) and (pp.dir / "circuit.json").exists()
     api = etk.faithfulness(model, pp, out_dir=tmp_path / "api", n_examples=12, batch_size=12, n_random=2,
-                           ablation={"n_prompts": 12}, data={"n_boxes": 1}, **QUIET)
+                           ablation={"n_prompts": 12}, data={"n_boxes": 2}, **QUIET)
     cli = compose_run(tmp_path / "cli", ["method=faithfulness", "model=tiny_planted", f"circuit.path={pp.dir / 'circuit.json'}",
                                          "method.n_examples=12", "method.batch_size=12", "method.n_random=2",
-                                         "ablation.n_prompts=12", "data.n_boxes=1", "logger=none",
+                                         "ablation.n_prompts=12", "data.n_boxes=2", "logger=none",
                                          "trainer.enable_progress_bar=false"])
     assert isinstance(api, FaithfulnessResult) and api.faithfulness is not None
     strip = lambda r: {k: v for k, v in r.to_json().items() if k not in ("resources", "config", "wall_s")}  # noqa: E731

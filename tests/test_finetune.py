@@ -90,7 +90,7 @@ def test_finetune_tiny_end_to_end(tmp_path, tiny, monkeypatch):
     tuned, _ = load_model(cfg.model)
     ids = torch.tensor([[1, 10, 20, 30, 40, 50]])
     assert not torch.allclose(tuned(ids).logits, base(ids).logits, atol=1e-4)
-    assert card["eval"][0]["n_boxes"] == 2
+    assert card.eval[0]["n_boxes"] == 2
 
 
 def test_relation_frames_never_emit_the_box_template_and_are_seeded(tok):

@@ -42,7 +42,7 @@ def test_collector_table(tmp_path):
         d.mkdir()
         rows = [{"n_boxes": n, "accuracy": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 10} for n in (2, 7)]
         (d / "results.json").write_text(json.dumps({"schema": "etk.eval/v1", "model": m, **rows[-1], "by_n_boxes": rows}))
-    md = dict(collect_all([tmp_path], tmp_path))["eval"]
+    md = dict(collect_all([tmp_path], tmp_path))["accuracy (95% CI)"]
     assert "| a | 0.500 [0.400, 0.600] | 0.500 [0.400, 0.600] |" in md
     assert (tmp_path / "accuracy_table.csv").read_text().startswith("model,2 boxes,7 boxes")
     header, _ = accuracy_table([])

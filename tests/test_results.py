@@ -49,9 +49,6 @@ def test_every_method_result_round_trips(name, tmp_path):
     back = cls.load(tmp_path)
     assert type(back) is cls and back.to_json() == res.to_json() and back.dir == tmp_path
     assert type(load_result(tmp_path)) is cls and load_result(tmp_path / "results.json").to_json() == res.to_json()
-    for header, rows in back.tables().values():  # every table is rectangular
-        assert all(len(r) == len(header) for r in rows)
-    assert all(isinstance(v, float) for v in back.headline().values())
 
 
 def test_bad_result_files_fail_with_the_file_named(tmp_path):
@@ -80,8 +77,8 @@ def test_omitted_fields_stay_absent(tmp_path):
     hints = typing.get_type_hints(FaithfulnessResult)
     payload = {f.name: sample(hints[f.name]) for f in fields(FaithfulnessResult) if f.default is not None
                and f.name not in ("extra", "config", "resources")}
-    doc = FaithfulnessResult.from_payload({k: v for k, v in payload.items() if k != "reason"}).to_json()
-    assert "reason" not in doc and "circuit" in doc
+    doc = FaithfulnessResult.from_payload({**payload, "circuit": "c"}).to_json()
+    assert "reason" not in doc and "circuit_spec" not in doc and doc["circuit"] == "c"
 
 
 def test_api_is_exported():
@@ -116,7 +113,12 @@ def test_no_lightning_module_attribute_is_assigned_outside_its_class():
 def test_methods_never_import_the_study():
     """The study imports the methods (explicitly, through the registry); no method module imports the study."""
     root = Path(etk.__file__).parent / "methods"
-    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if "etk.study" in p.read_text()]
+    offenders = []
+    for p in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            offenders += [f"{p.relative_to(root)}: {n}" for n in names if n.startswith("etk.study")]
     assert not offenders, offenders
 
 

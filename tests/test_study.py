@@ -36,6 +36,16 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
     assert json.loads((tmp_path / "cmap" / "reverse" / "results.json").read_text())["target_model"] == "tiny_other"
     assert not any("skipped" in line for line in res["log"])
     assert res["log"][-1].startswith("total compute time")
+    # every job's result loads as its method's type; its tables are rectangular and its headline numbers floats
+    from etk.results import load_result
+
+    found = sorted(tmp_path.rglob("results.json"))
+    assert len(found) >= 20
+    for p in found:
+        r = load_result(p.parent)
+        for header, rows in r.tables().values():
+            assert all(len(row) == len(header) for row in rows), p
+        assert all(isinstance(v, float) for v in r.headline().values()), p
     # a rerun skips every finished job; a corrupt result is recomputed
     (tmp_path / "knockout" / "base" / "results.json").write_text(json.dumps({"schema": "something/else"}))
     again = compose_run(tmp_path, SMALL)

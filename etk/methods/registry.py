@@ -51,6 +51,7 @@ class MethodSpec:
     result: type[Result]
     section: Callable[[ReportContext], Section | None] | None = None  # the study report's section of this step
     collect: Callable[..., str | None] | None = None  # results of a multirun, out dir -> the Markdown table written
+    collect_title: str = ""  # what that table is, printed above it
     entry: str = "patching"  # the primary config it runs under: patching | dcm | finetune
     summary: str = ""
 
@@ -60,14 +61,14 @@ class MethodSpec:
 
 
 REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
-    MethodSpec("eval", run_eval, EvalResult, eval_report.section, eval_report.collect,
+    MethodSpec("eval", run_eval, EvalResult, eval_report.section, eval_report.collect, "accuracy (95% CI)",
                summary="task accuracy with a 95% interval"),
     MethodSpec("path_patching", run_path_patching, PathPatchingResult, pp_report.section,
                summary="4-stage circuit discovery; writes the paper's candidate sets"),
     MethodSpec("minimality", run_minimality, MinimalityResult,
                summary="the paper's significance pruning of candidate sets"),
     MethodSpec("faithfulness", run_faithfulness, FaithfulnessResult, faithfulness_report.section,
-               faithfulness_report.collect,
+               faithfulness_report.collect, "faithfulness matrix",
                summary="F(circuit)/F(model) under mean ablation, with its ceiling and random circuits"),
     MethodSpec("faithfulness_curve", run_faithfulness_curve, CurveResult, curve_report.section,
                summary="faithfulness of top-x% circuits, CPR and CMD"),
@@ -75,7 +76,7 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="position-aware circuit grown to a target faithfulness"),
     MethodSpec("completeness", run_completeness, CompletenessResult, summary="incompleteness |F(C\\K) - F(M\\K)|"),
     MethodSpec("overlap", run_overlap, OverlapResult, summary="shared heads of two circuits per group"),
-    MethodSpec("dcm", run_dcm, DCMResult, dcm_report.section, dcm_report.collect, entry="dcm",
+    MethodSpec("dcm", run_dcm, DCMResult, dcm_report.section, dcm_report.collect, "DCM", entry="dcm",
                summary="desiderata-based component masks"),
     MethodSpec("activation_patching", run_activation_patching, ActivationPatchingResult, ap_report.section,
                summary="DCM head sets patched inside a model"),

@@ -15,7 +15,7 @@ from etk.report.tables import find_results
 
 
 def collect_all(roots: list[Path], out_dir: Path) -> list[tuple[str, str]]:
-    """(method, Markdown table) for every method with results below the roots, tables written into out_dir."""
+    """(title, Markdown table) for every method with results below the roots, tables written into out_dir."""
     out = []
     for name, spec in REGISTRY.items():
         if spec.collect is None:
@@ -23,7 +23,7 @@ def collect_all(roots: list[Path], out_dir: Path) -> list[tuple[str, str]]:
         found = find_results(roots, spec.result)
         md = spec.collect(found, out_dir) if found else None
         if md:
-            out.append((name, md))
+            out.append((spec.collect_title or name, md))
     return out
 
 

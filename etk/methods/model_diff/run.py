@@ -13,7 +13,6 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.artifacts import read_json
 from etk.circuits import load_circuit
 from etk.metrics import spearman
 from etk.data.roles import GROUP_ROLE, GROUPS, MEMBERS, SCALAR_ROLES, SHORT, groups_at
@@ -24,7 +23,7 @@ from etk.methods.model_diff.weights import weight_deltas
 from etk.models.arch import LlamaFamily
 from etk.report.plots import head_heatmap
 from etk.runtime import circuit_spec, data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
-from etk.results import ModelDiffResult
+from etk.results import CMAPResult, ModelDiffResult
 
 
 
@@ -43,7 +42,7 @@ def percentile_of(values: torch.Tensor, among: torch.Tensor) -> float:
 
 
 def group_ranking(w: dict[str, torch.Tensor], act: torch.Tensor, dla_change: torch.Tensor, circuit,
-                  cmap: dict | None) -> list[dict[str, Any]]:
+                  cmap: CMAPResult | None) -> list[dict[str, Any]]:
     """Per circuit group: how much its heads changed (weights, z at the group's position, DLA) as raw means and as
     percentiles among all heads, beside the share of the gain CMAP found in that group."""
     rows = []
@@ -59,7 +58,7 @@ def group_ranking(w: dict[str, torch.Tensor], act: torch.Tensor, dla_change: tor
                "weight_delta": float(w["head"][li, hi].mean()), "weight_percentile": percentile_of(w["head"][li, hi], w["head"]),
                "activation_delta": float(a[li, hi].mean()), "activation_percentile": percentile_of(a[li, hi], a),
                "dla_change": float(dla_change[li, hi].mean()), "dla_percentile": percentile_of(dla_change[li, hi], dla_change)}
-        r = (cmap or {}).get("results", {}).get(g)
+        r = cmap.results.get(g) if cmap is not None else None
         if r is not None:
             row["cmap_share_of_gap"] = r.get("share_of_gap")
             row["cmap_accuracy"] = r.get("accuracy")
@@ -101,7 +100,7 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
     module.pair.check([e.render().text for e in examples[:50]])
     spec = circuit_spec(cfg, cfg.pair.finetuned.get("circuit"))  # the fine-tuned circuit, as CMAP patches
     circuit = load_circuit(spec) if spec else None
-    cmap = read_json(m.cmap_run) if m.get("cmap_run") else None
+    cmap = CMAPResult.load(m.cmap_run) if m.get("cmap_run") else None
     out = output_dir()
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
