@@ -23,9 +23,19 @@ from typing import Any
 from omegaconf import OmegaConf, open_dict
 
 from etk.circuits import Circuit
-from etk.models.loading import LoadedModel, load_model as _load_weights, preloaded
-from etk.results import (CircuitSearchResult, CMAPResult, DCMResult, FaithfulnessResult, KnockoutResult,
-                         ModelDiffResult, PathPatchingResult, Result, load_result)
+from etk.models.loading import LoadedModel, preloaded
+from etk.models.loading import load_model as _load_weights
+from etk.results import (
+    CircuitSearchResult,
+    CMAPResult,
+    DCMResult,
+    FaithfulnessResult,
+    KnockoutResult,
+    ModelDiffResult,
+    PathPatchingResult,
+    Result,
+    load_result,
+)
 from etk.runtime import compose, step_output, to_overrides
 
 TOP_LEVEL = ("data", "ablation", "trainer", "seed", "scores")  # keyword arguments that are not the method's own

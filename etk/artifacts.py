@@ -60,6 +60,14 @@ def finite(o: Any) -> Any:
     return o
 
 
+def named(values: Any, *axes: str) -> dict[str, Any]:
+    """A tensor in a JSON record: `{"axes": [...], "shape": [...], "values": nested lists}` (NaN written as null).
+    The one form of a tensor with named axes in results (score maps keep the paper's file schema, `save_score_map`)."""
+    if len(axes) != len(values.shape):
+        raise ValueError(f"{len(axes)} axis names {axes} for a tensor of shape {tuple(values.shape)}")
+    return {"axes": list(axes), "shape": list(values.shape), "values": values.tolist()}
+
+
 def write_json(path: str | Path, payload: dict[str, Any], schema: str) -> Path:
     """Write `{"schema": schema, **payload}` atomically, with undefined numbers as null."""
     text = json.dumps(finite({"schema": schema, **payload}), indent=2, allow_nan=False, default=_default)

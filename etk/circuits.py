@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from etk.data.roles import GROUP_ROLE, GROUPS, ROLE_ID, ROLE_VOCAB, SHORT, key_role  # noqa: F401 (re-exported)
-from etk.errors import DataError, EtkError
+from etk.errors import ConfigError, DataError, EtkError
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
 
@@ -117,6 +117,24 @@ def load_circuit(spec: str | Path) -> Circuit:
         return Circuit(doc, meta)
     except (json.JSONDecodeError, CircuitError) as e:
         raise CircuitError(f"circuit {spec!r}: {e}") from None
+
+
+def circuit_spec(cfg: Any, fallback: str | None = None) -> str | None:
+    """The selected circuit: `circuit.path` (any circuit.json), else the `circuit=` option's shipped name, else
+    `fallback` (e.g. the fine-tuned member's own circuit)."""
+    c = cfg.get("circuit")
+    spec = (c.get("path") or c.get("name")) if c else None
+    return str(spec) if spec else fallback
+
+
+def resolve_circuit(cfg: Any, fallback: str | None = None) -> tuple[str, "Circuit"]:
+    """(spec, Circuit) of the run's circuit (`circuit_spec`): the one resolver every method uses; a clear error when
+    there is none."""
+    spec = circuit_spec(cfg, fallback)
+    if not spec:
+        raise ConfigError("this method needs a circuit: circuit=<llama_7b|goat_7b|float_7b> (the paper's) or "
+                          "circuit.path=<circuit.json> (e.g. a path-patching or minimality run's)")
+    return spec, load_circuit(spec)
 
 
 def save_score_map(path: str | Path, scores: torch.Tensor, **meta: Any) -> Path:

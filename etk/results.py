@@ -177,6 +177,16 @@ class Job:
         return all(getattr(self, k) == v for k, v in fields.items())
 
 
+def member_circuit(graph: list[tuple[Job, Result]], member: str) -> Path | None:
+    """A pair member's circuit in a study's job graph: minimality's pruned circuit, else path patching's candidates
+    (when the study skips minimality); None when neither step ran for it."""
+    for step in ("minimality", "path_patching"):
+        for job, res in graph:
+            if job.step == step and job.member == member and res.dir is not None and (res.dir / "circuit.json").exists():
+                return res.dir / "circuit.json"
+    return None
+
+
 def load_result(folder: str | Path) -> Result:
     """Any run folder the CLI wrote (or its results.json), as its method's result type (found by its schema)."""
     path = Path(folder)

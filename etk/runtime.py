@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.errors import ConfigError
-
 if TYPE_CHECKING:
     from etk.results import Result
 
@@ -136,27 +134,6 @@ def free_model() -> None:
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
-
-
-def circuit_spec(cfg: DictConfig, fallback: str | None = None) -> str | None:
-    """The selected circuit: `circuit.path` (any circuit.json), else the `circuit=` option's shipped name, else
-    `fallback` (e.g. the fine-tuned member's own circuit)."""
-    c = cfg.get("circuit")
-    if isinstance(c, str):  # a plain string (older configs)
-        return c
-    spec = (c.get("path") or c.get("name")) if c else None
-    return str(spec) if spec else fallback
-
-
-def require_circuit(cfg: DictConfig, fallback: str | None = None):
-    """(spec, Circuit) of the selected circuit; a clear error when there is none."""
-    from etk.circuits import load_circuit
-
-    spec = circuit_spec(cfg, fallback)
-    if not spec:
-        raise ConfigError("this method needs a circuit: circuit=<llama_7b|goat_7b|float_7b> (the paper's) or "
-                          "circuit.path=<circuit.json> (e.g. a path-patching or minimality run's)")
-    return spec, load_circuit(spec)
 
 
 def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:

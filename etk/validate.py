@@ -94,7 +94,7 @@ def validate(cfg: DictConfig) -> None:
         for x in m.get("fractions") or []:
             if not 0 < float(x) <= 1:
                 raise ConfigError(f"method.fractions: {x} is not in (0, 1]; fractions of the model's heads, e.g. [0.01, 0.1, 1.0]")
-    from etk.runtime import circuit_spec
+    from etk.circuits import circuit_spec
 
     spec = circuit_spec(cfg)
     if spec:

@@ -309,8 +309,7 @@ def test_run_knockout_end_to_end(tmp_path, capsys):
 def test_random_keys_are_drawn_per_dataset_index():
     """The random key of a prompt depends on its dataset index only (so DDP shards draw what one process draws): the
     module's uniforms are draw i of one seeded stream, whatever the batch order or batch size."""
-    mod = KnockoutModule({}, EDGES, None, random_seed=5)
-    mod._table = None  # as on_predict_epoch_start leaves it
+    mod = KnockoutModule({}, EDGES, None, random_seed=5)  # no table drawn yet, as at the start of a loop
 
     class B:  # only the index is read
         def __init__(self, idx):

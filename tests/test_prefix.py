@@ -8,7 +8,7 @@ from etk.interventions.heads import HeadSet, capture
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.partial import LayerInputs, SharedPrefix
-from etk.models.prefix import (RowCache, earliest, patched_last_logits, prefix_rows, split_position, stack,
+from etk.interventions.prefix import (RowCache, earliest, patched_last_logits, prefix_rows, split_position, stack,
                                unpatched_rows, unstack)
 from etk.models.tiny import tiny_llama
 from tests.helpers import batch_of, mixed_length_examples

@@ -11,7 +11,6 @@ from etk.models.arch import LlamaFamily
 from etk.models.loading import LoadedModel, is_dispatched, shared_model
 from etk.models.pair import PairModels
 
-
 # constructor inputs that are objects, not settings: never saved as hyper-parameters (nor into checkpoints)
 NOT_HPARAMS = ("model", "pair", "means", "head_sets", "stage", "receivers", "senders")
 

@@ -37,9 +37,23 @@ from etk.methods.overlap.run import run_overlap
 from etk.methods.path_patching import report as pp_report
 from etk.methods.path_patching.run import run_path_patching
 from etk.report.context import ReportContext, Section
-from etk.results import (ActivationPatchingResult, CircuitSearchResult, CMAPResult, CompletenessResult, CurveResult,
-                         DCMResult, EvalResult, FaithfulnessResult, FinetuneResult, KnockoutResult, MinimalityResult,
-                         ModelDiffResult, OverlapResult, PathPatchingResult, Result)
+from etk.results import (
+    ActivationPatchingResult,
+    CircuitSearchResult,
+    CMAPResult,
+    CompletenessResult,
+    CurveResult,
+    DCMResult,
+    EvalResult,
+    FaithfulnessResult,
+    FinetuneResult,
+    KnockoutResult,
+    MinimalityResult,
+    ModelDiffResult,
+    OverlapResult,
+    PathPatchingResult,
+    Result,
+)
 
 Table = tuple[list[str], list[list[str]]]
 

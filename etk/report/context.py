@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etk.results import Job, Result
+from etk.results import Job, Result, member_circuit
 
 
 @dataclass
@@ -56,8 +56,4 @@ class ReportContext:
 
     def circuit_path(self, member: str) -> Path | None:
         """The member's circuit as the study used it: minimality's, else path patching's candidates."""
-        for step in ("minimality", "path_patching"):
-            res = self.result(step, member=member)
-            if res is not None and (res.dir / "circuit.json").exists():
-                return res.dir / "circuit.json"
-        return None
+        return member_circuit(self.graph, member)

@@ -3,35 +3,46 @@ earlier steps (never from folder names). Each function is `(study) -> list[Job]`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
 from etk.data.roles import MEMBERS
-from etk.results import Job
+from etk.results import Job, Result
 from etk.runtime import hydra_value
 
-if TYPE_CHECKING:
-    from etk.study.run import Study
+
+class Study(Protocol):
+    """What a step's job function reads of the running study (`etk.study.run.Study`)."""
+
+    plan: Any  # the study config's `plan` block
+
+    def member(self, member: str) -> Any: ...
+    def sizes(self, step: str, prefix: str = "method") -> list[str]: ...
+    def ablation(self) -> list[str]: ...
+    def results(self, step: str, **match: Any) -> list[tuple[Job, Result]]: ...
+    def result(self, step: str, **match: Any) -> Any: ...
+    def circuit_path(self, member: str) -> str: ...
+    def note(self, line: str) -> None: ...
 
 # CMAP's head choice (SPEC §6.1): DCM selections for VF (object value), PT and PD (position); SR keeps all its heads
 CMAP_DCM_CHOICE = {("value_fetcher", "object"), ("pos_transmitter", "position"), ("pos_detector", "position")}
 
 
-def per_member(study: "Study", step: str, *extra: str) -> list[Job]:
+def per_member(study: Study, step: str, *extra: str) -> list[Job]:
     """One job per member: `model=<member>`, `extra` overrides, the step's sizes."""
     return [Job(step, m, (f"model={m}", *extra, *study.sizes(step)), member=m) for m in MEMBERS]
 
 
-def eval_jobs(study: "Study") -> list[Job]:
+def eval_jobs(study: Study) -> list[Job]:
     """Accuracy of both members."""
     return per_member(study, "eval")
 
 
-def path_patching_jobs(study: "Study") -> list[Job]:
+def path_patching_jobs(study: Study) -> list[Job]:
     """Circuit discovery on both members (their candidate sets)."""
     return per_member(study, "path_patching")
 
 
-def minimality_jobs(study: "Study") -> list[Job]:
+def minimality_jobs(study: Study) -> list[Job]:
     """The paper's construction: each member's candidates pruned at its model's threshold
     (`discovery.minimality_threshold`); the pruned circuit is what later steps use."""
     jobs = []
@@ -44,26 +55,26 @@ def minimality_jobs(study: "Study") -> list[Job]:
     return jobs
 
 
-def faithfulness_jobs(study: "Study") -> list[Job]:
+def faithfulness_jobs(study: Study) -> list[Job]:
     """Each member's circuit on each member: the cross-model faithfulness matrix."""
     return [Job("faithfulness", f"{c}_circuit-on-{m}", (f"model={m}", f"circuit.path={study.circuit_path(c)}",
                                                          *study.sizes("faithfulness"), *study.ablation()),
                 member=m, circuit_of=c) for c in MEMBERS for m in MEMBERS]
 
 
-def curve_jobs(study: "Study") -> list[Job]:
+def curve_jobs(study: Study) -> list[Job]:
     """Each member's curve from its own path-patching scores."""
     return [Job("faithfulness_curve", m, (f"model={m}", f"scores={study.result('path_patching', member=m).dir}",
                                           *study.sizes("faithfulness_curve"), *study.ablation()),
                 member=m, reads=(("path_patching", m),)) for m in MEMBERS]
 
 
-def search_jobs(study: "Study") -> list[Job]:
+def search_jobs(study: Study) -> list[Job]:
     """Each member's position-aware circuit."""
     return per_member(study, "circuit_search", *study.ablation())
 
 
-def dcm_jobs(study: "Study") -> list[Job]:
+def dcm_jobs(study: Study) -> list[Job]:
     """A mask per (member in plan.dcm_members, group with heads in its circuit, desideratum)."""
     from etk.circuits import load_circuit
 
@@ -81,7 +92,7 @@ def dcm_jobs(study: "Study") -> list[Job]:
     return jobs
 
 
-def activation_patching_jobs(study: "Study") -> list[Job]:
+def activation_patching_jobs(study: Study) -> list[Job]:
     """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members."""
     wanted = set(study.plan.ap_desiderata or study.plan.dcm_desiderata)
     jobs = []
@@ -99,7 +110,7 @@ def activation_patching_jobs(study: "Study") -> list[Job]:
     return jobs
 
 
-def cmap_jobs(study: "Study") -> list[Job]:
+def cmap_jobs(study: Study) -> list[Job]:
     """The fine-tuned circuit patched across the pair in each direction, with the paper's head choice: DCM
     selections for VF (object value), PT and PD (positional), all SR heads."""
     chosen = [(dj, res) for dj, res in sorted(study.results("dcm", member="finetuned"), key=lambda jr: jr[0].name)
@@ -111,7 +122,7 @@ def cmap_jobs(study: "Study") -> list[Job]:
             for d in study.plan.cmap_directions]
 
 
-def model_diff_jobs(study: "Study") -> list[Job]:
+def model_diff_jobs(study: Study) -> list[Job]:
     """The pair diffed on the study's prompts, beside the forward CMAP's shares of the gain."""
     fwd = study.result("cmap", direction="forward")
     extra = (f"method.cmap_run={fwd.dir / 'results.json'}",) if fwd is not None else ()
@@ -120,12 +131,12 @@ def model_diff_jobs(study: "Study") -> list[Job]:
                 circuit_of="finetuned", reads=(("cmap", "forward"),) if fwd is not None else ())]
 
 
-def knockout_jobs(study: "Study") -> list[Job]:
+def knockout_jobs(study: Study) -> list[Job]:
     """Knockout curves of both members."""
     return per_member(study, "knockout")
 
 
-STEP_JOBS: dict[str, Callable[["Study"], list[Job]]] = {
+STEP_JOBS: dict[str, Callable[[Study], list[Job]]] = {
     "eval": eval_jobs, "path_patching": path_patching_jobs, "minimality": minimality_jobs,
     "faithfulness": faithfulness_jobs, "faithfulness_curve": curve_jobs, "circuit_search": search_jobs,
     "dcm": dcm_jobs, "activation_patching": activation_patching_jobs, "cmap": cmap_jobs,

@@ -23,7 +23,7 @@ from etk.errors import ConfigError, DataError
 from etk.methods.registry import REGISTRY, MethodSpec, get
 from etk.models.loading import reuse_models
 from etk.models.pair import load_pair
-from etk.results import Job, Result
+from etk.results import Job, Result, member_circuit
 from etk.runtime import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
 from etk.study.plan import STEP_JOBS
 from etk.study.report import write_report
@@ -71,10 +71,9 @@ class Study:
     def circuit_path(self, member: str) -> str:
         """The member's circuit: minimality's pruned circuit, or path patching's candidates when the study skips
         minimality."""
-        for step in ("minimality", "path_patching"):
-            res = self.result(step, member=member)
-            if res is not None and (res.dir / "circuit.json").exists():
-                return str(res.dir / "circuit.json")
+        path = member_circuit(self.graph, member)
+        if path is not None:
+            return str(path)
         raise ConfigError(f"the study has no circuit of the {member} member: run path_patching (and minimality) "
                           "before the steps that use circuits")
 

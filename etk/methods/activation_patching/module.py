@@ -9,11 +9,12 @@ import torch
 
 from etk.data.roles import PairBatch
 from etk.interventions.heads import HeadSet, capture
+from etk.interventions.prefix import RowCache, earliest, patched_last_logits, row_logits, unpatched_rows
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
-from etk.models.prefix import RowCache, earliest, patched_last_logits, row_logits, unpatched_rows
+from etk.models.loading import LoadedModel
 
 HeadSets = dict[str, HeadSet]  # configuration name -> head set
 
@@ -22,7 +23,7 @@ class ActivationPatchingModule(ModelHost):
     """Activation patching of head sets within one model: base prompts, source activations from the pair's source
     prompt at the same role (the source's own position, [BUG-SRpos] fixed). Rows: unpatched, then each head set."""
 
-    def __init__(self, model_cfg: dict[str, Any], head_sets: HeadSets, cache_mb: float = 512, model=None):
+    def __init__(self, model_cfg: dict[str, Any], head_sets: HeadSets, cache_mb: float = 512, model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         self.head_sets: HeadSets = dict(head_sets)  # configuration name -> head set (patched rows, in order)
         self.acc = AblationAccuracy()

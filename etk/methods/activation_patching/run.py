@@ -11,16 +11,16 @@ import torch
 from omegaconf import DictConfig
 
 from etk.circuits import load_dcm_selection
-from etk.data.roles import key_role
 from etk.data.datasets import task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.data.roles import key_role
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet
 from etk.methods.activation_patching.module import ActivationPatchingModule
 from etk.metrics import accuracy_ci
 from etk.models.loading import load
-from etk.runtime import run_logger, data_config, emit, plain_config, trainer_kwargs
 from etk.results import ActivationPatchingResult
+from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
 
 
 def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:

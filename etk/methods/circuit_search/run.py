@@ -11,8 +11,13 @@ import torch
 from omegaconf import DictConfig
 
 from etk.data.roles import ROLE_VOCAB
-from etk.methods.circuit_search.search import (UnitAttribution, circuit_from_keep, exact_removal_effects, grow_and_prune,
-                                               verify_subset)
+from etk.methods.circuit_search.search import (
+    UnitAttribution,
+    circuit_from_keep,
+    exact_removal_effects,
+    grow_and_prune,
+    verify_subset,
+)
 from etk.methods.mean_ablation.ablation import Ablation, ceiling_ablation, full_model
 from etk.methods.mean_ablation.runner import run_evaluated
 from etk.methods.mean_ablation.summary import random_ablation, summarise

@@ -11,11 +11,12 @@ import torch
 from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
+from etk.interventions.prefix import earliest, patched_last_logits, row_logits, unpatched_rows
+from etk.methods.base import PairHost
 from etk.methods.mean_ablation.module import AblationAccuracy, answer_logp
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
-from etk.models.prefix import earliest, patched_last_logits, row_logits, unpatched_rows
-from etk.methods.base import PairHost
+from etk.models.pair import PairModels
 
 HeadSets = dict[str, HeadSet]  # configuration name -> head set
 
@@ -25,7 +26,7 @@ class CMAPModule(PairHost):
     A LoRA pair runs on one copy of the base weights, toggling the adapter (see `load_pair`)."""
 
     def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], head_sets: HeadSets,
-                 direction: str = "forward", toggle_adapter: bool = True, pair=None):
+                 direction: str = "forward", toggle_adapter: bool = True, pair: PairModels | None = None):
         super().__init__(base_cfg, finetuned_cfg, toggle_adapter, pair)
         if direction not in ("forward", "reverse"):
             raise ConfigError(f"direction must be 'forward' (fine-tuned -> base) or 'reverse', got {direction!r}")

@@ -8,23 +8,22 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_text
-from etk.circuits import circuit_label, load_dcm_selection
-from etk.data.roles import GROUPS, MEMBERS, SHORT
-from etk.models.pair import load_pair
+from etk.circuits import circuit_label, load_dcm_selection, resolve_circuit
 from etk.data.datasets import prompt_loader, task_examples
+from etk.data.roles import GROUPS, MEMBERS, SHORT
 from etk.interventions.heads import HeadSet
 from etk.methods.cmap.module import CMAPModule
 from etk.metrics import accuracy_ci, share_of_gap
 from etk.models.arch import LlamaFamily
+from etk.models.pair import load_pair
 from etk.report.tables import markdown, with_ci
-from etk.runtime import (run_logger, data_config, emit, output_dir, plain_config,
-                                require_circuit, trainer_kwargs)
 from etk.results import CMAPResult
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 
 def cmap_circuit(cfg: DictConfig):
     """circuit= if given, else the fine-tuned member's own circuit (the paper patches the fine-tuned circuit)."""
-    return require_circuit(cfg, cfg.pair.finetuned.get("circuit"))
+    return resolve_circuit(cfg, cfg.pair.finetuned.get("circuit"))
 
 
 def cmap_head_sets(cfg: DictConfig, circuit) -> tuple[dict[str, list], dict[str, str]]:

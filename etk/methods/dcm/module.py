@@ -14,16 +14,17 @@ from etk.circuits import GROUPS, key_role
 from etk.data.roles import ROLE_ID, PairBatch
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
+from etk.interventions.prefix import RowCache, patched_last_logits, row_logits, stack, unpatched_rows, unstack
 from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
-from etk.models.prefix import RowCache, patched_last_logits, row_logits, stack, unpatched_rows, unstack
+from etk.models.loading import LoadedModel
 
 
 class DCMModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
-                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model=None):
+                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         if group not in GROUPS and group not in ROLE_ID:
             raise ConfigError(f"unknown group {group!r}; groups are {list(GROUPS)} (or a position role of a "

@@ -11,15 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor, write_json
-from etk.circuits import circuit_label
+from etk.circuits import circuit_label, resolve_circuit
 from etk.data.datasets import task_examples
 from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
 from etk.methods.dcm.module import DCMModule
 from etk.models.loading import load
 from etk.report.plots import mask_plot
-from etk.runtime import data_config, emit, run_logger, output_dir, plain_config, require_circuit, trainer_kwargs
 from etk.results import DCMResult
-
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 
 def dcm_loaders(cfg: DictConfig, tokenizer):
@@ -40,7 +39,7 @@ def dcm_loaders(cfg: DictConfig, tokenizer):
 def run_dcm(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     out = output_dir()
-    spec, circuit = require_circuit(cfg)
+    spec, circuit = resolve_circuit(cfg)
     heads = [list(h) for h in circuit.groups.get(cfg.group, [])]
     d = cfg.dcm
     model = load(cfg.model)

@@ -10,10 +10,11 @@ from etk.data.roles import PromptBatch
 from etk.methods.base import ModelHost
 from etk.metrics import TaskAccuracy
 from etk.models.forward import assert_eval, last_logits
+from etk.models.loading import LoadedModel
 
 
 class AccuracyModule(ModelHost):
-    def __init__(self, model_cfg: dict[str, Any], model=None):
+    def __init__(self, model_cfg: dict[str, Any], model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         self.acc = TaskAccuracy()
 

@@ -10,9 +10,8 @@ from omegaconf import DictConfig, open_dict
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.eval.module import AccuracyModule
 from etk.models.loading import load
-from etk.runtime import emit, run_logger, data_config, plain_config, trainer_kwargs
 from etk.results import EvalResult
-
+from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
 
 
 def evaluate(module: AccuracyModule, data_cfg: DictConfig, trainer: L.Trainer) -> dict[str, Any]:

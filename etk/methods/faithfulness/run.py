@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from etk.circuits import circuit_spec
 from etk.methods.mean_ablation.runner import run_evaluated
 from etk.methods.mean_ablation.summary import faithfulness
 from etk.metrics import fmt
 from etk.results import FaithfulnessResult
-from etk.runtime import circuit_spec
 
 
 def run_faithfulness(cfg: DictConfig) -> FaithfulnessResult:

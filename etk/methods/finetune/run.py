@@ -25,9 +25,8 @@ from etk.methods.eval.module import AccuracyModule
 from etk.methods.eval.run import evaluate_box_counts
 from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import LoadedModel, load_model, resolve_path
-from etk.runtime import emit, run_logger, output_dir, plain_config, trainer_kwargs
 from etk.results import FinetuneResult
-
+from etk.runtime import emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 
 def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:

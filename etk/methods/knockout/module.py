@@ -9,13 +9,20 @@ import torch
 
 from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
-from etk.interventions.knockout import (RANDOM, config_rows, edge_positions, knockout, parse_edge,
-                                        random_context_positions)
+from etk.interventions.knockout import (
+    RANDOM,
+    config_rows,
+    edge_positions,
+    knockout,
+    parse_edge,
+    random_context_positions,
+)
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.ablation import repeat_batch
 from etk.methods.mean_ablation.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
+from etk.models.loading import LoadedModel
 from etk.models.partial import LayerInputs, forward_from_layer
 
 BASELINE = "baseline"
@@ -26,7 +33,7 @@ class KnockoutModule(ModelHost):
     `self.acc.per_example()` is [K, N] correctness in the order of `self.configs()`."""
 
     def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
-                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model=None):
+                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         self.every = max(1, int(start_layers_every))
         for e in edges:
@@ -37,6 +44,7 @@ class KnockoutModule(ModelHost):
         self.random_seed = int(random_seed)
         self.acc = AblationAccuracy()
         self.forwards = 0
+        self._table: torch.Tensor | None = None  # the random keys' uniforms, drawn per dataset index (`uniforms`)
 
     @property
     def n_layers(self) -> int:
@@ -59,7 +67,7 @@ class KnockoutModule(ModelHost):
         assert_eval(self.net)
         self.acc.reset()
         self.generator = torch.Generator().manual_seed(self.random_seed)
-        self._table: torch.Tensor | None = None
+        self._table = None
         self.forwards = 0
 
     def uniforms(self, batch: PromptBatch) -> torch.Tensor | None:

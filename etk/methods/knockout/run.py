@@ -11,11 +11,11 @@ from omegaconf import DictConfig
 
 from etk.data.datasets import prompt_loader, task_examples
 from etk.methods.knockout.module import KnockoutModule
-from etk.models.loading import load
 from etk.metrics import accuracy_ci
+from etk.models.loading import load
 from etk.report.plots import line_plot
-from etk.runtime import emit, run_logger, data_config, output_dir, plain_config, trainer_kwargs
 from etk.results import KnockoutResult
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 PLOT = "knockout.png"
 

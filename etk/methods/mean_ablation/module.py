@@ -9,11 +9,12 @@ import torch
 from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import ModelHost
-from etk.metrics import ExampleMetric, all_sum
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, keep_rows
 from etk.methods.mean_ablation.vital import background, vital_logits, vital_only
+from etk.metrics import ExampleMetric, all_sum
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
+from etk.models.loading import LoadedModel
 
 
 class AblationAccuracy(ExampleMetric):
@@ -85,7 +86,7 @@ class AblationEval(ModelHost):
     vital-only ones."""
 
     def __init__(self, model_cfg: dict[str, Any], means: torch.Tensor, ablations_per_forward: int = 16,
-                 vital_rows_per_forward: int = 2048, vital_fast_path: bool = True, model=None):
+                 vital_rows_per_forward: int = 2048, vital_fast_path: bool = True, model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         self.means = means  # [L, T, H, D]
         self.per_forward = ablations_per_forward

@@ -9,10 +9,10 @@ from typing import Any, Callable
 import lightning as L
 from omegaconf import DictConfig
 
-from etk.circuits import Circuit, circuit_label
+from etk.circuits import Circuit, circuit_label, resolve_circuit
 from etk.methods.mean_ablation.evaluator import Evaluator
 from etk.results import Result
-from etk.runtime import emit, plain_config, require_circuit, run_logger
+from etk.runtime import emit, plain_config, run_logger
 
 Body = Callable[[Evaluator, "Circuit | None"], dict[str, Any]]  # the method's computation -> its record
 
@@ -21,7 +21,7 @@ def run_evaluated(cfg: DictConfig, result: type[Result], body: Body, needs_circu
     """Run `body(evaluator, circuit)` under the run's logger and write its record as a `result`, with the circuit's
     label and sizes, the evaluator's counts and the config."""
     L.seed_everything(cfg.seed, verbose=False)
-    spec, circuit = require_circuit(cfg) if needs_circuit else (None, None)
+    spec, circuit = resolve_circuit(cfg) if needs_circuit else (None, None)
     with run_logger(cfg) as logger:
         t0 = time.time()
         ev = Evaluator(cfg, circuit)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from etk.circuits import Circuit
+from etk.circuits import Circuit, circuit_spec
 from etk.methods.mean_ablation.runner import run_evaluated
 from etk.methods.minimality.minimality import minimality
 from etk.results import MinimalityResult
-from etk.runtime import circuit_spec, output_dir
+from etk.runtime import output_dir
 
 
 def run_minimality(cfg: DictConfig) -> MinimalityResult:

@@ -15,6 +15,7 @@ from etk.methods.base import PairHost
 from etk.metrics import all_sum
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
+from etk.models.pair import PairModels
 from etk.models.partial import LayerInputs
 
 DIFF_ROLES = COLLAPSED_ROLES  # objects[k] -> objects, labels[k] -> labels
@@ -86,7 +87,7 @@ class ModelDiffModule(PairHost):
     """Both members on the same prompts; per batch, the sums behind every per-(role, layer, head) delta."""
 
     def __init__(self, base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle_adapter: bool = True,
-                 pair=None):
+                 pair: PairModels | None = None):
         super().__init__(base_cfg, finetuned_cfg, toggle_adapter, pair)
         self.totals: dict[str, torch.Tensor] = {}
 

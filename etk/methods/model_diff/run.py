@@ -13,23 +13,18 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from etk.circuits import load_circuit
-from etk.metrics import spearman
-from etk.data.roles import GROUP_ROLE, GROUPS, MEMBERS, SCALAR_ROLES, SHORT, groups_at
-from etk.models.pair import load_pair
+from etk.artifacts import named
+from etk.circuits import circuit_spec, load_circuit
 from etk.data.datasets import prompt_loader, task_examples
+from etk.data.roles import GROUP_ROLE, GROUPS, MEMBERS, SCALAR_ROLES, SHORT, groups_at
 from etk.methods.model_diff.module import DIFF_ROLES, ModelDiffModule
 from etk.methods.model_diff.weights import weight_deltas
+from etk.metrics import spearman
 from etk.models.arch import LlamaFamily
+from etk.models.pair import load_pair
 from etk.report.plots import head_heatmap
-from etk.runtime import circuit_spec, data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 from etk.results import CMAPResult, ModelDiffResult
-
-
-
-def named(values: torch.Tensor, *axes: str) -> dict[str, Any]:
-    """A tensor as a JSON array with its axis names (NaN written as null by emit)."""
-    return {"axes": list(axes), "shape": list(values.shape), "values": values.tolist()}
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 
 def percentile_of(values: torch.Tensor, among: torch.Tensor) -> float:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from etk.circuits import load_circuit, overlap
+from etk.circuits import load_circuit, overlap, resolve_circuit
 from etk.errors import ConfigError
 from etk.metrics import fmt
 from etk.results import OverlapResult
-from etk.runtime import emit, plain_config, require_circuit
+from etk.runtime import emit, plain_config
 
 
 def run_overlap(cfg: DictConfig) -> OverlapResult:
-    spec_a, a = require_circuit(cfg)
+    spec_a, a = resolve_circuit(cfg)
     if not cfg.method.get("other"):
         raise ConfigError("method=overlap needs method.other=<circuit name or path>")
     b = load_circuit(str(cfg.method.other))

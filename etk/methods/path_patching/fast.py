@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
 from etk.interventions.components import HeadId, n_units
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.methods.path_patching.naive import answer_prob, per_clean, prob_dtype, undefined_prompts

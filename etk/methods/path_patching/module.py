@@ -10,12 +10,13 @@ import torch
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 from etk.methods.base import ModelHost
-from etk.metrics import all_sum
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, minimum_blocks
+from etk.metrics import all_sum
 from etk.models.forward import assert_eval
+from etk.models.loading import LoadedModel
 
 ALGORITHMS = {"fast": fast_scores, "naive": naive_scores, "attribution": attribution_scores}
 
@@ -25,7 +26,7 @@ class PathPatchingModule(ModelHost):
     discovery builds one module per stage and algorithm on the same loaded model."""
 
     def __init__(self, model_cfg: dict[str, Any], stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
-                 algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model=None):
+                 algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")

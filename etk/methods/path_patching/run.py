@@ -14,15 +14,14 @@ from omegaconf import DictConfig
 from etk.artifacts import save_tensor
 from etk.circuits import SHORT, candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
-from etk.metrics import spearman
 from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import discovery_schedule, pp_loader
+from etk.metrics import spearman
 from etk.models.loading import load
 from etk.report.plots import head_heatmap
-from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 from etk.results import PathPatchingResult
-
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 
 
 def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.Tensor) -> dict[str, float]:
