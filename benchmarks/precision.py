@@ -23,7 +23,7 @@ from omegaconf import open_dict  # noqa: E402
 from etk.circuits import top_k  # noqa: E402
 from etk.data.datasets import prompt_loader, task_examples  # noqa: E402
 from etk.interventions.components import all_heads  # noqa: E402
-from etk.methods.circuit_search.search import spearman  # noqa: E402
+from etk.metrics import spearman  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.stages import STAGES, discovery_schedule, pp_loader, reachable_layers, receivers_from  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
