@@ -124,3 +124,44 @@ def test_methods_never_import_the_study():
 
 def test_result_base_declares_the_common_fields():
     assert [f.name for f in fields(Result)] == ["config", "resources", "extra"]
+
+
+def test_every_result_logs_scalars_tables_and_figures_the_same_way(tmp_path):
+    """`Result.log` sends the headline numbers, each table and each figure file to a logger that takes them (W&B's
+    log_table / log_image), and only the scalars to one that does not (CSV)."""
+    from etk.results import KnockoutResult
+
+    res = KnockoutResult(model="m", baseline={"accuracy": 0.75, "ci_low": 0.5, "ci_high": 0.9, "n": 8},
+                         edges={"last->query_label": {"start_layer": [0, 1], "accuracy": [0.25, 0.75],
+                                                      "ci_low": [0.1, 0.5], "ci_high": [0.5, 0.9]}})
+    res.save(tmp_path)
+    (tmp_path / "knockout.png").write_bytes(b"\x89PNG")
+
+    class Rich:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, m):
+            self.calls.append(("metrics", m))
+
+        def log_table(self, key, columns, data):
+            self.calls.append(("table", key, columns, data))
+
+        def log_image(self, key, images):
+            self.calls.append(("image", key, images))
+
+    class Plain:
+        def __init__(self):
+            self.calls = []
+
+        def log_metrics(self, m):
+            self.calls.append(("metrics", m))
+
+    rich, plain = Rich(), Plain()
+    res.log(rich)
+    res.log(plain)
+    assert ("metrics", {"knockout/baseline": 0.75}) in rich.calls and plain.calls == [("metrics", {"knockout/baseline": 0.75})]
+    table = next(c for c in rich.calls if c[0] == "table")
+    assert table[1] == "knockout/knockout" and table[3] == [["last->query_label", 0, 0.25, 0.1, 0.5],
+                                                            ["last->query_label", 1, 0.75, 0.5, 0.9]]
+    assert ("image", "knockout/knockout", [str(tmp_path / "knockout.png")]) in rich.calls
