@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.data.roles import MAX_BOXES
 from etk.errors import ConfigError
+from etk.tasks import check_task
 
 POSITIVE = frozenset({  # counts and sizes that must be integers >= 1 wherever they appear
     "n_examples", "batch_size", "n_prompts", "n_search", "n_heldout", "repeats", "attribution_batch_size",
@@ -64,7 +65,10 @@ def _data_files(d: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    """Check the counts, sizes, box counts and the circuit file of a composed config (raises ConfigError)."""
+    """Check the task, counts, sizes, box counts and the circuit file of a composed config (raises ConfigError)."""
+    task = cfg.get("task")
+    if task is not None:
+        check_task(str(task.get("name") if isinstance(task, DictConfig) else task))
     for section in ("data", "method", "ablation", "dcm", "train", "eval", "finetune_data"):
         node = cfg.get(section)
         if not isinstance(node, DictConfig):

@@ -113,3 +113,23 @@ def test_undefined_faithfulness_is_null_with_a_reason(tmp_path):
     doc = json.loads(text)  # valid JSON: no NaN
     assert "NaN" not in text and "Infinity" not in text
     assert doc["accuracy_model"] == 0 and doc["faithfulness"] is None and "no evaluation prompt" in doc["reason"]
+
+
+def test_an_unknown_task_is_refused_not_run_as_boxes(tmp_path):
+    """`task` names the task (it used to be the CLI's name, so `task=ioi` ran boxes): an unknown task fails before any
+    model loads, by option (Hydra lists the tasks) or by name (etk's check lists them); the CLI's name is `entry`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
+
+    from etk.errors import ConfigError
+    from etk.validate import validate
+    from tests.conftest import CONF
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        with pytest.raises(MissingConfigException, match="task/ioi"):
+            compose("patching", overrides=["task=ioi"])
+        cfg = compose("patching", overrides=["task.name=ioi", "model=tiny"])
+        assert compose("patching").task.name == "entity_tracking" and compose("patching").entry == "patching"
+        assert compose("dcm").entry == "dcm" and compose("dcm").task.name == "entity_tracking"
+    with pytest.raises(ConfigError, match="unknown task; tasks: entity_tracking"):
+        validate(cfg)

@@ -28,7 +28,7 @@ from etk.runtime import barrier, compose, data_config, free_model, output_dir, s
 from etk.study.plan import STEP_JOBS
 from etk.study.report import write_report
 
-INHERITED = ("pair", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
+INHERITED = ("pair", "task", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
 
 
 class Study:
