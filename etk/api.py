@@ -36,7 +36,7 @@ from etk.results import (
     Result,
     load_result,
 )
-from etk.runtime import compose, step_output, to_overrides
+from etk.runtime import compose, hydra_value, step_output, to_overrides
 
 TOP_LEVEL = ("data", "ablation", "trainer", "seed", "scores")  # keyword arguments that are not the method's own
 
@@ -79,10 +79,10 @@ def _run(method: str, models: dict[str, LoadedModel], overrides: dict[str, Any],
     args = ([f"method={method}"] if primary == "patching" else []) + ["logger=none"] + _circuit_args(circuit, out)
     for k, v in overrides.items():
         if k in TOP_LEVEL:
-            args += to_overrides(k, v) if isinstance(v, dict) else to_overrides("", {k: v})
+            args += to_overrides(k, v) if isinstance(v, dict) else [f"{k}={hydra_value(v)}"]
         else:
             args += to_overrides(block, {k: v})
-    cfg = compose(primary, [a.lstrip(".") for a in args] + (extra or []))
+    cfg = compose(primary, args + (extra or []))
     with open_dict(cfg):
         for key, model in models.items():  # model, pair.base, pair.finetuned: exactly the models held
             OmegaConf.update(cfg, key, OmegaConf.create(model.cfg), merge=False)

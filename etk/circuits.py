@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import GROUP_ROLE, GROUPS, ROLE_ID, ROLE_VOCAB, SHORT, key_role  # noqa: F401 (re-exported)
+from etk.data.roles import GROUPS, ROLE_ID, ROLE_VOCAB, key_role
 from etk.errors import ConfigError, DataError, EtkError
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
@@ -228,7 +228,7 @@ def load_dcm_selection(spec: str | Path) -> DCMSelection:
     if p.suffix == ".json":
         doc = json.loads(text)
         if doc.get("schema") == DCMResult.schema:
-            res = DCMResult.load(p)
+            res = DCMResult.from_record(doc, p)
             return DCMSelection([HeadId(int(a), int(b)) for a, b in res.selected_heads], res.group, res.desideratum,
                                 res.test.get("accuracy"))
         if doc.get("heads") is None:

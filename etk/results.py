@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
 from etk.artifacts import read_json, write_json
+from etk.data.roles import GROUPS
 from etk.errors import DataError
 
 RESULTS_FILE = "results.json"
@@ -33,19 +34,9 @@ class AccuracyCI(TypedDict):
     n: int
 
 
-class ShareOfGap(TypedDict, total=False):
-    """`etk.metrics.share_of_gap`: share of the accuracy gap a patch recovers, with a paired-bootstrap interval."""
-
-    share: float | None
-    ci_low: float | None
-    ci_high: float | None
-    gap: float
-    reason: str
-
-
-def _optional(default: Any = None) -> Any:
+def _optional() -> Any:
     """A field written only when set (absent from results.json when None, as the runners always did)."""
-    return field(default=default, metadata={"omit_none": True})
+    return field(default=None, metadata={"omit_none": True})
 
 
 @dataclass(kw_only=True)
@@ -55,7 +46,7 @@ class Result:
 
     schema: ClassVar[str] = ""
     method: ClassVar[str] = ""
-    figures: ClassVar[tuple[str, ...]] = ()  # figure files beside results.json (may contain `{group}`-free names)
+    figures: ClassVar[tuple[str, ...]] = ()  # figure files, relative to the folder of results.json
 
     config: dict[str, Any] = field(default_factory=dict, repr=False)
     resources: dict[str, Any] | None = _optional()
@@ -103,11 +94,13 @@ class Result:
     def load(cls, folder: str | Path) -> "Result":
         """The result a run wrote into `folder` (or the results.json path itself); a DataError naming the file when
         it is missing, not JSON, or of another schema."""
-        path = Path(folder)
-        path = path if path.suffix == ".json" else path / RESULTS_FILE
-        if not path.exists():
-            raise DataError(f"no {RESULTS_FILE} in {path.parent}: the run did not finish (rerun it)")
-        res = cls.from_payload(read_json(path, cls.schema))
+        path = results_path(folder)
+        return cls.from_record(read_json(path, cls.schema), path)
+
+    @classmethod
+    def from_record(cls, doc: dict[str, Any], path: Path) -> "Result":
+        """The result of a results.json already read (`doc`, checked to be of this schema) found at `path`."""
+        res = cls.from_payload(doc)
         res.dir = path.parent
         return res
 
@@ -187,17 +180,29 @@ def member_circuit(graph: list[tuple[Job, Result]], member: str) -> Path | None:
     return None
 
 
-def load_result(folder: str | Path) -> Result:
-    """Any run folder the CLI wrote (or its results.json), as its method's result type (found by its schema)."""
+def select(graph: list[tuple[Job, Result]], step: str, **match: Any) -> list[tuple[Job, Result]]:
+    """The (job, result) pairs of a study's job graph from one step, in run order; `match` filters on Job fields."""
+    return [(j, r) for j, r in graph if j.step == step and j.matches(**match)]
+
+
+def results_path(folder: str | Path) -> Path:
+    """`<folder>/results.json` (or `folder` itself when it names the file); a DataError when it does not exist."""
     path = Path(folder)
     path = path if path.suffix == ".json" else path / RESULTS_FILE
     if not path.exists():
-        raise DataError(f"no {RESULTS_FILE} in {path.parent}: not an etk run folder, or the run did not finish")
-    schema = read_json(path).get("schema")
-    cls = RESULT_TYPES.get(schema)
+        raise DataError(f"no {RESULTS_FILE} in {path.parent}: not an etk run folder, or the run did not finish "
+                        "(rerun it)")
+    return path
+
+
+def load_result(folder: str | Path) -> Result:
+    """Any run folder the CLI wrote (or its results.json), as its method's result type (found by its schema)."""
+    path = results_path(folder)
+    doc = read_json(path)
+    cls = RESULT_TYPES.get(doc.get("schema"))
     if cls is None:
-        raise DataError(f"{path}: unknown schema {schema!r}; known: {', '.join(sorted(RESULT_TYPES))}")
-    return cls.load(path)
+        raise DataError(f"{path}: unknown schema {doc.get('schema')!r}; known: {', '.join(sorted(RESULT_TYPES))}")
+    return cls.from_record(doc, path)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -225,7 +230,7 @@ class EvalResult(Result):
 class PathPatchingResult(Result):
     schema = "etk.path_patching/v1"
     method = "path_patching"
-    figures = tuple(f"heatmaps/{g}.png" for g in ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader"))
+    figures = tuple(f"heatmaps/{g}.png" for g in GROUPS)
     model: str
     stages: dict[str, Any]  # group -> per-stage report (receivers, senders scored, cost, wall time)
     schedule: dict[str, Any]
@@ -233,9 +238,13 @@ class PathPatchingResult(Result):
     circuit: dict[str, list[list[int]]]  # the candidate sets written to circuit.json
 
     def headline(self):
-        return {f"path_patching/{g}/wall_s": float(r["fast" if "fast" in r else next(
-            (a for a in ("naive", "attribution") if a in r), "")]["wall_s"])
-                for g, r in self.stages.items() if any(a in r for a in ("fast", "naive", "attribution"))}
+        """Each scored stage's wall time, of its exact algorithm where it ran one."""
+        out = {}
+        for g, report in self.stages.items():
+            alg = next((a for a in ("fast", "naive", "attribution") if a in report), None)
+            if alg is not None:
+                out[f"path_patching/{g}/wall_s"] = float(report[alg]["wall_s"])
+        return out
 
     def tables(self):
         out = {"candidates": (["group", "layer", "head", "rank"],

@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from etk.circuits import GROUPS, Circuit, load_circuit
-from etk.data.roles import ROLE_ID, ROLE_VOCAB
+from etk.circuits import Circuit, load_circuit
+from etk.data.roles import GROUPS, ROLE_ID, ROLE_VOCAB
 from etk.interventions.hooks import hooked
-from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, ceiling_ablation, empty_keep, full_model
-from etk.methods.faithfulness_curve.curve import curve_circuits, integrated, ranked_heads
-from etk.methods.mean_ablation.summary import faithfulness
 from etk.methods.circuit_search.search import UnitAttribution, exact_removal_effects, grow_and_prune
+from etk.methods.faithfulness_curve.curve import curve_circuits, integrated, ranked_heads
+from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, ceiling_ablation, empty_keep, full_model
+from etk.methods.mean_ablation.summary import faithfulness
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from tests.helpers import batch_of, compose_run, evaluator, means_of, planted_model, run_ablations

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from etk.circuits import GROUPS, candidates, load_circuit, load_score_map
+from etk.circuits import candidates, load_circuit, load_score_map
+from etk.data.roles import GROUPS
 from etk.methods.minimality.minimality import significant
 
 PAPER = Path(__file__).parent / "fixtures" / "paper"

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from etk.circuits import GROUPS, Circuit, load_circuit, load_score_map, save_score_map, top_k
+from etk.circuits import Circuit, load_circuit, load_score_map, save_score_map, top_k
+from etk.data.roles import GROUPS
 from etk.interventions.components import HeadId, all_heads
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores

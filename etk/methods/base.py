@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from etk.models.arch import LlamaFamily
 from etk.models.loading import LoadedModel, is_dispatched, shared_model
-from etk.models.pair import PairModels
+from etk.models.pair import PairModels, load_pair
 
 # constructor inputs that are objects, not settings: never saved as hyper-parameters (nor into checkpoints)
 NOT_HPARAMS = ("model", "pair", "means", "head_sets", "stage", "receivers", "senders")
@@ -66,8 +66,6 @@ class PairHost(L.LightningModule):
         self.pair = pair
 
     def configure_model(self) -> None:
-        from etk.models.pair import load_pair
-
         if self.pair is None:
             self.pair = load_pair(self.hparams.base_cfg, self.hparams.finetuned_cfg, self.hparams.toggle_adapter)
 

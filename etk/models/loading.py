@@ -205,11 +205,12 @@ def shared_model(cfg: Any):
     """(model, tokenizer) for a frozen-model job: `load_model(cfg)`, or inside `reuse_models` the model an earlier
     job loaded from the same config (eval mode, no gradients; etk's interventions live in hooks that are always
     removed, so the weights are never changed)."""
-    key = _key(cfg)
-    if key in _REUSE.get("preloaded", {}):
-        return _REUSE["preloaded"][key]
+    held = preloaded_model(cfg)
+    if held is not None:
+        return held
     if not _REUSE["slots"]:
         return load_model(cfg)
+    key = _key(cfg)
     models: OrderedDict = _REUSE["models"]
     if key in models:
         models.move_to_end(key)
@@ -244,6 +245,6 @@ def load(cfg: Any) -> LoadedModel:
     with its plain config."""
     from omegaconf import OmegaConf
 
-    plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else dict(cfg)
-    net, tok = shared_model(cfg if not isinstance(cfg, dict) else OmegaConf.create(cfg))
-    return LoadedModel(net, tok, plain)
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    net, tok = shared_model(cfg)
+    return LoadedModel(net, tok, OmegaConf.to_container(cfg, resolve=True))

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from etk.results import Job, Result, member_circuit
+from etk.results import Job, Result, member_circuit, select
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ReportContext:
 
     def results(self, step: str, **match: Any) -> list[tuple[Job, Result]]:
         """The step's (job, result) pairs by job name; `match` filters on Job fields (member=..., circuit_of=...)."""
-        return sorted(((j, r) for j, r in self.graph if j.step == step and j.matches(**match)), key=lambda jr: jr[0].name)
+        return sorted(select(self.graph, step, **match), key=lambda jr: jr[0].name)
 
     def of(self, step: str, **match: Any) -> list[Any]:
         """The step's results (typed), by job name."""

@@ -9,15 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from etk.metrics import fmt
+from etk.report.tables import value
 
 Doc = dict[str, Any]
 
 DES_SHORT = {"object_value": "object value", "positional": "position", "box_label_value": "box-label value"}
-
-
-def value(x: Any, key: str) -> Any:
-    """`x[key]` of a record, or `x.key` of a typed result (None when absent)."""
-    return x.get(key) if isinstance(x, dict) else getattr(x, key, None)
 
 
 def above(a: Any, b: Any) -> bool:

@@ -12,10 +12,14 @@ from etk.artifacts import write_text
 from etk.metrics import fmt
 
 
+def value(x: Any, key: str) -> Any:
+    """`x[key]` of a record, or `x.key` of a typed result (None when absent)."""
+    return x.get(key) if isinstance(x, dict) else getattr(x, key, None)
+
+
 def with_ci(d: Any, key: str = "accuracy") -> str:
     """'value [ci_low, ci_high]' of a record or typed result with a 95% interval (`n/a` where undefined)."""
-    get = (lambda k: d.get(k)) if isinstance(d, dict) else (lambda k: getattr(d, k, None))  # noqa: E731
-    return f"{fmt(get(key))} [{fmt(get('ci_low'))}, {fmt(get('ci_high'))}]"
+    return f"{fmt(value(d, key))} [{fmt(value(d, 'ci_low'))}, {fmt(value(d, 'ci_high'))}]"
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -40,6 +44,7 @@ def find_results(roots: list[Path], result: type) -> list[Any]:
     found = []
     for root in roots:
         for p in sorted(Path(root).rglob("results.json")):
-            if json.loads(p.read_text()).get("schema") == result.schema:
-                found.append(result.load(p))
+            doc = json.loads(p.read_text())
+            if doc.get("schema") == result.schema:
+                found.append(result.from_record(doc, p))
     return found

@@ -23,7 +23,7 @@ from etk.errors import ConfigError, DataError
 from etk.methods.registry import REGISTRY, MethodSpec, get
 from etk.models.loading import reuse_models
 from etk.models.pair import load_pair
-from etk.results import Job, Result, member_circuit
+from etk.results import Job, Result, member_circuit, select
 from etk.runtime import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
 from etk.study.plan import STEP_JOBS
 from etk.study.report import write_report
@@ -61,7 +61,7 @@ class Study:
 
     def results(self, step: str, **match: Any) -> list[tuple[Job, Result]]:
         """The (job, result) pairs of a step so far, in run order; `match` filters on Job fields."""
-        return [(j, r) for j, r in self.graph if j.step == step and j.matches(**match)]
+        return select(self.graph, step, **match)
 
     def result(self, step: str, **match: Any) -> Result | None:
         """The first result of a step whose job matches, or None."""

@@ -8,7 +8,8 @@ from typing import Any, Callable
 
 import torch
 
-from etk.circuits import Circuit, key_role
+from etk.circuits import Circuit
+from etk.data.roles import key_role
 from etk.methods.mean_ablation.ablation import Ablation, circuit_ablation, full_model
 from etk.models.arch import Dims
 

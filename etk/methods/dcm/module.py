@@ -10,8 +10,7 @@ from typing import Any
 
 import torch
 
-from etk.circuits import GROUPS, key_role
-from etk.data.roles import ROLE_ID, PairBatch
+from etk.data.roles import GROUPS, ROLE_ID, PairBatch, key_role
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.prefix import RowCache, patched_last_logits, row_logits, stack, unpatched_rows, unstack

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
-from etk.circuits import GROUPS, Circuit
+from etk.circuits import Circuit
+from etk.data.roles import GROUPS
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 

@@ -12,8 +12,9 @@ import torch
 from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor
-from etk.circuits import SHORT, candidates, save_score_map, top_k
+from etk.circuits import candidates, save_score_map, top_k
 from etk.data.datasets import task_examples
+from etk.data.roles import SHORT
 from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import discovery_schedule, pp_loader
