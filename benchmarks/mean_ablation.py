@@ -16,21 +16,20 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import load  # noqa: E402  (repo on sys.path, hub off)
-
 import torch  # noqa: E402
+from _setup import load  # noqa: E402  (repo on sys.path, hub off)
 from omegaconf import open_dict  # noqa: E402
 
-from etk.data.boxes import generate_contexts  # noqa: E402
-from etk.data.datasets import prompt_loader, task_examples, task_vocab  # noqa: E402
-from etk.data.pairs import mean_ablation_examples  # noqa: E402
+from etk.data.datasets import prompt_loader
 from etk.interventions.hooks import Capture, hooked  # noqa: E402
-from etk.data.roles import VITAL_ROLES  # noqa: E402
 from etk.methods.mean_ablation.ablation import ablation_patches, ceiling_ablation, keep_rows  # noqa: E402
 from etk.methods.mean_ablation.vital import background, vital_logits  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.forward import last_logits  # noqa: E402
-
+from etk.tasks import task_named  # noqa: E402
+from etk.tasks.entity_tracking.boxes import generate_contexts  # noqa: E402
+from etk.tasks.entity_tracking.data import task_examples, task_vocab  # noqa: E402
+from etk.tasks.entity_tracking.pairs import mean_ablation_examples  # noqa: E402
 
 
 def main() -> None:
@@ -45,17 +44,17 @@ def main() -> None:
     dims = arch.dims
     objects, labels = task_vocab(tok, cfg.data.n_boxes)
     abl = mean_ablation_examples(generate_contexts(args.prompts, cfg.data.n_boxes, objects, labels, 0), random.Random(0))
-    ab = next(iter(prompt_loader(tok, abl, args.prompts)))
+    ab = next(iter(prompt_loader(task_named("entity_tracking"), tok, abl, args.prompts)))
     with hooked(model, captures=[Capture("z", j) for j in range(dims.n_layers)]) as c:
         arch.base.model(**ab.model_inputs(), use_cache=False)
     means = torch.stack([c[("z", j)].mean(0) for j in range(dims.n_layers)])
     data = cfg.data.copy()
     with open_dict(data):
         data.n_examples, data.seed = args.prompts, 1
-    batch = next(iter(prompt_loader(tok, task_examples(data, tok), args.prompts)))
+    batch = next(iter(prompt_loader(task_named("entity_tracking"), tok, task_examples(data, tok), args.prompts)))
     rng = random.Random(0)
     ceiling = ceiling_ablation(dims)
-    abls = [ceiling] + [ceiling.without([(r, lay, h) for r in VITAL_ROLES for lay in range(dims.n_layers)
+    abls = [ceiling] + [ceiling.without([(r, lay, h) for r in task_named("entity_tracking").vital_roles for lay in range(dims.n_layers)
                                          for h in range(dims.n_heads) if rng.random() < 0.5])
                         for _ in range(args.configs - 1)]
     t0 = time.perf_counter()

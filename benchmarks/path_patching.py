@@ -23,15 +23,16 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
-from etk.data.datasets import task_examples  # noqa: E402
 from etk.interventions.components import all_heads  # noqa: E402
 from etk.methods.path_patching.attribution import attribution_scores  # noqa: E402
 from etk.methods.path_patching.discover import discover  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import naive_scores  # noqa: E402
-from etk.methods.path_patching.stages import LLAMA_SCHEDULE, STAGES, minimum_blocks, pp_loader  # noqa: E402
+from etk.methods.path_patching.stages import LLAMA_SCHEDULE, minimum_blocks, pp_loader, task_stages  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
+from etk.tasks import task_named
+from etk.tasks.entity_tracking.data import task_examples  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 RECEIVERS_TOP_K = LLAMA_SCHEDULE["receivers_top_k"]
@@ -72,7 +73,7 @@ def main() -> None:
     data = cfg.data.copy()
     with open_dict(data):
         data.n_examples = args.pairs
-    batches = list(pp_loader(tok, task_examples(data, tok), args.seed, args.batch_size))
+    batches = list(pp_loader(task_named("entity_tracking"), tok, task_examples(data, tok), args.seed, args.batch_size))
     n_all = dims.n_layers * dims.n_heads
     print(f"model={args.model} layers={dims.n_layers} heads={dims.n_heads} kv_heads={dims.n_kv_heads} "
           f"pairs={args.pairs} boxes={data.n_boxes} tokens/prompt={batches[0].clean.input_ids.shape[1]}")
@@ -119,7 +120,7 @@ def main() -> None:
         tot["fb"] += fcost["token_layer_blocks"]
         return fast / args.pairs, {}
 
-    discover(list(STAGES), dims, RECEIVERS_TOP_K, score)
+    discover(task_stages(task_named("entity_tracking")), list(task_stages(task_named("entity_tracking"))), dims, RECEIVERS_TOP_K, score)
     print(f"{'total':<16}{tot['naive']:>14.1f}{tot['fast']:>9.1f}{tot['attr']:>9.1f}{tot['nb']:>15.3g}{tot['fb']:>13.3g}")
     print("fast time share per stage: " + ", ".join(f"{g} {100 * t / tot['fast']:.0f}%" for g, t in stage_s.items())
           + f"; speed of light (definition's minimum blocks / fast blocks) {100 * tot['low'] / tot['fb']:.1f}%")

@@ -22,18 +22,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _setup import load  # noqa: E402  (repo on sys.path, hub off)
-
 import torch  # noqa: E402
+from _setup import load  # noqa: E402  (repo on sys.path, hub off)
 from omegaconf import open_dict  # noqa: E402
 
-from etk.data.datasets import task_examples  # noqa: E402
 from etk.methods.path_patching.discover import discover  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
 from etk.methods.path_patching.naive import answer_prob  # noqa: E402
-from etk.methods.path_patching.stages import STAGES, discovery_schedule, pp_loader  # noqa: E402
+from etk.methods.path_patching.stages import discovery_schedule, pp_loader, task_stages  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
-
+from etk.tasks import task_named
+from etk.tasks.entity_tracking.data import task_examples  # noqa: E402
 
 
 def nnsight_stage(nm, arch, batch, stage, receivers, layers: list[int]) -> tuple[torch.Tensor, int, float]:
@@ -117,7 +116,7 @@ def main() -> None:
     data = cfg.data.copy()
     with open_dict(data):
         data.n_examples = args.pairs
-    batch = next(iter(pp_loader(tok, task_examples(data, tok), args.seed, args.pairs)))
+    batch = next(iter(pp_loader(task_named("entity_tracking"), tok, task_examples(data, tok), args.seed, args.pairs)))
     ref_model = copy.deepcopy(model).double()
     nm = NNsight(arch.base)
     print(f"model={args.model} layers={dims.n_layers} heads={dims.n_heads} pairs={args.pairs} "
@@ -156,7 +155,7 @@ def main() -> None:
               f"{diff:>13.2e}{d64(ours):>10.2e}{d64(theirs):>10.2e}")
         return ours / n, {}
 
-    discover(list(STAGES), dims, discovery_schedule({}, cfg.model, dims)["receivers_top_k"], score)
+    discover(task_stages(task_named("entity_tracking")), list(task_stages(task_named("entity_tracking"))), dims, discovery_schedule({}, cfg.model, dims, task_named("entity_tracking"))["receivers_top_k"], score)
     print(f"{'total':<16}{tot['etk']:>8.1f}{tot['nn']:>11.1f}{tot['nn'] / tot['etk']:>7.1f}")
     print(f"benchmark wall time {time.perf_counter() - t_start:.0f} s (with the float64 reference; "
           f"{t_start - t_process:.0f} s of loading before it)")

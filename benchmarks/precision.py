@@ -21,21 +21,29 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import open_dict  # noqa: E402
 
 from etk.circuits import top_k  # noqa: E402
-from etk.data.datasets import prompt_loader, task_examples  # noqa: E402
+from etk.data.datasets import prompt_loader
 from etk.interventions.components import all_heads  # noqa: E402
-from etk.metrics import spearman  # noqa: E402
 from etk.methods.path_patching.fast import fast_scores  # noqa: E402
-from etk.methods.path_patching.stages import STAGES, discovery_schedule, pp_loader, reachable_layers, receivers_from  # noqa: E402
+from etk.methods.path_patching.stages import (  # noqa: E402
+    discovery_schedule,
+    pp_loader,
+    reachable_layers,
+    receivers_from,
+    task_stages,
+)
+from etk.metrics import spearman  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.forward import last_logits  # noqa: E402
 from etk.models.loading import load_model  # noqa: E402
+from etk.tasks import task_named
+from etk.tasks.entity_tracking.data import task_examples  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def measure(model, tok, data, pairs: int, schedule, device):
     """Accuracy and the VF, PT score maps of one model copy."""
-    loader = prompt_loader(tok, task_examples(data, tok), 50)
+    loader = prompt_loader(task_named("entity_tracking"), tok, task_examples(data, tok), 50)
     correct = []
     for b in loader:
         b = b.to(device)
@@ -44,11 +52,11 @@ def measure(model, tok, data, pairs: int, schedule, device):
     d = data.copy()
     with open_dict(d):
         d.n_examples = pairs
-    batches = [b.to(device) for b in pp_loader(tok, task_examples(d, tok), 20, pairs)]
+    batches = [b.to(device) for b in pp_loader(task_named("entity_tracking"), tok, task_examples(d, tok), 20, pairs)]
     dims = LlamaFamily.of(model).dims
     out, prev = {}, None
     for group in ("value_fetcher", "pos_transmitter"):
-        st = STAGES[group]
+        st = task_stages(task_named("entity_tracking"))[group]
         rec = None if st.receiver_site is None else receivers_from(prev, st.receiver_site, dims)
         reach = reachable_layers(st, rec, dims.n_layers)
         senders = [h for h in all_heads(dims) if h.layer in reach]
@@ -76,7 +84,7 @@ def main() -> None:
         data = cfg.data.copy()
         with open_dict(data):
             data.n_examples = args.prompts
-        schedule = discovery_schedule({}, cfg.model, LlamaFamily.of(model).dims)
+        schedule = discovery_schedule({}, cfg.model, LlamaFamily.of(model).dims, task_named("entity_tracking"))
         res[dtype] = measure(model, tok, data, args.pairs, schedule, args.device)
         del model
     (a32, s32), (a16, s16) = res["float32"], res["bfloat16"]

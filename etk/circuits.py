@@ -1,5 +1,5 @@
-"""Circuits: head sets keyed by the paper's four groups (each acting at its position role) or by any position role
-(`etk.data.roles.ROLE_VOCAB`: position-aware circuits), JSON I/O (the paper's schema), score maps, candidates.
+"""Circuits: head sets keyed by a task's groups (each acting at its position role: the paper's four for entity
+tracking) or by any position role (`etk.data.roles.ROLE_VOCAB`: position-aware circuits), JSON I/O (the paper's schema), score maps, candidates.
 
 One definition shared by path patching, circuit evaluation, circuit search, DCM and CMAP."""
 
@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import GROUPS, ROLE_ID, ROLE_VOCAB, key_role
+from etk.data.roles import ROLE_ID, ROLE_VOCAB
 from etk.errors import ConfigError, DataError, EtkError
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet
+from etk.tasks import all_groups, task_with_groups
+from etk.tasks import group_role as key_role
 
 PAPER_CIRCUITS = {"llama_7b": "llama_7b.json", "goat_7b": "goat_7b.json", "float_7b": "float_7b.json"}
 
@@ -29,18 +31,20 @@ class CircuitError(EtkError, ValueError):
 class Circuit:
     """Head sets in order (paper files list heads in minimality/candidate order) plus free-form metadata.
 
-    Keys are the paper's groups (`value_fetcher` ... `struct_reader`, acting at `GROUP_ROLE`) or position roles
+    Keys are a task's groups (`value_fetcher` ... `struct_reader`, each acting at its role) or position roles
     (`last`, `correct_object`, `objects[3]`, `sep`, ...: the units of a position-aware circuit)."""
 
     groups: dict[str, list[HeadId]]
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.groups if k not in GROUPS and k not in ROLE_ID]
+        unknown = [k for k in self.groups if k not in all_groups() and k not in ROLE_ID]
         if unknown:
-            raise CircuitError(f"unknown circuit keys {unknown}: keys are the groups {list(GROUPS)} or position "
-                               "roles (last, query_label, prev_query_label, correct_object, objects[k], labels[k], "
-                               "det, relation, container, sep, end, ...)")
+            from etk.tasks import TASKS
+
+            raise CircuitError(f"unknown circuit keys {unknown}: keys are a task's groups ("
+                               + "; ".join(f"{t.name}: {', '.join(t.group_names)}" for t in TASKS.values())
+                               + ") or position roles (last, query_label, correct_object, objects[k], S2, ...)")
         self.groups = {g: [HeadId(int(lh[0]), int(lh[1])) for lh in hs] for g, hs in self.groups.items()}
 
     def units(self) -> list[tuple[str, int, int]]:
@@ -71,15 +75,21 @@ class Circuit:
     def sizes(self) -> dict[str, int]:
         """Heads per paper group, or per role for a position-aware circuit."""
         if self.is_paper_form():
-            return {g: len(self.groups.get(g, [])) for g in GROUPS}
+            return {g: len(self.groups.get(g, [])) for g in self.group_order()}
         return {r: len(self.heads_at(r)) for r in self.roles()}
 
     def is_paper_form(self) -> bool:
-        """Only the paper's group keys."""
-        return all(k in GROUPS for k in self.groups)
+        """Only group keys (of one task)."""
+        return all(k in all_groups() for k in self.groups)
+
+    def group_order(self) -> tuple[str, ...]:
+        """The groups of the task the circuit's group keys belong to, in the circuit's order (none: ())."""
+        task = task_with_groups(self.groups)
+        return task.group_names if task is not None else ()
 
     def to_json(self) -> dict[str, Any]:
-        order = [g for g in GROUPS if g in self.groups] + sorted((k for k in self.groups if k not in GROUPS),
+        groups = self.group_order()
+        order = [g for g in groups if g in self.groups] + sorted((k for k in self.groups if k not in groups),
                                                                  key=lambda k: ROLE_VOCAB.index(k))
         doc: dict[str, Any] = {g: [list(h) for h in self.groups[g]] for g in order}
         if self.meta:
@@ -171,14 +181,32 @@ def top_k(scores: torch.Tensor, k: int, scored: torch.Tensor | None = None) -> l
 def candidates(scores: dict[str, torch.Tensor], sizes: dict[str, int],
                scored: dict[str, torch.Tensor] | None = None, meta: dict[str, Any] | None = None) -> Circuit:
     """The paper's candidate sets (SPEC §2.5): each group's top-k heads by path-patching score (most negative first),
-    then every PT candidate removed from VF (both act at `last`). `scored` masks [layer, head] exclude unreachable
-    senders; groups without scores are left out."""
+    then, of two groups acting at one role, the later group's candidates removed from the earlier's (entity tracking:
+    PT's from VF, both at `last`). `scored` masks [layer, head] exclude unreachable senders; groups without scores
+    are left out."""
     groups = {g: top_k(scores[g], int(sizes[g]), None if scored is None else scored.get(g))
-              for g in GROUPS if g in scores and g in sizes}
-    if "value_fetcher" in groups and "pos_transmitter" in groups:
-        pt = set(groups["pos_transmitter"])
-        groups["value_fetcher"] = [h for h in groups["value_fetcher"] if h not in pt]
-    return Circuit(groups, dict(meta or {}))
+              for g in in_task_order(scores) if g in sizes}
+    return Circuit(exclusive_at_shared_roles(groups), dict(meta or {}))
+
+
+def in_task_order(groups) -> list[str]:
+    """The keys of `groups` in the order of their task's groups (other keys after, as given)."""
+    task = task_with_groups(groups)
+    order = [g for g in task.group_names if g in groups] if task is not None else []
+    return order + [g for g in groups if g not in order]
+
+
+def exclusive_at_shared_roles(groups: dict[str, list]) -> dict[str, list]:
+    """Of two groups acting at one role, the later group's heads removed from the earlier's (entity tracking: PT's
+    from VF, both at `last`), so that each head at a role belongs to one group. `groups` in task order."""
+    out = {g: list(hs) for g, hs in groups.items()}
+    names = list(out)
+    for i, early in enumerate(names):
+        for late in names[i + 1:]:
+            if key_role(early) == key_role(late):
+                taken = set(out[late])
+                out[early] = [h for h in out[early] if h not in taken]
+    return out
 
 
 def circuit_label(spec: str | Path, circuit: Circuit) -> str:
@@ -191,8 +219,9 @@ def circuit_label(spec: str | Path, circuit: Circuit) -> str:
 def overlap(a: Circuit, b: Circuit) -> dict[str, dict[str, float | None]]:
     """Per entry (the paper's four groups, or every role of position-aware circuits): |A ∩ B|, precision
     |A ∩ B|/|A| and recall |A ∩ B|/|B| (heads compared by (layer, head); None for an empty side)."""
-    keys = list(GROUPS) if a.is_paper_form() and b.is_paper_form() else sorted(
-        set(a.groups) | set(b.groups), key=lambda k: (k not in GROUPS, ROLE_VOCAB.index(k) if k in ROLE_ID else 0))
+    groups = a.group_order() or b.group_order()
+    keys = list(groups) if a.is_paper_form() and b.is_paper_form() else sorted(
+        set(a.groups) | set(b.groups), key=lambda k: (k not in groups, ROLE_VOCAB.index(k) if k in ROLE_ID else 0))
     out = {}
     for g in keys:
         A, B = set(a.groups.get(g, [])), set(b.groups.get(g, []))

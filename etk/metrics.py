@@ -144,6 +144,42 @@ class ExampleMetric(Metric):
         return [v[order][first] for v in vals]
 
 
+def mean_ci(values: torch.Tensor) -> dict[str, float | int | None]:
+    """Mean with its 95% normal interval (mean +- 1.96 sd / sqrt(n)); None values for no data."""
+    n = int(values.numel())
+    if n == 0:
+        return {"mean": None, "ci_low": None, "ci_high": None, "n": 0}
+    v = values.double()
+    mean = float(v.mean())
+    half = 1.959964 * float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
+
+
+class LogitDifference(ExampleMetric):
+    """Per-example logit(answer) - logit(distractor) at the last position (IOI: IO - S), for prompts with a
+    distractor; gathered in dataset order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("diff", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None,
+               index: torch.Tensor | None = None) -> None:
+        if distractor is None:
+            return
+        ok = distractor >= 0  # [B]
+        rows = logits[ok].float()  # [b, V]
+        d = rows.gather(-1, target[ok][:, None])[:, 0] - rows.gather(-1, distractor[ok][:, None])[:, 0]
+        self.diff.append(d)
+        self._add_index(None if index is None else index[ok], int(ok.sum()), target.device)
+
+    def per_example(self) -> torch.Tensor:
+        return self.gathered("diff")[0]
+
+    def compute(self) -> dict[str, float | int | None]:
+        return mean_ci(self.per_example())
+
+
 class TaskAccuracy(ExampleMetric):
     """Top-1 accuracy of the answer token; keeps per-example correctness, gathered in dataset order."""
 

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, ClassVar, TypedDict
 
 from etk.artifacts import read_json, write_json
-from etk.data.roles import GROUPS
 from etk.errors import DataError
 
 RESULTS_FILE = "results.json"
@@ -214,14 +213,18 @@ class EvalResult(Result):
     schema = "etk.eval/v1"
     method = "eval"
     model: str
-    n_boxes: int
     accuracy: float | None
     ci_low: float | None
     ci_high: float | None
     n: int
-    by_n_boxes: list[dict[str, Any]] = field(default_factory=list)  # AccuracyCI + n_boxes per box count
+    n_boxes: int | None = _optional()  # entity tracking: the box count of the headline row
+    by_n_boxes: list[dict[str, Any]] = field(default_factory=list)  # entity tracking: AccuracyCI + n_boxes per count
+    logit_diff: dict[str, Any] | None = _optional()  # tasks with a distractor (IOI: IO - S): mean, ci_low, ci_high, n
 
     def tables(self):
+        if not self.by_n_boxes:
+            return {"accuracy": (["accuracy", "ci_low", "ci_high", "n"],
+                                 [[self.accuracy, self.ci_low, self.ci_high, self.n]])}
         return {"accuracy": (["n_boxes", "accuracy", "ci_low", "ci_high", "n"],
                              [[r["n_boxes"], r["accuracy"], r["ci_low"], r["ci_high"], r["n"]] for r in self.by_n_boxes])}
 
@@ -230,12 +233,17 @@ class EvalResult(Result):
 class PathPatchingResult(Result):
     schema = "etk.path_patching/v1"
     method = "path_patching"
-    figures = tuple(f"heatmaps/{g}.png" for g in GROUPS)
     model: str
     stages: dict[str, Any]  # group -> per-stage report (receivers, senders scored, cost, wall time)
     schedule: dict[str, Any]
     seed: int
     circuit: dict[str, list[list[int]]]  # the candidate sets written to circuit.json
+
+    def figure_paths(self) -> list[Path]:
+        """The heatmap of each stage, in stage order."""
+        if self.dir is None:
+            return []
+        return [p for g in self.stages if (p := self.dir / "heatmaps" / f"{g}.png").exists()]
 
     def headline(self):
         """Each scored stage's wall time, of its exact algorithm where it ran one."""

@@ -2,10 +2,13 @@
 
 import torch
 
-from etk.data.boxes import generate_examples
-from etk.data.datasets import pad_id, task_vocab
-from etk.data.roles import PromptBatch, collate, encode_example
+from etk.data.datasets import pad_id
+from etk.data.roles import PromptBatch, collate
 from etk.interventions.components import HeadId
+from etk.tasks import task_named
+from etk.tasks.entity_tracking.boxes import generate_examples
+from etk.tasks.entity_tracking.data import task_vocab
+from etk.tasks.entity_tracking.encode import encode_example
 
 # A small model config for modules that load their own model (DCM).
 TINY_CFG = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2}, "dtype": "float32"}
@@ -106,7 +109,7 @@ def pp_batch(tok, n=10, n_boxes=4, side="right", seed=0, mixed=False):
     else:
         objects, labels = task_vocab(tok, n_boxes)
         exs = generate_examples(n, n_boxes, objects, labels, seed)
-    return next(iter(pp_loader(tok, exs, seed=seed, batch_size=n, padding_side=side)))
+    return next(iter(pp_loader(task_named("entity_tracking"), tok, exs, seed=seed, batch_size=n, padding_side=side)))
 
 
 def assert_scores_close(fast: torch.Tensor, naive: torch.Tensor, floor: float = 1e-7) -> None:
@@ -123,8 +126,9 @@ def assert_scores_close(fast: torch.Tensor, naive: torch.Tensor, floor: float = 
 
 def pair_batch(tok, name="object_value", n=12, n_boxes=3, seed=0):
     """One batch of (base, source) pairs of a desideratum."""
-    from etk.data.desiderata import desideratum_pairs, pair_loader
+    from etk.data.datasets import pair_loader
+    from etk.tasks.entity_tracking.desiderata import desideratum_pairs
 
     objects, labels = task_vocab(tok, n_boxes)
     exs = generate_examples(n, n_boxes, objects, labels, seed)
-    return next(iter(pair_loader(tok, desideratum_pairs(name, exs, seed), n)))
+    return next(iter(pair_loader(task_named("entity_tracking"), tok, desideratum_pairs(name, exs, seed), n)))

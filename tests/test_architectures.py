@@ -13,10 +13,11 @@ from etk.interventions.components import all_heads
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
-from etk.methods.path_patching.stages import STAGES, reachable_layers, receivers_from
+from etk.methods.path_patching.stages import reachable_layers, receivers_from, task_stages
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.tiny import tiny_llama
+from etk.tasks import task_named
 from tests.helpers import RECV, batch_of, compose_run, pp_batch
 
 ARCHS = ["qwen2", "qwen3", "mistral", "llama"]
@@ -132,7 +133,7 @@ def test_hooked_z_equals_attention_computed_by_hand(model, batches):
 def test_fast_path_patching_equals_naive(tok, model, group):
     batch = pp_batch(tok, n=6, n_boxes=3)
     dims = LlamaFamily(model).dims
-    st = STAGES[group]
+    st = task_stages(task_named("entity_tracking"))[group]
     rec = None if st.receiver_site is None else receivers_from(RECV[:2], st.receiver_site, dims)
     reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
     naive = naive_scores(model, batch, st, rec, reach)[0]

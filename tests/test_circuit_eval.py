@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from etk.circuits import Circuit, load_circuit, overlap
-from etk.data.roles import VITAL_ROLES
-from etk.methods.mean_ablation.ablation import ceiling_ablation, circuit_ablation, full_model
 from etk.methods.completeness.completeness import completeness
+from etk.methods.mean_ablation.ablation import ceiling_ablation, circuit_ablation, full_model
 from etk.methods.mean_ablation.summary import faithfulness, random_ablation
 from etk.methods.minimality.minimality import minimality
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
+from etk.tasks import task_named
 from tests.helpers import batch_of, evaluator, means_of, planted_model, run_ablations
 
 
@@ -27,10 +27,10 @@ def slow_reference(model, batch, means, circuit: Circuit, ablate_non_vital: bool
         def pre(mod, args, layer=layer):
             x = args[0].clone()
             for b in range(x.shape[0]):
-                vital = {int(batch.roles[r][b]): i for i, r in enumerate(VITAL_ROLES)}
+                vital = {int(batch.roles[r][b]): i for i, r in enumerate(task_named("entity_tracking").vital_roles)}
                 for t in range(x.shape[1]):
                     for h in range(H):
-                        keep = ((layer, h) in circuit.heads_at(VITAL_ROLES[vital[t]]) if t in vital
+                        keep = ((layer, h) in circuit.heads_at(task_named("entity_tracking").vital_roles[vital[t]]) if t in vital
                                 else not ablate_non_vital)
                         if not keep:
                             x[b, t, h * D:(h + 1) * D] = means[layer, t, h]

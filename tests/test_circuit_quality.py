@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from etk.circuits import Circuit, load_circuit
-from etk.data.roles import GROUPS, ROLE_ID, ROLE_VOCAB
+from etk.data.roles import ROLE_ID, ROLE_VOCAB
 from etk.interventions.hooks import hooked
 from etk.methods.circuit_search.search import UnitAttribution, exact_removal_effects, grow_and_prune
 from etk.methods.faithfulness_curve.curve import curve_circuits, integrated, ranked_heads
@@ -16,6 +16,7 @@ from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, ceili
 from etk.methods.mean_ablation.summary import faithfulness
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
+from etk.tasks import task_named
 from tests.helpers import batch_of, compose_run, evaluator, means_of, planted_model, run_ablations
 
 
@@ -36,7 +37,7 @@ def logp_of(model, batch, means, ablations):
 def test_ceiling_is_below_one_when_the_answer_needs_a_non_vital_position(relay):
     model, batch, means, dims = relay
     ev = evaluator(model, batch, means)
-    every = Circuit({g: [[lay, h] for lay in range(dims.n_layers) for h in range(dims.n_heads)] for g in GROUPS})
+    every = Circuit({g: [[lay, h] for lay in range(dims.n_layers) for h in range(dims.n_heads)] for g in task_named("entity_tracking").group_names})
     r = faithfulness(ev, every, dims, n_random=0)
     assert r["accuracy_model"] == 1.0
     assert r["ceiling"]["faithfulness"] < 0.2  # the relay head at the object position is mean-ablated
@@ -115,7 +116,7 @@ def test_ranked_heads_put_unscored_heads_last():
 def test_curve_circuits_remove_pt_from_vf_and_end_at_the_ceiling(relay):
     _, _, _, dims = relay
     g = torch.Generator().manual_seed(0)
-    scores = {grp: -torch.rand(dims.n_layers, dims.n_heads, generator=g) for grp in GROUPS}
+    scores = {grp: -torch.rand(dims.n_layers, dims.n_heads, generator=g) for grp in task_named("entity_tracking").group_names}
     pts = curve_circuits(scores, None, [0.25, 0.5, 1.0])
     for _, c in pts:
         assert not set(c.groups["value_fetcher"]) & set(c.groups["pos_transmitter"])
@@ -133,7 +134,7 @@ def test_curve_on_the_planted_model_is_monotone_and_its_last_point_is_the_ceilin
     ev = evaluator(model, batch, means)
     vf = torch.zeros(dims.n_layers, dims.n_heads)
     vf[1, 2] = -1.0  # path patching ranks the planted head first; the others tie behind it
-    scores = {"value_fetcher": vf, **{g: torch.zeros(dims.n_layers, dims.n_heads) for g in GROUPS[1:]}}
+    scores = {"value_fetcher": vf, **{g: torch.zeros(dims.n_layers, dims.n_heads) for g in task_named("entity_tracking").group_names[1:]}}
     fracs = [0.125, 0.25, 0.5, 1.0]
     fs = [faithfulness(ev, c, dims, n_random=0)["faithfulness"] for _, c in curve_circuits(scores, None, fracs)]
     assert all(b >= a - 1e-9 for a, b in zip(fs, fs[1:]))

@@ -8,9 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from etk.data.boxes import generate_examples
-from etk.data.datasets import task_vocab
-from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.data.datasets import pair_loader
 from etk.interventions.components import HeadId
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
@@ -18,6 +16,10 @@ from etk.models.forward import last_logits
 from etk.models.loading import LoadedModel
 from etk.models.pair import PairMismatchError, check_compatible
 from etk.models.tiny import tiny_llama, tiny_tokenizer
+from etk.tasks import task_named
+from etk.tasks.entity_tracking.boxes import generate_examples
+from etk.tasks.entity_tracking.data import task_vocab
+from etk.tasks.entity_tracking.desiderata import desideratum_pairs
 from tests.helpers import batch_of, compose_run, planted_model
 
 GROUPS = {"value_fetcher": [HeadId(1, 2), HeadId(0, 1)], "pos_detector": [HeadId(0, 3)], "struct_reader": [HeadId(1, 0)]}
@@ -82,7 +84,7 @@ def test_activation_patching_finds_the_planted_object_value(tok):
     model = planted_model(tok, head=2)
     objects, labels = task_vocab(tok, 2)
     exs = generate_examples(40, 2, objects, labels, seed=0)
-    batch = next(iter(pair_loader(tok, desideratum_pairs("object_value", exs, 0), 40)))
+    batch = next(iter(pair_loader(task_named("entity_tracking"), tok, desideratum_pairs("object_value", exs, 0), 40)))
     module = ActivationPatchingModule({"name": "planted"},
                                       {"planted": HeadSet.from_circuit({"value_fetcher": [HeadId(1, 2)]}),
                                        "wrong": HeadSet.from_circuit({"value_fetcher": [HeadId(1, 0)]})},

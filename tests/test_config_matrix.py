@@ -7,9 +7,9 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from etk.data.pairs import DESIDERATA as DESIDERATUM_NAMES
 from etk.methods.registry import REGISTRY, STUDY_METHODS, get
 from etk.study.plan import STEP_JOBS
+from etk.tasks.entity_tracking.pairs import DESIDERATA as DESIDERATUM_NAMES
 from etk.validate import validate
 from tests.conftest import CONF
 

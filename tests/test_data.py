@@ -5,14 +5,21 @@ from pathlib import Path
 
 import pytest
 
-from etk.data.boxes import Context, Example, generate_examples
-from etk.data.datasets import pad_id, task_vocab
-from etk.data.jsonl import read_jsonl, write_jsonl
-from etk.data.pairs import (box_label_value_pairs, mean_ablation_examples, object_value_pairs, path_patching_pairs,
-                            positional_pairs)
-from etk.data.roles import TokenizationError, collate, encode_example
+from etk.data.datasets import pad_id
+from etk.data.roles import TokenizationError, collate
 from etk.data.vocab import VocabularyError, load_objects
 from etk.models.tiny import tiny_tokenizer
+from etk.tasks.entity_tracking.boxes import Context, Example, generate_examples
+from etk.tasks.entity_tracking.data import task_vocab
+from etk.tasks.entity_tracking.encode import encode_example
+from etk.tasks.entity_tracking.jsonl import read_jsonl, write_jsonl
+from etk.tasks.entity_tracking.pairs import (
+    box_label_value_pairs,
+    mean_ablation_examples,
+    object_value_pairs,
+    path_patching_pairs,
+    positional_pairs,
+)
 from tests.helpers import mixed_length_examples
 
 FIX = Path(__file__).parent / "fixtures"

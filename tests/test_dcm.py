@@ -10,15 +10,17 @@ import lightning as L
 import pytest
 import torch
 
-from etk.data.boxes import generate_examples
-from etk.data.datasets import task_vocab
-from etk.data.desiderata import desideratum_pairs, pair_loader
+from etk.data.datasets import pair_loader
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import Patch, hooked
 from etk.methods.dcm.module import DCMModule
 from etk.methods.dcm.run import run_dcm
 from etk.models.forward import last_logits
 from etk.models.loading import LoadedModel
+from etk.tasks import task_named
+from etk.tasks.entity_tracking.boxes import generate_examples
+from etk.tasks.entity_tracking.data import task_vocab
+from etk.tasks.entity_tracking.desiderata import desideratum_pairs
 from tests.conftest import ROOT
 from tests.helpers import TINY_CFG, compose_cfg, pair_batch, planted_model
 
@@ -142,7 +144,7 @@ def test_dcm_recovers_the_planted_head(tok, desideratum, expect):
                        model=LoadedModel(planted_model(tok, head=2), tok, dict(TINY_CFG)))
     objects, labels = task_vocab(tok, 2)
     exs = generate_examples(160, 2, objects, labels, seed=1)
-    train = pair_loader(tok, desideratum_pairs(desideratum, exs, 0), 16, shuffle=True)
+    train = pair_loader(task_named("entity_tracking"), tok, desideratum_pairs(desideratum, exs, 0), 16, shuffle=True)
     trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         num_sanity_val_steps=0, enable_model_summary=False)
     trainer.fit(module, train)

@@ -6,11 +6,13 @@ import random
 import pytest
 from omegaconf import OmegaConf
 
-from etk.data.boxes import PAPER_TEMPLATE, Context, Example, Template, generate_examples
-from etk.data.datasets import make_template, pad_id, task_vocab
-from etk.data.desiderata import desideratum_pairs
-from etk.data.pairs import DESIDERATA, POSITIONAL_VARIANTS, positional_pairs
-from etk.data.roles import collate, encode_example
+from etk.data.datasets import pad_id
+from etk.data.roles import collate
+from etk.tasks.entity_tracking.boxes import PAPER_TEMPLATE, Context, Example, Template, generate_examples
+from etk.tasks.entity_tracking.data import make_template, task_vocab
+from etk.tasks.entity_tracking.desiderata import desideratum_pairs
+from etk.tasks.entity_tracking.encode import encode_example
+from etk.tasks.entity_tracking.pairs import DESIDERATA, POSITIONAL_VARIANTS, positional_pairs
 from tests.conftest import CONF
 
 CTX = Context(0, ("apple", "computer", "book"), ("F", "Q", "A"))

@@ -11,10 +11,11 @@ from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
-from etk.methods.path_patching.stages import STAGES, reachable_layers, receivers_from
+from etk.methods.path_patching.stages import reachable_layers, receivers_from, task_stages
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.tiny import tiny_llama
+from etk.tasks import task_named
 from tests.helpers import RECV, TINY_CFG, assert_scores_close, batch_of, means_of, pair_batch, pp_batch
 
 DEVICES = [d for d in os.environ.get("ETK_TEST_DEVICES", "cpu").split(",") if d == "cpu" or torch.cuda.is_available()]
@@ -65,7 +66,7 @@ def test_vital_fast_path_on_device(tok, models, device):
 def test_fast_equals_naive_in_fp32_on_device(tok, models, device, group):
     model, batch = on(models[0], device), pp_batch(tok, n=6, n_boxes=3).to(device)
     dims = LlamaFamily(model).dims
-    st = STAGES[group]
+    st = task_stages(task_named("entity_tracking"))[group]
     rec = None if st.receiver_site is None else receivers_from(RECV[:2], st.receiver_site, dims)
     reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
     naive = naive_scores(model, batch, st, rec, all_heads(dims))[0] / 6

@@ -8,13 +8,20 @@ import pytest
 import torch
 
 from etk.data.roles import PromptBatch
-from etk.interventions.knockout import (KNOCKOUT_ATTN, STATE_ATTR, config_rows, edge_positions, knockout, parse_edge,
-                                        random_context_positions)
+from etk.interventions.knockout import (
+    KNOCKOUT_ATTN,
+    STATE_ATTR,
+    config_rows,
+    edge_positions,
+    knockout,
+    parse_edge,
+    random_context_positions,
+)
 from etk.methods.knockout.module import KnockoutModule
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
-from etk.models.tiny import tiny_llama
 from etk.models.loading import LoadedModel
+from etk.models.tiny import tiny_llama
 from tests.helpers import batch_of, compose_run, mixed_length_examples, planted_model
 
 EDGES = ["last->correct_object", "last->query_label", "last->random", "query_label->prev_query_label",

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from etk.circuits import load_circuit
-from etk.methods.model_diff.module import DIFF_ROLES, ModelDiffModule, direct_logit_attribution, lens_kl, member_run
+from etk.methods.model_diff.module import ModelDiffModule, diff_roles, direct_logit_attribution, lens_kl, member_run
 from etk.methods.model_diff.weights import weight_deltas
 from etk.models.arch import LlamaFamily
 from etk.models.pair import PairModels
@@ -64,7 +64,7 @@ def test_a_planted_change_in_one_heads_w_o_shows_only_there_and_downstream(tok):
     t = diff_of(base, ft, tok)
     rel = torch.nan_to_num(t["rel"], nan=0.0)  # [R, L, H]
     assert float(rel[:, :2].abs().max()) == 0.0  # z of layers 0 and 1 is computed before the changed W_O
-    assert float(rel[:, 2:].min()) >= 0 and float(rel[DIFF_ROLES.index("last"), 2:].min()) > 0
+    assert float(rel[:, 2:].min()) >= 0 and float(rel[diff_roles().index("last"), 2:].min()) > 0
     dla_diff = t["dla_finetuned"] - t["dla_base"]
     assert float(dla_diff[1, 2].abs()) > 0
 

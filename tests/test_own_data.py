@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from etk.data.datasets import task_examples
-from etk.data.jsonl import read_jsonl, read_jsonl_lines, write_jsonl
 from etk.data.vocab import VocabularyError, load_objects
 from etk.errors import ConfigError, DataError
 from etk.models.tiny import tiny_tokenizer
+from etk.tasks.entity_tracking.data import task_examples
+from etk.tasks.entity_tracking.jsonl import read_jsonl, read_jsonl_lines, write_jsonl
 from tests.conftest import ROOT
 from tests.helpers import compose_cfg
 
@@ -28,8 +28,8 @@ def run_eval(tmp_path, overrides):
 
 def paper_format_lines(n):
     """n lines in the paper's format whose words the tiny tokenizer keeps whole (3 boxes, paper template)."""
-    from etk.data.boxes import generate_examples
-    from etk.data.datasets import task_vocab
+    from etk.tasks.entity_tracking.boxes import generate_examples
+    from etk.tasks.entity_tracking.data import task_vocab
 
     objects, labels = task_vocab(tiny_tokenizer(), 3)
     exs = generate_examples(n, 3, objects, labels, seed=4)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from etk.circuits import candidates, load_circuit, load_score_map
-from etk.data.roles import GROUPS
 from etk.methods.minimality.minimality import significant
+from etk.tasks import task_named
 
 PAPER = Path(__file__).parent / "fixtures" / "paper"
 MODELS = {"llama": "llama_7b", "goat": "goat_7b", "float": "float_7b"}
@@ -33,9 +33,9 @@ def significance(model: str, group: str) -> list[tuple[tuple[int, int], float, f
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 def test_candidates_from_the_paper_score_maps_are_the_minimality_candidates(model):
-    scores = {g: load_score_map(PAPER / "path_patching" / f"{model}_{g}.json") for g in GROUPS}
+    scores = {g: load_score_map(PAPER / "path_patching" / f"{model}_{g}.json") for g in task_named("entity_tracking").group_names}
     cand = candidates(scores, CANDIDATES[model])
-    for g in GROUPS:
+    for g in task_named("entity_tracking").group_names:
         assert [tuple(h) for h in cand.groups[g]] == [h for h, _, _ in significance(model, g)], g
     if model == "llama":
         assert len(cand.groups["value_fetcher"]) == 50  # 58 minus the 8 PT candidates among them

@@ -8,15 +8,15 @@ import pytest
 import torch
 
 from etk.circuits import Circuit, load_circuit, load_score_map, save_score_map, top_k
-from etk.data.roles import GROUPS
 from etk.interventions.components import HeadId, all_heads
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
 from etk.methods.path_patching.run import rank_agreement
-from etk.methods.path_patching.stages import STAGES, pp_loader, reachable_layers, receivers_from
+from etk.methods.path_patching.stages import pp_loader, reachable_layers, receivers_from, task_stages
 from etk.models.arch import LlamaFamily
 from etk.models.tiny import tiny_llama
+from etk.tasks import task_named
 from tests.helpers import RECV, assert_scores_close, mixed_length_examples, planted_model, pp_batch
 
 FIX = Path(__file__).parent / "fixtures" / "path_patching"
@@ -25,7 +25,7 @@ PAPER_CIRCUITS = Path(__file__).resolve().parents[1] / "etk" / "data" / "circuit
 
 def stage_setup(model, group, recv_heads):
     dims = LlamaFamily(model).dims
-    st = STAGES[group]
+    st = task_stages(task_named("entity_tracking"))[group]
     rec = None if st.receiver_site is None else receivers_from(recv_heads, st.receiver_site, dims)
     reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
     return st, rec, reach, dims
@@ -41,7 +41,7 @@ def deep_mha(tok):
     return tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=4, seed=4)
 
 
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", task_named("entity_tracking").group_names)
 @pytest.mark.parametrize("model_name,side,mixed", [("deep_gqa", "right", False), ("deep_mha", "right", False),
                                                    ("deep_gqa", "left", True), ("deep_mha", "right", True)])
 def test_fast_equals_naive(request, tok, group, model_name, side, mixed):
@@ -63,7 +63,7 @@ def test_skipping_is_real(deep_gqa, tok):
     assert {h.layer for h in reach} == {0, 1}  # senders in layers >= 2 cannot reach a layer-2 receiver
 
 
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", task_named("entity_tracking").group_names)
 def test_attribution_tracks_exact(deep_mha, tok, group):
     batch = pp_batch(tok, n=12)
     st, rec, reach, dims = stage_setup(deep_mha, group, RECV)
@@ -93,7 +93,7 @@ def test_planted_head_ranks_first(tok):
 def test_paper_circuit_and_score_maps_roundtrip(tmp_path):
     for name in ("llama_7b", "goat_7b", "float_7b"):
         c = load_circuit(name)
-        assert set(c.groups) == set(GROUPS)
+        assert set(c.groups) == set(task_named("entity_tracking").group_names)
         c.save(tmp_path / f"{name}.json")
         again = load_circuit(tmp_path / f"{name}.json")
         assert again.groups == c.groups
@@ -149,8 +149,8 @@ def test_fast_equals_naive_relative_on_large_scores(tok):
     dims = LlamaFamily(model).dims
     batch = pp_batch(tok, n=10, n_boxes=4)
     prev = None
-    for group in GROUPS:
-        st = STAGES[group]
+    for group in task_named("entity_tracking").group_names:
+        st = task_stages(task_named("entity_tracking"))[group]
         rec = None if st.receiver_site is None else receivers_from(prev, st.receiver_site, dims)
         reach = reachable_layers(st, rec, dims.n_layers)
         naive = naive_scores(model, batch, st, rec, all_heads(dims))[0] / len(batch)
@@ -215,7 +215,7 @@ def test_planted_q_and_v_composition_is_ranked_first(tok, group):
     model = composition_chain(tok).double()
     dims = LlamaFamily(model).dims
     batch = pp_batch(tok, n=12, n_boxes=3)
-    st = STAGES[group]
+    st = task_stages(task_named("entity_tracking"))[group]
     rec = receivers_from([HeadId(1, 2)], st.receiver_site, dims)
     reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
     naive = naive_scores(model, batch, st, rec, all_heads(dims))[0] / len(batch)
@@ -231,17 +231,17 @@ def test_structure_reader_with_mixed_box_counts(tok, deep_gqa):
     """Prompts of 2-4 boxes in one batch: every prompt keeps its label positions (padded with -1), corrupt prompts
     come from contexts of every size (contexts are told apart by content, not by their reused sample ids), and the
     SR stage's fast scores still equal the definition."""
-    from etk.data.pairs import path_patching_pairs
+    from etk.tasks.entity_tracking.pairs import path_patching_pairs
 
     exs = mixed_length_examples(tok, n=12, seed=2)
     assert len({e.context.sample_id for e in exs}) < len({e.context for e in exs})  # ids collide across box counts
     pairs = path_patching_pairs(exs, __import__("random").Random(0))
     assert {p.source.context.n_boxes for p in pairs} == {2, 3, 4}
     assert all(0 <= p.source_box < p.source.context.n_boxes for p in pairs)
-    batch = next(iter(pp_loader(tok, exs, seed=0, batch_size=12, padding_side="right")))
+    batch = next(iter(pp_loader(task_named("entity_tracking"), tok, exs, seed=0, batch_size=12, padding_side="right")))
     labels = batch.corrupt.roles["labels"]
     assert labels.shape == (12, 4) and (labels[:, :2] >= 0).all() and (labels == -1).any()
-    p_s, p_c = batch.positions(STAGES["struct_reader"])
+    p_s, p_c = batch.positions(task_stages(task_named("entity_tracking"))["struct_reader"])
     assert (p_c >= 0).all() and torch.equal(batch.corrupt.input_ids[torch.arange(12), p_c] >= 0, torch.ones(12, dtype=torch.bool))
     st, rec, reach, dims = stage_setup(deep_gqa, "struct_reader", RECV)
     naive = naive_scores(deep_gqa, batch, st, rec, all_heads(dims))[0] / 12
@@ -267,7 +267,7 @@ def test_prompts_whose_clean_probability_underflows_are_left_out_of_the_mean(tmp
     assert top_k(back, 4) == [(0, 1), (1, 0), (1, 1)]
 
 
-@pytest.mark.parametrize("group", GROUPS)
+@pytest.mark.parametrize("group", task_named("entity_tracking").group_names)
 def test_speed_of_light_minimum_bounds_the_work(deep_gqa, tok, group):
     """The definition's minimum (token, layer) blocks: more than the two plain forwards alone; never more than what
     fast or naive do; naive does far more. (The count itself: test_minimum_blocks_counted_by_hand.)"""
@@ -302,14 +302,14 @@ def test_minimum_blocks_counted_by_hand():
 
     b, L = HandBatch(), 4
     # no senders, the clean and the corrupt forward only: 2 forwards x 9 real tokens x 4 layers = 72
-    assert minimum_blocks(b, STAGES["value_fetcher"], None, [], L) == 72
+    assert minimum_blocks(b, task_stages(task_named("entity_tracking"))["value_fetcher"], None, [], L) == 72
     # direct effect, senders in layers 0, 2, 3: per prompt each sender's chain at p_s up to the top,
     # (4 - 0) + (4 - 2) + (4 - 3) = 7 blocks; 2 prompts: 14; 72 + 14 = 86
-    assert minimum_blocks(b, STAGES["value_fetcher"], None, [HeadId(0, 1), HeadId(2, 0), HeadId(3, 3)], L) == 86
+    assert minimum_blocks(b, task_stages(task_named("entity_tracking"))["value_fetcher"], None, [HeadId(0, 1), HeadId(2, 0), HeadId(3, 3)], L) == 86
     # receivers in layers 2 and 3, senders in layers 0, 1, 2:
     #   per prompt each sender's chain at p_s up to the deepest receiver (layer 3): 3 + 2 + 1 = 6; 2 prompts: 12
     #   the suffixes p_s..last hold 3 (2..4) + 3 (1..3) = 6 tokens, each run from the shallowest receiver above the
     #   sender to the top: layers 2-3 for the senders in 0 and 1 (2 + 2), layer 3 for the one in 2 (1): 6 x 5 = 30
     #   72 + 12 + 30 = 114
     rec = Receivers("v", {2: [0], 3: [1]})
-    assert minimum_blocks(b, STAGES["pos_detector"], rec, [HeadId(0, 1), HeadId(1, 0), HeadId(2, 3)], L) == 114
+    assert minimum_blocks(b, task_stages(task_named("entity_tracking"))["pos_detector"], rec, [HeadId(0, 1), HeadId(1, 0), HeadId(2, 3)], L) == 114

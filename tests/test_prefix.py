@@ -5,11 +5,19 @@ import pytest
 import torch
 
 from etk.interventions.heads import HeadSet, capture
+from etk.interventions.prefix import (
+    RowCache,
+    earliest,
+    patched_last_logits,
+    prefix_rows,
+    split_position,
+    stack,
+    unpatched_rows,
+    unstack,
+)
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.partial import LayerInputs, SharedPrefix
-from etk.interventions.prefix import (RowCache, earliest, patched_last_logits, prefix_rows, split_position, stack,
-                               unpatched_rows, unstack)
 from etk.models.tiny import tiny_llama
 from tests.helpers import batch_of, mixed_length_examples
 

@@ -11,14 +11,15 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from etk.interventions.components import HeadId, all_heads
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.hooks import hooked
 from etk.methods.path_patching.fast import fast_scores
-from etk.methods.path_patching.stages import STAGES, receivers_from, reachable_layers
-from etk.interventions.components import HeadId, all_heads
+from etk.methods.path_patching.stages import reachable_layers, receivers_from, task_stages
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 from etk.models.loading import is_dispatched, load_model
+from etk.tasks import task_named
 from tests.conftest import CONF, ROOT
 from tests.helpers import batch_of, compose_run, pp_batch
 
@@ -45,7 +46,7 @@ def test_split_model_equals_unsplit_for_eval_path_patching_and_cmap(both, tok):
     dims = LlamaFamily(plain).dims
     prev = None
     for group in ("value_fetcher", "pos_transmitter"):
-        st = STAGES[group]
+        st = task_stages(task_named("entity_tracking"))[group]
         rec = None if st.receiver_site is None else receivers_from(prev, st.receiver_site, dims)
         senders = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
         a, b = fast_scores(plain, ppb, st, rec, senders)[0], fast_scores(split, ppb, st, rec, senders)[0]

@@ -1,4 +1,4 @@
-"""From config to batches: task vocabulary for a tokenizer, the evaluation set, and data loaders."""
+"""From a task's prompts to batches: datasets stamped with indices, rank-sliced batches, and the loaders."""
 
 from __future__ import annotations
 
@@ -8,64 +8,8 @@ from typing import Sequence
 
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from etk.data.boxes import Example, Template, generate_examples
-from etk.data.roles import Encoded, collate, encode_example
-from etk.data.vocab import LETTERS, filter_single_token, load_objects
+from etk.data.roles import Encoded, PairBatch, collate, collate_pairs
 from etk.errors import DataError
-
-
-def task_vocab(tokenizer, n_boxes: int, objects_file: str = "objects.csv") -> tuple[list[str], list[str]]:
-    """Objects and labels that are single tokens for this tokenizer (clear error if fewer than n_boxes)."""
-    objects = filter_single_token(tokenizer, load_objects(objects_file), n_boxes, "objects")
-    labels = filter_single_token(tokenizer, list(LETTERS), n_boxes, "labels")
-    return objects, labels
-
-
-def make_template(spec: dict | None) -> Template:
-    return Template(**(spec or {}))
-
-
-def check_box_count(path, lines: Sequence[tuple[int, Example]], n_boxes: int, error: type[Exception] = DataError) -> None:
-    """Every prompt of the file `path` (its `read_jsonl_lines`) has `n_boxes` boxes, else `error` saying what to set."""
-    counts = sorted({len(ex.context.objects) for _, ex in lines})
-    if counts and counts != [n_boxes]:
-        raise error(f"data.path={path!r}: its prompts have {', '.join(map(str, counts))} boxes but data.n_boxes="
-                    f"{n_boxes}; set data.n_boxes={counts[0]}" + (" and use one file per box count" if len(counts) > 1 else ""))
-
-
-def file_examples(data_cfg, tokenizer) -> list[Example]:
-    """The first `data.n_examples` usable lines of the user's paper-format file `data.path`: lines whose objects or
-    labels are not one token for this tokenizer are left out with a message naming them and their lines; every
-    prompt must have `data.n_boxes` boxes (mean ablation and the pairs need one prompt shape)."""
-    from etk.data.jsonl import read_jsonl_lines
-    from etk.data.vocab import _note_once, single_token_id, tokenizer_name
-
-    path = data_cfg.path
-    lines = read_jsonl_lines(path)
-    check_box_count(path, lines, int(data_cfg.n_boxes))
-    words = {w for _, ex in lines for w in (*ex.context.objects, *ex.context.labels)}
-    multi = sorted(w for w in words if single_token_id(tokenizer, w) is None)
-    kept = [(n, ex) for n, ex in lines if not set(multi) & {*ex.context.objects, *ex.context.labels}]
-    if multi:
-        kept_lines = {n for n, _ in kept}
-        dropped = [n for n, _ in lines if n not in kept_lines]
-        _note_once(f"[etk] {path}: {len(dropped)} of {len(lines)} lines name words that are not one token for tokenizer "
-                   f"{tokenizer_name(tokenizer)!r} ({multi[:20]}) and are left out (lines {dropped[:20]}"
-                   f"{' ...' if len(dropped) > 20 else ''})")
-    if not kept:
-        raise DataError(f"data.path={path!r}: no usable line ({len(lines)} read); every object and label must be one "
-                        f"token for tokenizer {tokenizer_name(tokenizer)!r}")
-    return [ex for _, ex in kept][: int(data_cfg.n_examples)]
-
-
-def task_examples(data_cfg, tokenizer) -> list[Example]:
-    """The evaluation prompts: the user's file `data.path` if set, else generated as described by
-    `data.{n_boxes,n_examples,seed,objects,template}`."""
-    if data_cfg.get("path"):
-        return file_examples(data_cfg, tokenizer)
-    objects, labels = task_vocab(tokenizer, data_cfg.n_boxes, data_cfg.get("objects", "objects.csv"))
-    template = make_template(data_cfg.get("template"))
-    return generate_examples(data_cfg.n_examples, data_cfg.n_boxes, objects, labels, data_cfg.seed, template)
 
 
 class EncodedDataset(Dataset):
@@ -137,12 +81,23 @@ def pad_id(tokenizer) -> int:
     return pid
 
 
-def prompt_loader(tokenizer, examples: Sequence[Example], batch_size: int, padding_side: str = "right") -> DataLoader:
-    """Encode examples once and batch them (no shuffling: order is the dataset's line order)."""
-    encoded: list[Encoded] = [encode_example(tokenizer, ex) for ex in examples]
+def prompt_loader(task, tokenizer, examples: Sequence, batch_size: int, padding_side: str = "right") -> DataLoader:
+    """A task's prompts encoded once and batched (no shuffling: order is the dataset's line order)."""
+    encoded: list[Encoded] = [task.encode(tokenizer, ex) for ex in examples]
     return DataLoader(
         EncodedDataset(encoded),
         batch_size=batch_size,
         shuffle=False,
         collate_fn=partial(collate, pad_id=pad_id(tokenizer), padding_side=padding_side),
     )
+
+
+def pair_loader(task, tokenizer, pairs: Sequence, batch_size: int, shuffle: bool = False, seed: int = 0,
+                padding_side: str = "right", cls=PairBatch) -> DataLoader:
+    """Batches of `cls` (a PairBatch): base prompts answer the pair's target; sources carry their own roles (and
+    their own answer). Batches are `RankSlicedBatches`: under DDP (fit loops with `use_distributed_sampler=False`)
+    every process takes its slice of the one-process batch."""
+    items = [(task.encode(tokenizer, p.base, answer=p.target), task.encode(tokenizer, p.source), p.source_box)
+             for p in pairs]
+    return DataLoader(EncodedDataset(items), batch_sampler=RankSlicedBatches(len(items), batch_size, shuffle, seed),
+                      collate_fn=partial(collate_pairs, pad_id=pad_id(tokenizer), padding_side=padding_side, cls=cls))

@@ -8,9 +8,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from etk.data.boxes import Template, generate_contexts, query_examples
 from etk.data.vocab import LETTERS, filter_single_token, load_objects, load_words
 from etk.errors import ConfigError
+from etk.tasks.entity_tracking.boxes import Template, generate_contexts, query_examples
 
 # Surface forms for training. The paper's frame appears with a disjoint object list; the others change the
 # container word, the relation and the query, so evaluation (paper frame + paper objects) measures tracking.

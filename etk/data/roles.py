@@ -1,71 +1,120 @@
-"""Named position roles, computed once per example from the tokenization and carried in every batch.
+"""Token roles: one namespace of role names shared by every task, and the batches that carry them.
 
-Scalar roles (one index per example): `last`, `query_label`, `prev_query_label` (the queried box's label in the
-context), `correct_object`. Vector roles (one index per box): `objects`, `labels`. Undefined roles are -1
-(e.g. `prev_query_label` of a prompt whose query label names no box).
-
-Token roles: a partition of every prompt's tokens into named roles (`ROLE_VOCAB`), carried as `token_roles`
-[B, T] ids (-1 = padding). The scalar roles take their token; the other boxes' words are `objects[k]` /
-`labels[k]` (k = box index; the queried box's are `correct_object` / `prev_query_label`); every other token is
-named by the template field it renders (`det`, `relation`, `container`, `segment_text`, `sep`, `end`, `prefix`,
-`query_container`, `query_text`), `bos` for special tokens without characters, `other` for anything else.
-Methods whose units are (head, position role) — mean ablation, circuit search — read this partition."""
+A task (`etk/tasks/<name>/`) names the roles of its prompts: scalar roles (one position per prompt, e.g. `last`,
+the position the answer is read at, which every task has), vector roles (one position per entity, e.g. the boxes'
+`objects`), and the token roles that partition every prompt's tokens (`objects[3]`, `det`, `S2`, ...). The
+partition is carried as `token_roles` [B, T] ids into `ROLE_VOCAB` (-1 = padding); methods whose units are (head,
+position role) — mean ablation, circuit search — index tables by these ids. The namespace is the union of the
+registered tasks' roles, in registration order (entity tracking first, so its ids never move); a name means the
+same thing in every task that uses it. It fills itself from `etk.tasks` on first use."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Iterable, Iterator
 
 import torch
 
-from etk.data.boxes import Example, Span
-from etk.data.vocab import single_token_id, tokenizer_name
 from etk.errors import ConfigError, EtkError
 
-SCALAR_ROLES: tuple[str, ...] = ("last", "query_label", "prev_query_label", "correct_object")
-VECTOR_ROLES: tuple[str, ...] = ("objects", "labels")
-TEMPLATE_ROLES: tuple[str, ...] = ("bos", "prefix", "det", "relation", "container", "segment_text", "sep", "end",
-                                   "query_container", "query_text", "other")
-MAX_BOXES = 26
-ROLE_VOCAB: tuple[str, ...] = (SCALAR_ROLES + TEMPLATE_ROLES + tuple(f"objects[{k}]" for k in range(MAX_BOXES))
-                               + tuple(f"labels[{k}]" for k in range(MAX_BOXES)))
-ROLE_ID: dict[str, int] = {r: i for i, r in enumerate(ROLE_VOCAB)}
-COLLAPSED_ROLES: tuple[str, ...] = SCALAR_ROLES + VECTOR_ROLES + TEMPLATE_ROLES  # objects[k] -> objects, labels[k] -> labels
-
-# The circuit's groups (SPEC §2) and the position role each acts at: the one map that vital roles, circuit keys,
-# path-patching stages, DCM, CMAP and the reports derive from.
-GROUP_ROLE: dict[str, str] = {
-    "value_fetcher": "last",
-    "pos_transmitter": "last",
-    "pos_detector": "query_label",
-    "struct_reader": "prev_query_label",
-}
-GROUPS: tuple[str, ...] = tuple(GROUP_ROLE)
-SHORT: dict[str, str] = {"value_fetcher": "VF", "pos_transmitter": "PT", "pos_detector": "PD", "struct_reader": "SR"}
-VITAL_ROLES: tuple[str, ...] = tuple(dict.fromkeys(GROUP_ROLE.values()))  # last, query_label, prev_query_label
 MEMBERS: tuple[str, str] = ("base", "finetuned")  # the two members of a model pair
 
 
-def key_role(key: str) -> str:
-    """The position role a circuit entry acts at: its group's role, or the key itself when it names a role."""
-    return GROUP_ROLE.get(key, key)
+class _Namespace:
+    """The role names of every registered task, with stable ids (read like a tuple / a dict)."""
+
+    def __init__(self) -> None:
+        self._names: list[str] = []
+        self._ids: dict[str, int] = {}
+        self._loading = False
+
+    def register(self, names: Iterable[str]) -> None:
+        """Add role names (a name already present keeps its id)."""
+        for n in names:
+            if n not in self._ids:
+                self._ids[n] = len(self._names)
+                self._names.append(n)
+
+    def _ready(self) -> None:
+        if not self._loading and "last" not in self._ids:
+            self._loading = True
+            import etk.tasks  # noqa: F401  (registers every task's roles)
+            self._loading = False
 
 
-def groups_at(role: str) -> tuple[str, ...]:
-    """The groups acting at a position role (VF and PT share `last`)."""
-    return tuple(g for g, r in GROUP_ROLE.items() if r == role)
+_NAMESPACE = _Namespace()
 
 
-def collapsed_role(role: str) -> str:
-    """A token role with the box index dropped (`objects[3]` -> `objects`): an entry of COLLAPSED_ROLES."""
-    return role.split("[")[0]
+class RoleVocab:
+    """`ROLE_VOCAB`: id -> name (a sequence)."""
+
+    def __len__(self) -> int:
+        _NAMESPACE._ready()
+        return len(_NAMESPACE._names)
+
+    def __getitem__(self, i):
+        _NAMESPACE._ready()
+        return _NAMESPACE._names[i]
+
+    def __iter__(self) -> Iterator[str]:
+        _NAMESPACE._ready()
+        return iter(list(_NAMESPACE._names))
+
+    def __contains__(self, name: object) -> bool:
+        _NAMESPACE._ready()
+        return name in _NAMESPACE._ids
+
+    def index(self, name: str) -> int:
+        _NAMESPACE._ready()
+        return _NAMESPACE._ids[name]
+
+
+class RoleIds:
+    """`ROLE_ID`: name -> id (a mapping)."""
+
+    def __getitem__(self, name: str) -> int:
+        _NAMESPACE._ready()
+        return _NAMESPACE._ids[name]
+
+    def __contains__(self, name: object) -> bool:
+        _NAMESPACE._ready()
+        return name in _NAMESPACE._ids
+
+    def __len__(self) -> int:
+        _NAMESPACE._ready()
+        return len(_NAMESPACE._ids)
+
+    def get(self, name: str, default=None):
+        _NAMESPACE._ready()
+        return _NAMESPACE._ids.get(name, default)
+
+    def items(self):
+        _NAMESPACE._ready()
+        return list(_NAMESPACE._ids.items())
+
+
+ROLE_VOCAB = RoleVocab()
+ROLE_ID = RoleIds()
+
+
+def register_roles(names: Iterable[str]) -> None:
+    """Add a task's role names to the namespace (called by `etk.tasks.register`)."""
+    _NAMESPACE.register(names)
 
 
 def check_role(role: str) -> str:
-    """`role` if it names a token role, else a ValueError listing the vocabulary's kinds."""
+    """`role` if it names a token role of a registered task, else a ConfigError."""
     if role not in ROLE_ID:
-        raise ConfigError(f"unknown position role {role!r}; roles are {', '.join(SCALAR_ROLES + TEMPLATE_ROLES)}, "
-                         f"objects[k] and labels[k] (k < {MAX_BOXES})")
+        from etk.tasks import TASKS
+
+        raise ConfigError(f"unknown position role {role!r}; the tasks' roles are: "
+                          + "; ".join(f"{t.name}: {', '.join(t.role_summary())}" for t in TASKS.values()))
     return role
+
+
+def collapsed_role(role: str) -> str:
+    """A token role with its entity index dropped (`objects[3]` -> `objects`)."""
+    return role.split("[")[0]
 
 
 class TokenizationError(EtkError, ValueError):
@@ -80,71 +129,9 @@ class Encoded:
     roles: dict[str, int | list[int]]
     answer_id: int
     token_roles: list[int] = field(default_factory=list)  # ROLE_ID of every token (the partition)
+    distractor_id: int = -1  # a wrong answer whose logit the task's metric subtracts (IOI: the subject), -1 if none
     index: int = -1  # position in its dataset (set by the dataset), carried by the batch
     weight: float = 1.0  # 0 for a repeat that only fills a distributed process's share of a batch (loss weight)
-
-
-def _token_at(offsets: list[tuple[int, int]], span: Span, text: str, word: str, tokenizer) -> int:
-    for i, (s, e) in enumerate(offsets):
-        if e > s and s <= span.start < e:
-            if text[s:e].strip() != word:
-                raise TokenizationError(
-                    f"tokenizer {tokenizer_name(tokenizer)!r} does not keep {word!r} as one token in the prompt "
-                    f"(token {i} covers {text[s:e]!r}); choose single-token words for this tokenizer"
-                )
-            return i
-    raise TokenizationError(f"no token covers {word!r} at characters {span.start}-{span.end} of {text!r}")
-
-
-def encode_example(tokenizer, example: Example, answer: str | None = None) -> Encoded:
-    """Tokenize a prompt and locate every role by character offsets (no literal indices).
-
-    `answer` defaults to the example's own answer; pass another word for counterfactual targets."""
-    rendered = example.render()
-    enc = tokenizer(rendered.text, return_offsets_mapping=True)
-    ids: list[int] = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    text = rendered.text
-    ctx = example.context
-    objs = [_token_at(offsets, sp, text, w, tokenizer) for sp, w in zip(rendered.objects, ctx.objects)]
-    labs = [_token_at(offsets, sp, text, w, tokenizer) for sp, w in zip(rendered.labels, ctx.labels)]
-    ql = _token_at(offsets, rendered.query_label, text, example.query_label, tokenizer)
-    q = example.query
-    roles: dict[str, int | list[int]] = {
-        "last": len(ids) - 1,
-        "query_label": ql,
-        "prev_query_label": labs[q] if q is not None else -1,
-        "correct_object": objs[q] if q is not None else -1,
-        "objects": objs,
-        "labels": labs,
-    }
-    if q is not None and ids[roles["prev_query_label"]] != ids[ql]:
-        raise TokenizationError(f"query label token differs from its context occurrence in {text!r}")
-    token_roles = _token_roles(rendered, offsets, roles, q)
-    word = answer if answer is not None else example.answer
-    answer_id = -1
-    if word is not None:
-        tid = single_token_id(tokenizer, word)
-        if tid is None:
-            raise TokenizationError(f"tokenizer {tokenizer_name(tokenizer)!r} splits the answer {word!r} into several tokens")
-        answer_id = tid
-    return Encoded(ids, roles, answer_id, token_roles)
-
-
-def _token_roles(rendered, offsets: list[tuple[int, int]], roles: dict, q: int | None) -> list[int]:
-    """The role id of every token: its first non-space character's template piece, then the word roles."""
-    text = rendered.text
-    out = []
-    for s, e in offsets:
-        c = next((i for i in range(s, e) if not text[i].isspace()), s if e > s else None)
-        name = "bos" if c is None else next((r for a, b, r in rendered.pieces if a <= c < b), "other")
-        out.append(ROLE_ID.get(name, ROLE_ID["other"]))
-    for k, (o, lab) in enumerate(zip(roles["objects"], roles["labels"])):
-        out[o], out[lab] = ROLE_ID[f"objects[{k}]"], ROLE_ID[f"labels[{k}]"]
-    for name in ("correct_object", "prev_query_label", "query_label", "last"):
-        if roles[name] >= 0:
-            out[roles[name]] = ROLE_ID[name]
-    return out
 
 
 @dataclass
@@ -154,18 +141,19 @@ class PromptBatch:
     input_ids: torch.Tensor  # [B, T] long
     attention_mask: torch.Tensor  # [B, T] long
     position_ids: torch.Tensor  # [B, T] long, 0 at the first real token (valid under left padding)
-    roles: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar [B], vector [B, n_boxes]
+    roles: dict[str, torch.Tensor] = field(default_factory=dict)  # scalar [B], vector [B, max entities]
     answer: torch.Tensor | None = None  # [B] long, -1 where undefined
     token_roles: torch.Tensor | None = None  # [B, T] long ROLE_ID of every token, -1 at padding
     index: torch.Tensor | None = None  # [B] long dataset index of each prompt (-1 unknown)
     weight: torch.Tensor | None = None  # [B] float loss weight: 1, or 0 for a row repeated to fill a process's share
+    distractor: torch.Tensor | None = None  # [B] long: the task's wrong answer for a logit difference, -1 where none
 
     def repeat(self, k: int) -> "PromptBatch":
         """The batch stacked k times along the batch axis (row i*B + b = prompt b), e.g. for k configurations."""
         rep = lambda t: None if t is None else t.repeat(k, *([1] * (t.dim() - 1)))  # noqa: E731
         return PromptBatch(rep(self.input_ids), rep(self.attention_mask), rep(self.position_ids),
                            {n: rep(v) for n, v in self.roles.items()}, rep(self.answer), rep(self.token_roles),
-                           rep(self.index), rep(self.weight))
+                           rep(self.index), rep(self.weight), rep(self.distractor))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -206,10 +194,11 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
         mask[b, off : off + n] = 1
         shift[b] = off
     roles: dict[str, torch.Tensor] = {}
-    for name in SCALAR_ROLES:
+    names = list(items[0].roles)
+    for name in (n for n in names if not isinstance(items[0].roles[n], list)):  # scalar roles: [B]
         r = torch.tensor([it.roles[name] for it in items], dtype=torch.long)
         roles[name] = torch.where(r >= 0, r + shift, r)
-    for name in VECTOR_ROLES:  # [B, max boxes]; prompts with fewer boxes are padded with -1
+    for name in (n for n in names if isinstance(items[0].roles[n], list)):  # vector roles: [B, max entities], -1 pad
         width = max(len(it.roles[name]) for it in items)  # type: ignore[arg-type]
         r = torch.full((B, width), -1, dtype=torch.long)
         for b, it in enumerate(items):
@@ -220,7 +209,8 @@ def collate(items: list[Encoded], pad_id: int, padding_side: str = "right") -> P
     answer = torch.tensor([it.answer_id for it in items], dtype=torch.long)
     index = torch.tensor([it.index for it in items], dtype=torch.long)
     weight = torch.tensor([it.weight for it in items], dtype=torch.float32)
-    return PromptBatch(ids, mask, position_ids, roles, answer, troles, index, weight)
+    distractor = torch.tensor([it.distractor_id for it in items], dtype=torch.long)
+    return PromptBatch(ids, mask, position_ids, roles, answer, troles, index, weight, distractor)
 
 
 @dataclass

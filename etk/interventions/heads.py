@@ -15,11 +15,12 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch, check_role, key_role
+from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch, check_role
 from etk.interventions.components import HeadId, check_heads, kv_group
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.models.arch import Dims
 from etk.models.forward import last_logits, run_through
+from etk.tasks import group_role
 
 
 class HeadSet:
@@ -47,7 +48,7 @@ class HeadSet:
         out = cls()
         for key in (groups if keys is None else keys):
             for h in groups.get(key, []):
-                lst = out.roles.setdefault(key_role(key), [])
+                lst = out.roles.setdefault(group_role(key), [])
                 if h not in lst:
                     lst.append(HeadId(*h))
         return out

@@ -20,20 +20,19 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from etk.data.roles import SCALAR_ROLES, PromptBatch
+from etk.data.roles import PromptBatch
 from etk.models.arch import LlamaFamily
 
 KNOCKOUT_ATTN = "etk_knockout"  # the attention implementation name used inside `knockout(...)`
 STATE_ATTR = "_etk_knockout"  # attribute carrying the KnockoutState on each attention module, only inside the block
 RANDOM = "random"  # key role: a seeded random context position per example
-KEY_ROLES: tuple[str, ...] = SCALAR_ROLES + (RANDOM,)
 
 
 @dataclass
@@ -140,12 +139,18 @@ def knockout(model, query_pos: torch.Tensor, key_pos: torch.Tensor,
 # --- building rows ---------------------------------------------------------------------------------------------
 
 
-def parse_edge(edge: str) -> tuple[str, str]:
-    """'query_role->key_role' -> (query_role, key_role); query roles are scalar roles, keys may be `random`."""
+def parse_edge(edge: str, scalar_roles: Sequence[str] | None = None) -> tuple[str, str]:
+    """'query_role->key_role' -> (query_role, key_role); roles are scalar roles (of `scalar_roles`, default: of any
+    registered task), keys may also be `random`."""
+    if scalar_roles is None:
+        from etk.tasks import TASKS
+
+        scalar_roles = tuple(dict.fromkeys(r for t in TASKS.values() for r in t.scalar_roles))
     q, sep, k = edge.partition("->")
     q, k = q.strip(), k.strip()
-    if not sep or q not in SCALAR_ROLES or k not in KEY_ROLES:
-        raise ValueError(f"bad knockout edge {edge!r}: expected '<{'|'.join(SCALAR_ROLES)}>-><{'|'.join(KEY_ROLES)}>'")
+    if not sep or q not in scalar_roles or k not in (*scalar_roles, RANDOM):
+        raise ValueError(f"bad knockout edge {edge!r}: expected '<{'|'.join(scalar_roles)}>-><"
+                         f"{'|'.join((*scalar_roles, RANDOM))}>'")
     return q, k
 
 

@@ -52,8 +52,14 @@ def tiny_llama(
     """Random-init decoder (GQA by default: 4 query heads over 2 KV groups), eval mode, no gradients. `arch`:
     `llama`, `qwen2` (q/k/v biases, drawn non-zero so that they matter), `qwen3` (per-head q/k RMSNorm) or `mistral` (its sliding window longer
     than any prompt, as in Mistral-7B at these lengths)."""
-    from transformers import (MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
-                              Qwen3ForCausalLM)
+    from transformers import (
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
     if arch not in TINY_ARCHS:
         raise ConfigError(f"unknown tiny architecture {arch!r}; choose from {TINY_ARCHS}")

@@ -24,6 +24,13 @@ class ReportContext:
     graph: list[tuple[Job, Result]] = field(default_factory=list)
 
     @property
+    def task(self):
+        """The study's task (`etk.tasks.Task`): its groups, their abbreviations and the report's words."""
+        from etk.tasks import task_of
+
+        return task_of(self.cfg)
+
+    @property
     def base(self) -> str:
         return self.cfg.pair.base.name
 

@@ -13,7 +13,6 @@ from etk.report.tables import value
 
 Doc = dict[str, Any]
 
-DES_SHORT = {"object_value": "object value", "positional": "position", "box_label_value": "box-label value"}
 
 
 def above(a: Any, b: Any) -> bool:

@@ -14,6 +14,7 @@ class Study(Protocol):
     """What a step's job function reads of the running study (`etk.study.run.Study`)."""
 
     plan: Any  # the study config's `plan` block
+    task: Any  # the study's task (etk.tasks.Task): its groups, desiderata and CMAP head choice
 
     def member(self, member: str) -> Any: ...
     def sizes(self, step: str, prefix: str = "method") -> list[str]: ...
@@ -22,9 +23,6 @@ class Study(Protocol):
     def result(self, step: str, **match: Any) -> Any: ...
     def circuit_path(self, member: str) -> str: ...
     def note(self, line: str) -> None: ...
-
-# CMAP's head choice (SPEC §6.1): DCM selections for VF (object value), PT and PD (position); SR keeps all its heads
-CMAP_DCM_CHOICE = {("value_fetcher", "object"), ("pos_transmitter", "position"), ("pos_detector", "position")}
 
 
 def per_member(study: Study, step: str, *extra: str) -> list[Job]:
@@ -75,17 +73,18 @@ def search_jobs(study: Study) -> list[Job]:
 
 
 def dcm_jobs(study: Study) -> list[Job]:
-    """A mask per (member in plan.dcm_members, group with heads in its circuit, desideratum)."""
+    """A mask per (member in plan.dcm_members, group with heads in its circuit, desideratum); groups and desiderata
+    default to the task's (`plan.dcm_groups` / `plan.dcm_desiderata` null)."""
     from etk.circuits import load_circuit
 
     jobs = []
     for owner in study.plan.dcm_members:
         path = study.circuit_path(owner)
         circuit = load_circuit(path)
-        for group in study.plan.dcm_groups:
+        for group in (study.plan.dcm_groups or study.task.group_names):
             if not circuit.groups.get(group):
                 continue
-            for d in study.plan.dcm_desiderata:
+            for d in (study.plan.dcm_desiderata or study.task.study_desiderata):
                 jobs.append(Job("dcm", f"{owner}-{group}-{d}", (f"model={owner}", f"circuit.path={path}", f"group={group}",
                                                                f"desideratum={d}", *study.sizes("dcm", "dcm")),
                                 member=owner, circuit_of=owner, group=group, desideratum=d))
@@ -94,7 +93,8 @@ def dcm_jobs(study: Study) -> list[Job]:
 
 def activation_patching_jobs(study: Study) -> list[Job]:
     """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members."""
-    wanted = set(study.plan.ap_desiderata or study.plan.dcm_desiderata)
+    wanted = set(study.plan.ap_desiderata or study.task.study_ap_desiderata or study.plan.dcm_desiderata
+                 or study.task.study_desiderata)
     jobs = []
     for dj, res in sorted(study.results("dcm"), key=lambda jr: jr[0].name):  # the DCM jobs in folder-name order
         if dj.desideratum not in wanted:
@@ -111,10 +111,11 @@ def activation_patching_jobs(study: Study) -> list[Job]:
 
 
 def cmap_jobs(study: Study) -> list[Job]:
-    """The fine-tuned circuit patched across the pair in each direction, with the paper's head choice: DCM
-    selections for VF (object value), PT and PD (positional), all SR heads."""
+    """The fine-tuned circuit patched across the pair in each direction, with the task's head choice (entity tracking:
+    the paper's, SPEC §6.1: DCM selections for VF (object value), PT and PD (positional), all SR heads)."""
+    choice = set(study.task.cmap_choice)
     chosen = [(dj, res) for dj, res in sorted(study.results("dcm", member="finetuned"), key=lambda jr: jr[0].name)
-              if (dj.group, dj.desideratum) in CMAP_DCM_CHOICE]
+              if (dj.group, dj.desideratum) in choice]
     runs = hydra_value([str(res.dir / "results.json") for _, res in chosen])
     return [Job("cmap", d, (f"circuit.path={study.circuit_path('finetuned')}", f"method.direction={d}",
                             f"method.dcm_runs={runs}", *study.sizes("cmap")),

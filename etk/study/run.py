@@ -17,7 +17,6 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_text
-from etk.data.datasets import task_examples
 from etk.data.roles import MEMBERS
 from etk.errors import ConfigError, DataError
 from etk.methods.registry import REGISTRY, MethodSpec, get
@@ -27,6 +26,7 @@ from etk.results import Job, Result, member_circuit, select
 from etk.runtime import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
 from etk.study.plan import STEP_JOBS
 from etk.study.report import write_report
+from etk.tasks import task_of
 
 INHERITED = ("pair", "task", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
 
@@ -47,6 +47,11 @@ class Study:
     @property
     def plan(self) -> DictConfig:
         return self.m.plan
+
+    @property
+    def task(self):
+        """The study's task (`etk.tasks.Task`)."""
+        return task_of(self.cfg)
 
     def sizes(self, step: str, prefix: str = "method") -> list[str]:
         """The step's block of the study config as overrides of the method's config."""
@@ -120,7 +125,8 @@ class Study:
         vocabulary, the ids of the study's prompts); a mismatch raises PairMismatchError naming the first one."""
         b, f = (OmegaConf.to_container(self.member(m), resolve=True) for m in MEMBERS)
         pair = load_pair(b, f)
-        pair.check([e.render().text for e in task_examples(data_config(self.cfg, 50), pair.tokenizer)])
+        task = task_of(self.cfg)
+        pair.check([task.text(e) for e in task.examples(data_config(self.cfg, 50), pair.tokenizer)])
         del pair
         free_model()
 

@@ -1,19 +1,79 @@
-"""Tasks: the `task=` config group's names. One task today — entity tracking in boxes, the paper's — whose prompts,
-roles, circuit groups and counterfactuals are defined in `etk/data` and read by every method; a run of any other
-name is refused before a model loads (it used to run boxes silently under another key)."""
+"""Tasks: the registry of `etk/tasks/<name>/` folders, selected by the `task=` config group (`task.name`).
+
+Every method reads its task through `task_of(cfg)` and never imports a task's module; a task registers with one line
+below (or, from user code and tests, with `register(task)`). Registering a task adds its role names to the shared
+role namespace (`etk.data.roles`), after those of the tasks registered before it."""
 
 from __future__ import annotations
 
-from etk.errors import ConfigError
+from typing import Any
 
-TASKS: dict[str, str] = {
-    "entity_tracking": "entity tracking in boxes: 'The apple is in Box F, ... Box Q contains the' -> the object",
-}
+from etk.data.roles import register_roles
+from etk.errors import ConfigError
+from etk.tasks.base import Desideratum, Group, Pair, Stage, Task
+
+TASKS: dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+    """Make `task` selectable as `task=<task.name>`; its groups must not reuse another task's group names."""
+    for other in TASKS.values():
+        clash = {g.name for g in task.groups} & {g.name for g in other.groups} if other.name != task.name else set()
+        if clash:
+            raise ConfigError(f"task {task.name!r}: groups {sorted(clash)} are already groups of task {other.name!r}")
+    TASKS[task.name] = task
+    register_roles(task.roles)
+    return task
+
+
+def task_named(name: str) -> Task:
+    """The registered task `name`, else a ConfigError listing the tasks."""
+    if name not in TASKS:
+        raise ConfigError(f"task.name = {name!r}: unknown task; tasks: "
+                          + "; ".join(f"{k} ({v.description})" for k, v in TASKS.items()) + " — choose one with task=<name>")
+    return TASKS[name]
+
+
+def task_of(cfg: Any) -> Task:
+    """The task a composed config selects (`task.name`; entity tracking when the config has no task)."""
+    node = cfg.get("task") if cfg is not None else None
+    name = node.get("name") if hasattr(node, "get") else node
+    return task_named(str(name or "entity_tracking"))
 
 
 def check_task(name: str) -> str:
-    """`name` if it is a known task, else a ConfigError listing the tasks."""
-    if name not in TASKS:
-        raise ConfigError(f"task.name = {name!r}: unknown task; tasks: "
-                          + "; ".join(f"{k} ({v})" for k, v in TASKS.items()) + " — choose one with task=<name>")
-    return name
+    """`name` if it is a registered task, else a ConfigError listing the tasks."""
+    return task_named(name).name
+
+
+def group_role(key: str) -> str:
+    """The position role of a circuit key: a group of any registered task, or the key itself (a role)."""
+    for t in TASKS.values():
+        if key in t.group_role:
+            return t.group_role[key]
+    return key
+
+
+def task_with_groups(keys) -> Task | None:
+    """The registered task whose groups include every key of `keys` that is a group of some task (None if none)."""
+    keys = [k for k in keys if k in all_groups()]
+    return next((t for t in TASKS.values() if keys and all(k in t.group_role for k in keys)), None)
+
+
+def collapsed_roles() -> tuple[str, ...]:
+    """Every registered task's collapsed token roles (`objects[k]` -> `objects`), in registration order."""
+    return tuple(dict.fromkeys(r for t in TASKS.values() for r in t.collapsed_roles))
+
+
+def all_groups() -> dict[str, str]:
+    """Every registered task's groups: name -> role."""
+    return {g: r for t in TASKS.values() for g, r in t.group_role.items()}
+
+
+# the registry: one line per task folder
+from etk.tasks.entity_tracking import TASK as _ENTITY_TRACKING  # noqa: E402
+
+register(_ENTITY_TRACKING)
+
+__all__ = ["TASKS", "Desideratum", "collapsed_roles", "Group", "Pair", "Stage", "Task", "all_groups", "check_task", "group_role",
+           "register", "task_named", "task_of", "task_with_groups"]

@@ -3,11 +3,11 @@ model, and which functionalities changed."""
 
 from __future__ import annotations
 
-from etk.data.roles import SHORT
 from etk.report.context import ReportContext, Section
-from etk.report.findings import DES_SHORT, above
+from etk.report.findings import above
 from etk.report.tables import markdown, with_ci
 from etk.results import ActivationPatchingResult, DCMResult, Job
+from etk.tasks import task_of
 
 
 def activation_findings(ap: list[tuple[Job, ActivationPatchingResult]], base: str) -> list[str]:
@@ -17,8 +17,8 @@ def activation_findings(ap: list[tuple[Job, ActivationPatchingResult]], base: st
         return []
     parts = []
     for d in rows:
-        s = d.accuracy_percent
-        parts.append(f"{SHORT.get(d.group, d.group)} {DES_SHORT.get(d.desideratum, d.desideratum)} "
+        s, task = d.accuracy_percent, task_of(d.config)
+        parts.append(f"{task.short.get(d.group, d.group)} {task.desideratum_short(d.desideratum)} "
                      f"{s['selected_heads']['mean']:.0f}% (random {s['random_heads']['mean']:.0f}%, floor "
                      f"{s['unpatched_floor']['mean']:.0f}%)")
     return [f"**Same heads, same information.** The fine-tuned model's DCM heads patched inside `{base}`: " + "; ".join(parts) + "."]
@@ -38,7 +38,8 @@ def functionality_findings(dc: list[DCMResult], ap: list[ActivationPatchingResul
         ft_acc, base_acc = d.test, match.accuracy_percent["selected_heads"]["pooled"]
         verdict = ("stronger after fine-tuning" if above(ft_acc, base_acc) else
                    "weaker after fine-tuning" if above(base_acc, ft_acc) else "unchanged")
-        rows.append(f"{SHORT.get(d.group, d.group)} {DES_SHORT.get(d.desideratum, d.desideratum)} "
+        task = task_of(d.config)
+        rows.append(f"{task.short.get(d.group, d.group)} {task.desideratum_short(d.desideratum)} "
                     f"{with_ci(ft_acc)} vs {with_ci(base_acc)} in `{base}`: {verdict}")
     if not rows:
         return []

@@ -11,9 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from etk.circuits import load_dcm_selection
-from etk.data.datasets import task_examples
-from etk.data.desiderata import desideratum_pairs, pair_loader
-from etk.data.roles import key_role
+from etk.data.datasets import pair_loader
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet
 from etk.methods.activation_patching.module import ActivationPatchingModule
@@ -21,6 +19,7 @@ from etk.metrics import accuracy_ci
 from etk.models.loading import load
 from etk.results import ActivationPatchingResult
 from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
+from etk.tasks import group_role, task_of
 
 
 def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
@@ -39,17 +38,18 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
     dims = model.arch.dims
     selected = HeadSet.from_circuit({group: heads}).check(dims)
     rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
-    rand = rand_set.heads(key_role(group))
+    rand = rand_set.heads(group_role(group))
     module = ActivationPatchingModule(model.cfg, {"selected": selected, "random": rand_set},
                                       float(m.get("cache_mb", 512)), model)
     data_cfg = data_config(cfg, m.n_examples)
-    bases = task_examples(data_cfg, module.tokenizer)
+    task = task_of(cfg)
+    bases = task.examples(data_cfg, module.tokenizer)
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, logger=False)
         per_repeat = []
         for r in range(int(m.repeats)):
-            pairs = desideratum_pairs(desideratum, bases, int(m.random_seed) + r)
-            trainer.predict(module, pair_loader(module.tokenizer, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
+            pairs = task.desideratum_pairs(desideratum, bases, int(m.random_seed) + r)
+            trainer.predict(module, pair_loader(task, module.tokenizer, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
                             return_predictions=False)
             per_repeat.append(module.acc.compute().tolist())  # [unpatched, selected, random]
         a = torch.tensor(per_repeat) * 100  # [repeats, 3], percent

@@ -25,18 +25,19 @@ from etk.metrics import fmt, spearman
 from etk.report.plots import role_head_heatmap
 from etk.results import CircuitSearchResult
 from etk.runtime import output_dir, trainer_kwargs
+from etk.tasks import task_of
 
 
 def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
     """Position-aware circuit search (etk.methods.circuit_search.search): score (role, head) units, grow and prune to
     `method.target` faithfulness on a search split, report faithfulness on held-out prompts."""
     m = cfg.method
-    nb = int(cfg.data.n_boxes)
+    nb = task_of(cfg).unit(cfg.data)
     n_search = -(-int(m.n_search) // nb) * nb  # whole contexts, so the held-out split shares none
 
     def body(ev, _):
         dims, t0 = ev.dims, time.time()
-        full = full_model(dims)
+        full, vital = full_model(dims), ev.vital
         acc_model = float(ev([full]).mean())
         if acc_model == 0:
             print(f"[etk] circuit search on {cfg.model.name}: the model answers none of the {n_search} search prompts, "
@@ -79,7 +80,7 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
         keep, f_search, trace = grow_and_prune(ev, rank, dims, acc_model, float(m.target),
                                                int(float(m.max_unit_fraction) * n_units), int(m.grid_points),
                                                int(m.grow_rounds), int(m.refine_points), int(m.prune_chunks),
-                                               int(m.prune_rounds))
+                                               int(m.prune_rounds), vital)
         t_search = time.time() - t0 - t_score
         verification = None
         if method == "attribution" and int(m.n_verify) > 0:
@@ -88,7 +89,7 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
             lp = lambda a: (ev(a), ev.logp())[1]  # noqa: E731
             from_model = exact_removal_effects(lp, full, sub, shape)
             in_circuit = [u for u in sub if keep.view(-1)[u]]
-            from_circ = exact_removal_effects(lp, Ablation(keep), in_circuit, shape) if in_circuit else torch.zeros(0)
+            from_circ = exact_removal_effects(lp, Ablation(keep, vital=vital), in_circuit, shape) if in_circuit else torch.zeros(0)
             a = scores[sub]
             verification = {
                 "units": len(sub), "prompts": min(n_search, int(m.verify_prompts)),
@@ -101,10 +102,10 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
             }
         # held-out prompts: faithfulness with CI, the three-position ceiling, random circuits of the same sizes
         ev.use(int(m.n_heldout), start=n_search)
-        circ = Ablation(keep, "circuit")
+        circ = Ablation(keep, "circuit", vital)
         rng = random.Random(int(m.random_seed))
         rand = [random_ablation(circ, dims, rng, f"random{i}") for i in range(int(m.n_random))]
-        c = ev([full, circ, ceiling_ablation(dims)] + rand)
+        c = ev([full, circ, ceiling_ablation(dims, vital=vital)] + rand)
         doc = summarise(c[0], c[1], c[2], c[3:], circ.heads_per_role(), False, int(m.n_bootstrap),
                         {"n_draws": int(m.n_random), "seed": int(m.random_seed)})
         kept = int(keep.sum())

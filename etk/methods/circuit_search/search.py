@@ -113,7 +113,7 @@ def exact_removal_effects(evaluate_logp: Callable[[list[Ablation]], torch.Tensor
     for u in units:
         keep = base.keep.clone()
         keep.view(-1)[u] = False
-        abls.append(Ablation(keep, f"-{u}"))
+        abls.append(Ablation(keep, f"-{u}", base.vital))
     lp = evaluate_logp(abls).mean(1)  # [1 + n]
     return lp[0] - lp[1:]
 
@@ -137,7 +137,7 @@ def log_grid(n: int, points: int) -> list[int]:
 
 def grow_and_prune(evaluate: Evaluate, rank: Rank, dims: Dims, acc_model: float, target: float, max_units: int,
                    grid_points: int = 14, grow_rounds: int = 3, refine_points: int = 3, prune_chunks: int = 8,
-                   prune_rounds: int = 4) -> tuple[torch.Tensor, float, SearchTrace]:
+                   prune_rounds: int = 4, vital: Sequence[str] = ()) -> tuple[torch.Tensor, float, SearchTrace]:
     """Greedy growth then pruning of a position-aware circuit; returns its keep mask [R, L, H], its faithfulness on
     the search prompts and the trace.
 
@@ -145,12 +145,13 @@ def grow_and_prune(evaluate: Evaluate, rank: Rank, dims: Dims, acc_model: float,
     circuit plus the top-n of them for a log-spaced grid of n in one batch (sizes up to `max_units` in all), and
     keeps the smallest addition reaching `target`, else the best one (refined between grid points); rounds stop
     at the target or when a round does not improve. Pruning then removes chunks of units (the ranking's
-    tail first) as long as faithfulness stays at min(target, reached)."""
+    tail first) as long as faithfulness stays at min(target, reached). `vital`: the task's vital roles (circuits
+    keeping units only there are evaluated on the exact vital-only path)."""
     shape = (len(ROLE_VOCAB), dims.n_layers, dims.n_heads)
     trace = SearchTrace()
 
     def faith(keeps: list[torch.Tensor]) -> list[float]:
-        acc = evaluate([Ablation(k) for k in keeps]).mean(1)
+        acc = evaluate([Ablation(k, vital=tuple(vital)) for k in keeps]).mean(1)
         trace.evaluations += len(keeps)
         return [float(a) / acc_model for a in acc]
 

@@ -3,10 +3,10 @@ each group's heads carry, with paired-bootstrap intervals)."""
 
 from __future__ import annotations
 
-from etk.data.roles import GROUPS, SHORT
 from etk.report.context import ReportContext, Section
 from etk.report.findings import differ, share_text
 from etk.results import CMAPResult
+from etk.tasks import task_of
 
 
 def cmap_findings(cm: list[CMAPResult], qualifier: str | None = None) -> list[str]:
@@ -15,9 +15,10 @@ def cmap_findings(cm: list[CMAPResult], qualifier: str | None = None) -> list[st
     out = []
     tail = f" ({qualifier})" if qualifier else ""
     for d in cm:
-        r = d.results
+        r, task = d.results, task_of(d.config)
+        SHORT = task.short
         src, tgt = r["source_alone"], r["target_alone"]
-        groups = {g: r[g] for g in [*GROUPS, "all"] if g in r}
+        groups = {g: r[g] for g in [*task.group_names, "all"] if g in r}
         if not groups:
             continue
         if d.direction == "forward":

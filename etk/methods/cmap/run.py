@@ -9,8 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_text
 from etk.circuits import circuit_label, load_dcm_selection, resolve_circuit
-from etk.data.datasets import prompt_loader, task_examples
-from etk.data.roles import GROUPS, MEMBERS, SHORT
+from etk.data.datasets import prompt_loader
+from etk.data.roles import MEMBERS
 from etk.interventions.heads import HeadSet
 from etk.methods.cmap.module import CMAPModule
 from etk.metrics import accuracy_ci, share_of_gap
@@ -19,6 +19,7 @@ from etk.models.pair import load_pair
 from etk.report.tables import markdown, with_ci
 from etk.results import CMAPResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.tasks import task_of
 
 
 def cmap_circuit(cfg: DictConfig):
@@ -56,17 +57,18 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     toggle = bool(m.get("toggle_adapter", True))
     pair = load_pair(base_cfg, ft_cfg, toggle)
     dims = LlamaFamily.of(pair.base).dims
+    task = task_of(cfg)
     sets = {}
-    for name in m.groups:
-        chosen = {g: groups.get(g, []) for g in GROUPS} if name == "all" else {name: groups.get(name, [])}
+    for name in (m.groups or [*task.group_names, "all"]):
+        chosen = {g: groups.get(g, []) for g in task.group_names} if name == "all" else {name: groups.get(name, [])}
         sets[name] = HeadSet.from_circuit(chosen).check(dims)
     module = CMAPModule(base_cfg, ft_cfg, sets, m.direction, toggle, pair)
     data_cfg = data_config(cfg, m.n_examples)
-    examples = task_examples(data_cfg, module.tokenizer)
-    module.pair.check([e.render().text for e in examples[:50]])
+    examples = task.examples(data_cfg, module.tokenizer)
+    module.pair.check([task.text(e) for e in examples[:50]])
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
-        trainer.predict(module, prompt_loader(module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
+        trainer.predict(module, prompt_loader(task, module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
                         return_predictions=False)
         c = module.acc.per_example()  # [2 + n_sets, N]
         src_name, tgt_name = ((cfg.pair.finetuned.name, cfg.pair.base.name) if m.direction == "forward"
@@ -79,7 +81,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         table = [[f"none: {src_name} alone", with_ci(rows["source_alone"]), "1"],
                  [f"none: {tgt_name} alone", with_ci(rows["target_alone"]), "0"]]
         n_heads = {n: len(sets[n]) for n in sets}
-        table += [[f"{SHORT.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
+        table += [[f"{task.short.get(n, n)} ({n_heads[n]} head{'' if n_heads[n] == 1 else 's'}) {src_name} -> {tgt_name}",
                    with_ci(rows[n]), with_ci(rows[n]["share_of_gap"], "share")] for n in sets]
         md = markdown(header, table)
         write_text(output_dir() / "cmap_table.md", md)

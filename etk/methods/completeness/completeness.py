@@ -4,25 +4,25 @@ and for each whole group. F(M \\ K) ablates only K's heads at their roles; F(C \
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from etk.circuits import Circuit
-from etk.data.roles import key_role
 from etk.methods.mean_ablation.ablation import Ablation, circuit_ablation, full_model
 from etk.models.arch import Dims
+from etk.tasks import group_role
 
 Evaluate = Callable[[list[Ablation]], torch.Tensor]
 
 
 def completeness(evaluate: Evaluate, circuit: Circuit, dims: Dims, n_random: int = 10, p: float = 0.5,
-                 seed: int = 5) -> dict[str, Any]:
+                 seed: int = 5, vital: Sequence[str] | None = None) -> dict[str, Any]:
     items = circuit.units()
     rng = random.Random(seed)
     Ks: list[tuple[str, list]] = [(f"random{i}", [it for it in items if rng.random() < p]) for i in range(n_random)]
-    Ks += [(g, [(key_role(g), int(lay), int(h)) for lay, h in hs]) for g, hs in circuit.groups.items()]
-    circ, model = circuit_ablation(circuit, dims, True), full_model(dims)
+    Ks += [(g, [(group_role(g), int(lay), int(h)) for lay, h in hs]) for g, hs in circuit.groups.items()]
+    circ, model = circuit_ablation(circuit, dims, True, vital=vital), full_model(dims)
     ablations = []
     for name, K in Ks:
         ablations += [circ.without(K, f"C-{name}"), model.without(K, f"M-{name}")]

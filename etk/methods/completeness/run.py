@@ -15,7 +15,7 @@ def run_completeness(cfg: DictConfig) -> CompletenessResult:
     m = cfg.method
 
     def body(ev, circuit):
-        r = completeness(ev, circuit, ev.dims, int(m.n_random), float(m.p), int(m.random_seed))
+        r = completeness(ev, circuit, ev.dims, int(m.n_random), float(m.p), int(m.random_seed), ev.vital)
         rs = r["random"].get("incompleteness", {})
         print(f"[etk] incompleteness of {circuit_spec(cfg)} on {cfg.model.name}: random K {fmt(rs.get('mean'))} ± "
               f"{fmt(rs.get('sd'))}; groups " + ", ".join(f"{g} {v['incompleteness']:.3f}" for g, v in r["groups"].items()))

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import GROUPS, ROLE_ID, PairBatch, key_role
+from etk.data.roles import ROLE_ID, PairBatch
 from etk.errors import ConfigError
 from etk.interventions.heads import HeadSet, capture
 from etk.interventions.prefix import RowCache, patched_last_logits, row_logits, stack, unpatched_rows, unstack
@@ -19,18 +19,19 @@ from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
 from etk.models.loading import LoadedModel
+from etk.tasks import all_groups, group_role
 
 
 class DCMModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
                  lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
-        if group not in GROUPS and group not in ROLE_ID:
-            raise ConfigError(f"unknown group {group!r}; groups are {list(GROUPS)} (or a position role of a "
+        if group not in all_groups() and group not in ROLE_ID:
+            raise ConfigError(f"unknown group {group!r}; groups are {list(all_groups())} (or a position role of a "
                              "position-aware circuit)")
         if objective not in ("logit", "logprob"):
             raise ConfigError(f"unknown objective {objective!r} (logit | logprob)")
-        self.role = key_role(group)
+        self.role = group_role(group)
         self.headset = HeadSet.at(self.role, heads)
         if not len(self.headset):
             raise ConfigError(f"group {group!r} of the circuit is empty: nothing to mask")

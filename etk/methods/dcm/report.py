@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from etk.data.roles import GROUPS, SHORT
 from etk.report.context import ReportContext, Section
-from etk.report.findings import DES_SHORT
 from etk.report.tables import markdown, with_ci, write_table
 from etk.results import DCMResult
+from etk.tasks import task_of
 
 
 def dcm_table(results: list[DCMResult]) -> tuple[list[str], list[list[str]]]:
     """SPEC §4.4's table: heads selected / group size and test accuracy, per model x group x desideratum."""
     header = ["model", "group", "desideratum", "selected / group", "test accuracy [95% CI]", "unpatched floor"]
     rows = []
-    order = {g: i for i, g in enumerate(GROUPS)}  # circuit order VF, PT, PD, SR; unknown groups last
+    groups = task_of(results[0].config).group_names if results else ()
+    order = {g: i for i, g in enumerate(groups)}  # the task's circuit order (VF, PT, PD, SR); unknown groups last
     for d in sorted(results, key=lambda d: (d.model, order.get(d.group, len(order)), d.group, d.desideratum)):
         pct = 100 * d.n_selected / max(1, d.group_size)
         rows.append([d.model, d.group, d.desideratum, f"{d.n_selected}/{d.group_size} ({pct:.0f}%)",
@@ -31,18 +31,19 @@ def encodes(d: DCMResult) -> bool:
 def dcm_findings(dc: list[DCMResult]) -> list[str]:
     """Per group: the desiderata whose selected heads beat the unpatched floor (test interval above it)."""
     out = []
-    for g in GROUPS:
+    task = task_of(dc[0].config) if dc else task_of(None)
+    for g in task.group_names:
         runs = [d for d in dc if d.group == g]
         if not runs:
             continue
         wins = [d for d in runs if encodes(d)]
         if wins:
-            parts = [f"{DES_SHORT.get(d.desideratum, d.desideratum)} ({d.n_selected}/{d.group_size} heads, "
+            parts = [f"{task.desideratum_short(d.desideratum)} ({d.n_selected}/{d.group_size} heads, "
                      f"{d.test['accuracy']:.2f} vs floor {d.chance_floor_unpatched['accuracy']:.2f})"
                      for d in sorted(wins, key=lambda d: -d.test["accuracy"])]
-            out.append(f"**DCM, {SHORT[g]}.** Heads encode " + "; ".join(parts) + ".")
+            out.append(f"**DCM, {task.short[g]}.** Heads encode " + "; ".join(parts) + ".")
         else:
-            out.append(f"**DCM, {SHORT[g]}.** No desideratum tested is encoded above its floor by a selected head set.")
+            out.append(f"**DCM, {task.short[g]}.** No desideratum tested is encoded above its floor by a selected head set.")
     return out
 
 

@@ -12,28 +12,29 @@ from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor, write_json
 from etk.circuits import circuit_label, resolve_circuit
-from etk.data.datasets import task_examples
-from etk.data.desiderata import desideratum_pairs, pair_loader, split_by_context
+from etk.data.datasets import pair_loader
 from etk.methods.dcm.module import DCMModule
 from etk.models.loading import load
 from etk.report.plots import mask_plot
 from etk.results import DCMResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.tasks import task_of
 
 
 def dcm_loaders(cfg: DictConfig, tokenizer):
-    """Train / eval / test pair loaders, split by context, sources within each split."""
+    """Train / eval / test pair loaders of the task's desideratum, split by context, sources within each split."""
+    task = task_of(cfg)
     d = cfg.dcm
     sizes = [int(d.n_train), int(d.n_eval), int(d.n_test)]
-    n_total = sum(sizes) + 3 * cfg.data.n_boxes  # whole contexts per split
-    examples = task_examples(data_config(cfg, n_total), tokenizer)  # generated, or the first lines of data.path
-    splits = split_by_context(examples, sizes)
+    n_total = sum(sizes) + 3 * task.unit(cfg.data)  # whole contexts per split
+    examples = task.examples(data_config(cfg, n_total), tokenizer)  # generated, or the first lines of data.path
+    splits = task.split(examples, sizes)
     name, legacy = cfg.desideratum.name, bool(cfg.desideratum.get("legacy", False))
-    pairs = [desideratum_pairs(name, s, cfg.seed + i, legacy) for i, s in enumerate(splits)]
+    pairs = [task.desideratum_pairs(name, s, cfg.seed + i, legacy) for i, s in enumerate(splits)]
     side = cfg.data.padding_side
-    return (pair_loader(tokenizer, pairs[0], d.batch_size, shuffle=True, seed=cfg.seed, padding_side=side),
-            pair_loader(tokenizer, pairs[1], d.batch_size, padding_side=side),
-            pair_loader(tokenizer, pairs[2], d.batch_size, padding_side=side))
+    return (pair_loader(task, tokenizer, pairs[0], d.batch_size, shuffle=True, seed=cfg.seed, padding_side=side),
+            pair_loader(task, tokenizer, pairs[1], d.batch_size, padding_side=side),
+            pair_loader(task, tokenizer, pairs[2], d.batch_size, padding_side=side))
 
 
 def run_dcm(cfg: DictConfig) -> dict[str, Any]:

@@ -11,7 +11,10 @@ from etk.results import EvalResult
 
 
 def accuracy_table(results: list[EvalResult]) -> tuple[list[str], list[list[str]]]:
-    """Rows = models, columns = box counts; cells 'acc [lo, hi]'."""
+    """Rows = models, columns = box counts (entity tracking) or accuracy and the logit difference; cells 'acc [lo, hi]'."""
+    if results and not any(d.by_n_boxes for d in results):
+        header = ["model", "accuracy", "logit difference"]
+        return header, [[d.model, with_ci(d), with_ci(d.logit_diff, "mean") if d.logit_diff else ""] for d in results]
     counts = sorted({r["n_boxes"] for d in results for r in d.by_n_boxes})
     header = ["model"] + [f"{n} boxes" for n in counts]
     rows = []
@@ -21,12 +24,12 @@ def accuracy_table(results: list[EvalResult]) -> tuple[list[str], list[list[str]
     return header, rows
 
 
-def accuracy_finding(a: EvalResult | None, b: EvalResult | None, n_boxes: int) -> str | None:
+def accuracy_finding(a: EvalResult | None, b: EvalResult | None, accuracy_phrase: str) -> str | None:
     if a is None or b is None:
         return None
     verdict = (f"a significant change of {b.accuracy - a.accuracy:+.3f}" if differ(a, b)
                else "no significant change: the intervals overlap")
-    return (f"**Accuracy.** Fine-tuning takes {n_boxes}-box accuracy from {with_ci(a)} (`{a.model}`) to {with_ci(b)} "
+    return (f"**Accuracy.** Fine-tuning takes {accuracy_phrase} from {with_ci(a)} (`{a.model}`) to {with_ci(b)} "
             f"(`{b.model}`), {verdict}.")
 
 
@@ -35,7 +38,7 @@ def section(ctx: ReportContext) -> Section | None:
     if not acc:
         return None
     finding = accuracy_finding(ctx.result("eval", member="base"), ctx.result("eval", member="finetuned"),
-                               ctx.cfg.data.n_boxes)
+                               ctx.task.accuracy_phrase(ctx.cfg.data))
     return Section("Task accuracy (95% Wilson CI)", [markdown(*accuracy_table(acc))], [finding] if finding else [])
 
 

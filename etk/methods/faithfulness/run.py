@@ -16,11 +16,11 @@ def run_faithfulness(cfg: DictConfig) -> FaithfulnessResult:
 
     def body(ev, circuit):
         r = faithfulness(ev, circuit, ev.dims, int(m.n_random), int(m.random_seed), bool(m.ablate_non_vital),
-                         bool(m.legacy_rounding), int(m.n_bootstrap))
+                         bool(m.legacy_rounding), int(m.n_bootstrap), ev.vital)
         c = r["ceiling"]
         print(f"[etk] faithfulness of {circuit_spec(cfg)} on {cfg.model.name}: {fmt(r['faithfulness'])} (95% CI "
               f"{fmt(r['ci_low'])}-{fmt(r['ci_high'])}; circuit acc {r['accuracy_circuit']:.3f}, model acc "
-              f"{r['accuracy_model']:.3f}); ceiling of three-position circuits {fmt(c['faithfulness'])} (acc "
+              f"{r['accuracy_model']:.3f}); ceiling of circuits at the task's vital positions {fmt(c['faithfulness'])} (acc "
               f"{c['accuracy']:.3f}), relative to ceiling {fmt(r['relative_to_ceiling'])}; random circuits "
               f"{fmt(r['random']['faithfulness_mean'])} ± {fmt(r['random']['faithfulness_sd'])}")
         return r

@@ -2,8 +2,8 @@
 and the two integrated measures of the MIB circuit-localisation benchmark (Mueller et al. 2025).
 
 At fraction x every group takes its round(x * n_heads) best heads (scored heads by ascending score, then the
-heads its stage could not score), PT's heads are removed from VF as in the paper's construction (both act at
-`last`), and each group acts at its role. At x = 1 every head is kept at every vital role: the ceiling.
+heads its stage could not score), of two groups at one role the later's heads are removed from the earlier's (PT's
+from VF as in the paper's construction, both at `last`), and each group acts at its role. At x = 1 every head is kept at every vital role: the ceiling.
 
 CPR = the area under the faithfulness curve, CMD = the area between the curve and 1 (|1 - F|), both over the
 log-spaced fractions rescaled to [0, 1] (trapezoids), so a curve at 1 everywhere has CPR 1 and CMD 0."""
@@ -15,8 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
-from etk.circuits import Circuit
-from etk.data.roles import GROUPS
+from etk.circuits import Circuit, exclusive_at_shared_roles, in_task_order
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 
@@ -36,17 +35,14 @@ def ranked_heads(scores: torch.Tensor, scored: torch.Tensor | None = None) -> li
 def curve_circuits(scores: dict[str, torch.Tensor], scored: dict[str, torch.Tensor] | None,
                    fractions: Sequence[float]) -> list[tuple[float, Circuit]]:
     """(fraction, circuit) for each fraction, from the groups' score maps."""
-    ranks = {g: ranked_heads(scores[g], None if scored is None else scored.get(g)) for g in GROUPS if g in scores}
+    ranks = {g: ranked_heads(scores[g], None if scored is None else scored.get(g)) for g in in_task_order(scores)}
     n = next(iter(scores.values())).numel()
     out = []
     for x in fractions:
         if not 0 < x <= 1:
             raise ConfigError(f"curve fractions must lie in (0, 1], got {x}")
         k = max(1, round(x * n))
-        groups = {g: r[:k] for g, r in ranks.items()}
-        if "value_fetcher" in groups and "pos_transmitter" in groups:
-            pt = set(groups["pos_transmitter"])
-            groups["value_fetcher"] = [h for h in groups["value_fetcher"] if h not in pt]
+        groups = exclusive_at_shared_roles({g: r[:k] for g, r in ranks.items()})
         out.append((float(x), Circuit(groups, {"fraction": float(x)})))
     return out
 

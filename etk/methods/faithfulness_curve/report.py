@@ -16,8 +16,8 @@ def section(ctx: ReportContext) -> Section | None:
     curves = {r.model: {"points": r.points, "ceiling": r.ceiling} for r in by_member.values()}
     if not curves:
         return None
-    lines = ["Mean ablation as in SPEC §3.1. *Ceiling*: every head kept at the paper's three positions (last, query "
-             "label, the queried box's label) and every other position mean-ablated: about the most a circuit of the "
+    lines = [f"Mean ablation as in SPEC §3.1. *Ceiling*: every head kept at {ctx.task.vital_phrase} and every other "
+             "position mean-ablated: about the most a circuit of the "
              "paper's form can explain (a subset can do a little better by dropping heads that hurt under ablation). "
              "*Paper circuit*: the model's own pruned circuit. *Curve*: each group's top-x% heads (CPR = area under the "
              "curve, CMD = area between it and 1, MIB's measures).", ""]
@@ -34,7 +34,7 @@ def section(ctx: ReportContext) -> Section | None:
             c = own.ceiling["faithfulness"]
             parts.append(f"the paper-style circuit ({sum(own.heads_per_role.values())} head-positions) keeps "
                          f"{own.faithfulness:.2f} [{fmt(own.ci_low, 2)}, {fmt(own.ci_high, 2)}] of its accuracy; "
-                         f"keeping every head at the paper's three positions keeps {fmt(c, 2)} (the ceiling)"
+                         f"keeping every head at {ctx.task.vital_phrase.split(' (')[0]} keeps {fmt(c, 2)} (the ceiling)"
                          + (", so much of the mechanism runs through other positions" if c is not None and c < 0.6 else ""))
         if cv and cv.cpr is not None:
             best = max(cv.points, key=lambda p: p["faithfulness"] or 0)

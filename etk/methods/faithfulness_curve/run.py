@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 
 from etk.artifacts import write_json
 from etk.circuits import load_score_map
-from etk.data.roles import GROUPS
 from etk.errors import ConfigError
 from etk.methods.faithfulness_curve.curve import curve_circuits, curve_points, integrated
 from etk.methods.mean_ablation.ablation import ceiling_ablation, circuit_ablation, full_model
@@ -23,15 +22,16 @@ from etk.models.loading import resolve_path
 from etk.report.plots import curve_plot
 from etk.results import CurveResult
 from etk.runtime import output_dir
+from etk.tasks import task_of
 
 
-def pp_scores(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """The four groups' score maps of a path-patching run (or a folder of `<group>.json` maps) and their masks of
+def pp_scores(run_dir: str | Path, groups) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The `groups`' score maps of a path-patching run (or a folder of `<group>.json` maps) and their masks of
     scored heads (all heads where the map does not record its reachable layers)."""
     root = resolve_path(str(run_dir))
     folder = root / "scores" if (root / "scores").is_dir() else root
     scores, scored = {}, {}
-    for g in GROUPS:
+    for g in groups:
         p = folder / f"{g}.json"
         if not p.exists():
             continue
@@ -53,7 +53,7 @@ def run_faithfulness_curve(cfg: DictConfig) -> CurveResult:
     m = cfg.method
     if not cfg.get("scores"):
         raise ConfigError("method=faithfulness_curve needs scores=<path-patching run dir>")
-    scores, scored = pp_scores(cfg.scores)
+    scores, scored = pp_scores(cfg.scores, task_of(cfg).group_names)
 
     def body(ev, _):
         dims = ev.dims
@@ -63,8 +63,8 @@ def run_faithfulness_curve(cfg: DictConfig) -> CurveResult:
         fr = sorted(float(x) for x in m.fractions)
         points = curve_circuits(scores, scored, fr)
         rng = random.Random(int(m.random_seed))
-        abls = [full_model(dims), ceiling_ablation(dims, bool(m.ablate_non_vital))]
-        circs = [circuit_ablation(c, dims, bool(m.ablate_non_vital), f"{x}") for x, c in points]
+        abls = [full_model(dims), ceiling_ablation(dims, bool(m.ablate_non_vital), ev.vital)]
+        circs = [circuit_ablation(c, dims, bool(m.ablate_non_vital), f"{x}", ev.vital) for x, c in points]
         rand = [[random_ablation(a, dims, rng, f"random{i}@{a.name}") for i in range(int(m.n_random))] for a in circs]
         correct = ev(abls + circs + [r for rs in rand for r in rs])  # one batch of every configuration
         model_c, ceil_c = correct[0], correct[1]

@@ -22,11 +22,12 @@ from etk.data.datasets import EncodedDataset, pad_id
 from etk.data.finetune_data import TextItem, arithmetic_items, boxes_items, relation_items
 from etk.errors import ConfigError
 from etk.methods.eval.module import AccuracyModule
-from etk.methods.eval.run import evaluate_box_counts
+from etk.methods.eval.run import evaluate_sets
 from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import LoadedModel, load_model, resolve_path
 from etk.results import FinetuneResult
 from etk.runtime import emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.tasks import task_of
 
 
 def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:
@@ -42,11 +43,12 @@ def training_items(cfg: DictConfig, tokenizer, n: int) -> list[TextItem]:
 
 
 def evaluate_model(module: FineTuneModule, cfg: DictConfig, logger) -> list[dict[str, Any]]:
-    """Accuracy of the merged fine-tuned model on the standard evaluation set, per box count."""
+    """Accuracy of the merged fine-tuned model on the task's evaluation sets (entity tracking: per box count of
+    `eval.box_counts`)."""
     acc = AccuracyModule(module.hparams.model_cfg, LoadedModel(module.merged(), module.tokenizer, module.hparams.model_cfg))
     trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
-    return evaluate_box_counts(acc, cfg.data, list(cfg.eval.box_counts), trainer,
-                               f"fine-tuned {cfg.model.name}+{cfg.finetune_data.kind}", logger)
+    return evaluate_sets(task_of(cfg), acc, cfg.data, cfg.eval, trainer,
+                         f"fine-tuned {cfg.model.name}+{cfg.finetune_data.kind}", logger)
 
 
 def export_adapter(adapter_dir: Path, target: Path, card: dict[str, Any]) -> None:

@@ -33,11 +33,12 @@ class KnockoutModule(ModelHost):
     `self.acc.per_example()` is [K, N] correctness in the order of `self.configs()`."""
 
     def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
-                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model: LoadedModel | None = None):
+                 rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model: LoadedModel | None = None,
+                 scalar_roles: Sequence[str] | None = None):
         super().__init__(model_cfg, model)
         self.every = max(1, int(start_layers_every))
         for e in edges:
-            parse_edge(e)
+            parse_edge(e, scalar_roles)
         self.edges = list(edges)
         self.requested_start_layers = None if start_layers is None else [int(s) for s in start_layers]
         self.rows_per_forward = int(rows_per_forward)

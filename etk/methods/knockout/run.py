@@ -9,13 +9,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
-from etk.data.datasets import prompt_loader, task_examples
+from etk.data.datasets import prompt_loader
 from etk.methods.knockout.module import KnockoutModule
 from etk.metrics import accuracy_ci
 from etk.models.loading import load
 from etk.report.plots import line_plot
 from etk.results import KnockoutResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.tasks import task_of
 
 PLOT = "knockout.png"
 
@@ -36,21 +37,24 @@ def knockout_curves(module: KnockoutModule, correct: torch.Tensor) -> tuple[dict
 def run_knockout(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     m = cfg.method
+    task = task_of(cfg)
+    edges = list(m.edges or task.knockout_edges)
     model = load(cfg.model)
-    module = KnockoutModule(model.cfg, list(m.edges), None if m.get("start_layers") is None else list(m.start_layers),
-                            int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)), model)
+    module = KnockoutModule(model.cfg, edges, None if m.get("start_layers") is None else list(m.start_layers),
+                            int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)), model,
+                            task.scalar_roles)
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         data_cfg = data_config(cfg, m.n_examples)
         tok = module.tokenizer
-        loader = prompt_loader(tok, task_examples(data_cfg, tok), int(m.batch_size), cfg.data.padding_side)
+        loader = prompt_loader(task, tok, task.examples(data_cfg, tok), int(m.batch_size), cfg.data.padding_side)
         trainer.predict(module, loader, return_predictions=False)
         baseline, curves = knockout_curves(module, module.acc.per_example())
         starts = module.start_layers()
         for e, c in curves.items():
             print(f"[etk] knockout {e} on {cfg.model.name} (n={baseline['n']}, baseline {baseline['accuracy']:.3f}): "
                   "accuracy by start layer " + " ".join(f"{s}:{a:.2f}" for s, a in zip(starts, c["accuracy"])))
-        title = f"attention knockout: {cfg.model.name}, {cfg.data.n_boxes} boxes, n={baseline['n']}"
+        title = f"attention knockout: {cfg.model.name}, {task.prompts_phrase(cfg.data)}, n={baseline['n']}"
         series = {e: c["accuracy"] for e, c in curves.items()}
         series["baseline (no knockout)"] = [baseline["accuracy"]] * len(starts)
         line_plot(starts, series, output_dir() / PLOT, title, "start layer s (edges blocked in layers >= s)",

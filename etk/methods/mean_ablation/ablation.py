@@ -1,10 +1,10 @@
 """Position-wise mean ablation (SPEC §3.1) as batched configurations over (position role, head) units.
 
-An `Ablation` says, for every token role of the prompt (`etk.data.roles.ROLE_VOCAB`: the partition of a prompt's
-tokens into `last`, `query_label`, `prev_query_label`, `correct_object`, the other boxes' `objects[k]` /
-`labels[k]`, and the template's other tokens), which heads keep their own z there; every other (role, head) unit
-is replaced by its mean over the ablation prompts at the same absolute position. The paper's circuits keep heads
-at the three vital roles only and (with `ablate_non_vital`) ablate every head at every other position; a
+An `Ablation` says, for every token role of the prompt (`etk.data.roles.ROLE_VOCAB`: the task's partition of a
+prompt's tokens, e.g. `last`, `query_label`, `objects[k]`, the template's other tokens), which heads keep their own
+z there; every other (role, head) unit is replaced by its mean over the ablation prompts at the same absolute
+position. A task's group circuits keep heads at its vital roles only (the positions its groups act at: the paper's
+three for entity tracking) and (with `ablate_non_vital`) ablate every head at every other position; a
 position-aware circuit keeps units at any role. K ablations x N prompts run as one batch of K*N rows, with one
 vectorised z patch per layer: z[row, t, h] <- keep[role(t), h] ? z : mean[t, h]."""
 
@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 import torch
 
 from etk.circuits import Circuit
-from etk.data.roles import ROLE_ID, ROLE_VOCAB, VITAL_ROLES, PromptBatch
+from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch
 from etk.interventions.heads import HeadSet
 from etk.interventions.hooks import Patch
 from etk.models.arch import Dims
@@ -28,6 +28,8 @@ Unit = tuple[str, int, int]  # (position role, layer, head)
 class Ablation:
     keep: torch.Tensor  # [R = len(ROLE_VOCAB), L, H] bool: head h's z is kept at the tokens of role r
     name: str = ""
+    vital: tuple[str, ...] = ()  # the task's vital roles (`last` first): an ablation keeping nothing elsewhere
+    #                              takes the exact vital-only path; () = never
 
     def without(self, items: Iterable[Unit], name: str = "") -> "Ablation":
         """A copy with (role, layer, head) units also ablated."""
@@ -41,7 +43,7 @@ class Ablation:
         keep = self.keep.clone()
         for role, layer, head in items:
             keep[ROLE_ID[role], layer, head] = value
-        return Ablation(keep, name)
+        return Ablation(keep, name, self.vital)
 
     def head_set(self, partial_only: bool = False) -> HeadSet:
         """The kept (role, head) units as a head set; `partial_only` leaves out roles where every head is kept."""
@@ -68,6 +70,16 @@ def full_model(dims: Dims) -> Ablation:
     return Ablation(~empty_keep(dims), "model")
 
 
+def vital_roles(circuit: Circuit | None = None, vital: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`vital` when given, else the vital roles of the task whose groups key `circuit`, else the default task's."""
+    from etk.tasks import task_of, task_with_groups
+
+    if vital is not None:
+        return tuple(vital)
+    task = task_with_groups(circuit.groups) if circuit is not None else None
+    return (task or task_of(None)).vital_roles
+
+
 def _base(dims: Dims, vital: Iterable[str], ablate_non_vital: bool) -> torch.Tensor:
     """Every head ablated at the vital roles; the other roles ablated or kept."""
     keep = empty_keep(dims) if ablate_non_vital else ~empty_keep(dims)
@@ -75,25 +87,30 @@ def _base(dims: Dims, vital: Iterable[str], ablate_non_vital: bool) -> torch.Ten
     return keep
 
 
-def circuit_ablation(circuit: Circuit, dims: Dims, ablate_non_vital: bool = True, name: str = "circuit") -> Ablation:
-    """Keep the circuit's heads at their roles; ablate every other head at the vital roles (the three of the paper
-    plus every role the circuit names) and, with `ablate_non_vital`, every head at every other position."""
-    keep = _base(dims, set(VITAL_ROLES) | set(circuit.roles()), ablate_non_vital)
-    return Ablation(keep | circuit.head_set().keep(dims), name)
+def circuit_ablation(circuit: Circuit, dims: Dims, ablate_non_vital: bool = True, name: str = "circuit",
+                     vital: Sequence[str] | None = None) -> Ablation:
+    """Keep the circuit's heads at their roles; ablate every other head at the vital roles (the task's: `vital`, or
+    those of the circuit's task, plus every role the circuit names) and, with `ablate_non_vital`, every head at every
+    other position."""
+    vital = vital_roles(circuit, vital)
+    keep = _base(dims, set(vital) | set(circuit.roles()), ablate_non_vital)
+    return Ablation(keep | circuit.head_set().keep(dims), name, vital)
 
 
-def ceiling_ablation(dims: Dims, ablate_non_vital: bool = True) -> Ablation:
-    """The best any circuit of the paper's three positions can do: every head kept at the vital roles, everything
-    else as in `circuit_ablation` (so with ablate_non_vital=False it is the identity)."""
-    keep = _base(dims, VITAL_ROLES, ablate_non_vital)
-    keep[[ROLE_ID[r] for r in VITAL_ROLES]] = True
-    return Ablation(keep, "ceiling")
+def ceiling_ablation(dims: Dims, ablate_non_vital: bool = True, vital: Sequence[str] | None = None) -> Ablation:
+    """The best any circuit of the task's vital positions can do: every head kept at the vital roles (`vital`, else
+    the default task's), everything else as in `circuit_ablation` (so with ablate_non_vital=False it is the
+    identity)."""
+    vital = vital_roles(None, vital)
+    keep = _base(dims, vital, ablate_non_vital)
+    keep[[ROLE_ID[r] for r in vital]] = True
+    return Ablation(keep, "ceiling", vital)
 
 
 def keep_rows(ablations: Sequence[Ablation], batch: PromptBatch) -> torch.Tensor:
     """[K*N, T, L, H] bool keep mask for K ablations over N prompts (row k*N + n); padding is never edited."""
     dev = batch.input_ids.device
-    for role in VITAL_ROLES:
+    for role in dict.fromkeys(r for a in ablations for r in a.vital):
         if (batch.roles[role] < 0).any():
             raise ValueError(f"role {role!r} undefined for some prompts; mean ablation needs answerable prompts")
     table = torch.stack([a.keep for a in ablations]).to(dev)  # [K, R, L, H]
@@ -112,5 +129,5 @@ def ablation_patches(means: torch.Tensor, keep: torch.Tensor) -> list[Patch]:
     T = keep.shape[1]
     if T > means.shape[1]:
         raise ValueError(f"prompts have {T} positions but the means cover {means.shape[1]}: compute the means on "
-                         "prompts of the same shape (same n_boxes and template)")
+                         "prompts of the same shape (the same task settings: e.g. n_boxes and template)")
     return [Patch("z", j, means[j, :T][None], keep[:, :, j]) for j in range(means.shape[0])]

@@ -5,7 +5,7 @@ the paper's three vital positions under the same ablation, i.e. the most any thr
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -25,7 +25,7 @@ def random_ablation(like: Ablation, dims: Dims, rng: random.Random, name: str) -
     kept = like.head_set(partial_only=True)
     keep = like.keep.clone()
     keep[[ROLE_ID[r] for r in kept.roles]] = False
-    return Ablation(keep | kept.random_like(dims, rng).keep(dims), name)
+    return Ablation(keep | kept.random_like(dims, rng).keep(dims), name, like.vital)
 
 
 def ratio(a: float, b: float, legacy_rounding: bool = False) -> float | None:
@@ -38,12 +38,14 @@ def ratio(a: float, b: float, legacy_rounding: bool = False) -> float | None:
 
 
 def faithfulness(evaluate: Evaluate, circuit: Circuit, dims: Dims, n_random: int = 10, seed: int = 5,
-                 ablate_non_vital: bool = True, legacy_rounding: bool = False, n_boot: int = 2000) -> dict[str, Any]:
-    """Faithfulness of `circuit` with its CI, its ceiling and random circuits, from one batch of ablations."""
-    circ = circuit_ablation(circuit, dims, ablate_non_vital)
+                 ablate_non_vital: bool = True, legacy_rounding: bool = False, n_boot: int = 2000,
+                 vital: Sequence[str] | None = None) -> dict[str, Any]:
+    """Faithfulness of `circuit` with its CI, its ceiling and random circuits, from one batch of ablations; `vital`:
+    the task's vital roles (default: those of the circuit's task)."""
+    circ = circuit_ablation(circuit, dims, ablate_non_vital, vital=vital)
     rng = random.Random(seed)
     rand = [random_ablation(circ, dims, rng, f"random{i}") for i in range(n_random)]
-    correct = evaluate([full_model(dims), circ, ceiling_ablation(dims, ablate_non_vital)] + rand)  # [3 + n_random, N]
+    correct = evaluate([full_model(dims), circ, ceiling_ablation(dims, ablate_non_vital, circ.vital)] + rand)  # [3 + n_random, N]
     return summarise(correct[0], correct[1], correct[2], correct[3:], circ.heads_per_role(), legacy_rounding, n_boot,
                      {"n_draws": n_random, "seed": seed})
 

@@ -1,32 +1,33 @@
-"""Exact fast path for mean ablations that keep heads only at the three vital roles (every other position fully
-mean-ablated): the paper's faithfulness, its random circuits, minimality, curves and completeness's F(C \\ K).
+"""Exact fast path for mean ablations that keep heads only at the task's vital roles (every other position fully
+mean-ablated; entity tracking: the paper's three): faithfulness, random circuits, minimality, curves and
+completeness's F(C \\ K).
 
 Why it is exact. At a position where every head is replaced by its mean, the attention output is a constant
 (o_proj of the means), so that position's residual stream depends only on its own token and index, never on the
 other tokens or on which heads the configuration keeps elsewhere. Its keys and values are therefore the same in
 every such configuration: one "background" forward (everything ablated) per prompt batch gives them. Each
-configuration then only recomputes its 3 vital tokens through all layers, attending to the background keys and
+configuration then only recomputes its V vital tokens through all layers, attending to the background keys and
 values of the other positions and to its own vital keys/values, with the model's own decoder layers (a KV cache
 object supplies the background; a 4-D mask keeps causality and hides the background's vital and padded entries).
-About T/3 times fewer token-layer blocks than a full forward per configuration; tested equal to the full forward."""
+About T/V times fewer token-layer blocks than a full forward per configuration; tested equal to the full forward."""
 
 from __future__ import annotations
 
 import torch
 
-from etk.data.roles import ROLE_ID, VITAL_ROLES, PromptBatch
+from etk.data.roles import ROLE_ID, PromptBatch
 from etk.interventions.hooks import Patch, hooked
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches
 from etk.models.arch import LlamaFamily
 from etk.models.forward import cache_kwargs, output_cache
 
-_VITAL_IDS = [ROLE_ID[r] for r in VITAL_ROLES]
-
 
 def vital_only(ablation: Ablation) -> bool:
-    """True when the ablation keeps no head outside the vital roles (so the fast path applies)."""
+    """True when the ablation names its vital roles and keeps no head outside them (so the fast path applies)."""
+    if not ablation.vital:
+        return False
     others = torch.ones(ablation.keep.shape[0], dtype=torch.bool)
-    others[_VITAL_IDS] = False
+    others[[ROLE_ID[r] for r in ablation.vital]] = False
     return not bool(ablation.keep[others].any())
 
 
@@ -60,24 +61,28 @@ def background(model, batch: PromptBatch, means: torch.Tensor) -> tuple[list[tor
 @torch.no_grad()
 def vital_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: list[Ablation],
                  bg: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
-    """[K*N, V] logits at `last` of K vital-only ablations over the N prompts (row k*N + n), from the background."""
+    """[K*N, V] logits at `last` of K vital-only ablations over the N prompts (row k*N + n), from the background.
+    The ablations share their vital roles (`last` first)."""
+    vital = ablations[0].vital
+    if any(a.vital != vital for a in ablations) or not vital or vital[0] != "last":
+        raise ValueError("vital-only ablations of one call need the same vital roles, `last` first")
     arch = LlamaFamily.of(model)
     inner = arch.base.model
     N, T = batch.input_ids.shape
     K = len(ablations)
     dev = batch.input_ids.device
     b = torch.arange(N, device=dev)
-    P = torch.stack([batch.roles[r] for r in VITAL_ROLES], 1)  # [N, 3] absolute positions
-    hidden = inner.embed_tokens(batch.input_ids[b[:, None], P]).repeat(K, 1, 1)  # [K*N, 3, d]
-    pos_ids = batch.position_ids[b[:, None], P].repeat(K, 1)  # [K*N, 3]
+    P = torch.stack([batch.roles[r] for r in vital], 1)  # [N, V] absolute positions
+    hidden = inner.embed_tokens(batch.input_ids[b[:, None], P]).repeat(K, 1, 1)  # [K*N, V, d]
+    pos_ids = batch.position_ids[b[:, None], P].repeat(K, 1)  # [K*N, V]
     t = torch.arange(T, device=dev)
     is_vital = (t[None, None, :] == P[:, :, None]).any(1)  # [N, T]
     see_bg = (t[None, None, :] <= P[:, :, None]) & ~is_vital[:, None, :] & batch.attention_mask.bool()[:, None, :]
-    see_new = P[:, None, :] <= P[:, :, None]  # [N, 3 queries, 3 keys]
-    allowed = torch.cat([see_bg, see_new], 2).repeat(K, 1, 1)[:, None]  # [K*N, 1, 3, T + 3]
+    see_new = P[:, None, :] <= P[:, :, None]  # [N, V queries, V keys]
+    allowed = torch.cat([see_bg, see_new], 2).repeat(K, 1, 1)[:, None]  # [K*N, 1, V, T + V]
     mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=dev).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
-    table = torch.stack([a.keep for a in ablations]).to(dev)[:, _VITAL_IDS]  # [K, 3, L, H]
-    keep = table[:, None].expand(K, N, *table.shape[1:]).flatten(0, 1)  # [K*N, 3, L, H]
+    table = torch.stack([a.keep for a in ablations]).to(dev)[:, [ROLE_ID[r] for r in vital]]  # [K, V, L, H]
+    keep = table[:, None].expand(K, N, *table.shape[1:]).flatten(0, 1)  # [K*N, V, L, H]
     patches = [Patch("z", j, means[j][P].repeat(K, 1, 1, 1), keep[:, :, j]) for j in range(arch.dims.n_layers)]
     cache = _Background(*bg, repeats=K)
     pos_emb = inner.rotary_emb(hidden, position_ids=pos_ids)
@@ -86,4 +91,4 @@ def vital_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: list
             out = layer(hidden, attention_mask=mask, position_ids=pos_ids, position_embeddings=pos_emb,
                         use_cache=True, **cache_kwargs(model, cache))
             hidden = out[0] if isinstance(out, tuple) else out
-    return arch.lm_head(arch.final_norm(hidden[:, 0]))  # VITAL_ROLES[0] is `last`
+    return arch.lm_head(arch.final_norm(hidden[:, 0]))  # vital[0] is `last`

@@ -1,7 +1,7 @@
 """Minimality (SPEC §3.4) with the paper's significance rule, computed sub-quadratically.
 
-For each group G (order SR, PT, PD, VF) and head v: K_v = the first ceil(0.3|G|) partners u of v ranked by how
-much dropping u hurts together with v, stopping at the first non-positive score; before = acc(C \\ K_v),
+For each group G (in the task's pruning order: SR, PT, PD, VF for entity tracking) and head v: K_v = the first
+ceil(0.3|G|) partners u of v ranked by how much dropping u hurts together with v, stopping at the first non-positive score; before = acc(C \\ K_v),
 after = acc(C \\ (K_v + v)); v is kept iff before/after - 1 >= threshold.
 
 mode="batched": the paper's exact ranking r(v, u) = acc(C \\ u) - acc(C \\ {v, u}) over all n(n+1)/2 pair drops,
@@ -12,18 +12,17 @@ mode="greedy": partners ranked by their single-drop importance acc(C) - acc(C \\
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
 from etk.circuits import Circuit
-from etk.data.roles import key_role
 from etk.errors import ConfigError
 from etk.methods.mean_ablation.ablation import Ablation, circuit_ablation
 from etk.models.arch import Dims
+from etk.tasks import group_role, task_with_groups
 
 Evaluate = Callable[[list[Ablation]], torch.Tensor]
-ORDER = ("struct_reader", "pos_transmitter", "pos_detector", "value_fetcher")
 
 
 def significant(before: float, after: float, threshold: float) -> bool:
@@ -56,15 +55,17 @@ def _ranking_greedy(evaluate: Evaluate, circ: Ablation, items: list) -> tuple[li
 
 
 def minimality(evaluate: Evaluate, circuit: Circuit, dims: Dims, threshold: float = 0.01, mode: str = "batched",
-               frac: float = 0.3) -> dict[str, Any]:
+               frac: float = 0.3, vital: Sequence[str] | None = None) -> dict[str, Any]:
     if mode not in ("batched", "greedy"):
         raise ConfigError(f"minimality mode must be 'batched' or 'greedy', got {mode!r}")
-    circ = circuit_ablation(circuit, dims, True)
+    circ = circuit_ablation(circuit, dims, True, vital=vital)
     kept: dict[str, list] = {}
     report: dict[str, Any] = {}
-    for g in [g for g in ORDER if g in circuit.groups]:
+    task = task_with_groups(circuit.groups)
+    order = task.pruning_order if task is not None else tuple(circuit.groups)
+    for g in [g for g in order if g in circuit.groups]:
         heads = circuit.groups[g]
-        items = [(key_role(g), int(lay), int(h)) for lay, h in heads]
+        items = [(group_role(g), int(lay), int(h)) for lay, h in heads]
         n = len(items)
         if n == 0:
             kept[g], report[g] = [], {"n": 0}

@@ -15,7 +15,7 @@ def run_minimality(cfg: DictConfig) -> MinimalityResult:
     m = cfg.method
 
     def body(ev, circuit):
-        r = minimality(ev, circuit, ev.dims, float(m.threshold), str(m.mode), float(m.frac))
+        r = minimality(ev, circuit, ev.dims, float(m.threshold), str(m.mode), float(m.frac), ev.vital)
         pruned: Circuit = r.pop("circuit")
         pruned.meta.update({"model": cfg.model.name, "source_circuit": circuit_spec(cfg)})
         pruned.save(output_dir() / "circuit.json")

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import COLLAPSED_ROLES, MEMBERS, ROLE_ID, PromptBatch, collapsed_role
+from etk.data.roles import MEMBERS, ROLE_ID, PromptBatch, collapsed_role
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import PairHost
 from etk.metrics import all_sum
@@ -17,15 +17,20 @@ from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
 from etk.models.pair import PairModels
 from etk.models.partial import LayerInputs
+from etk.tasks import collapsed_roles
 
-DIFF_ROLES = COLLAPSED_ROLES  # objects[k] -> objects, labels[k] -> labels
+
+def diff_roles() -> tuple[str, ...]:
+    """Model diffing's rows: the registered tasks' token roles with entity indices dropped (objects[k] -> objects)."""
+    return collapsed_roles()
 
 
 def role_index() -> torch.Tensor:
-    """[len(ROLE_VOCAB)] long: the DIFF_ROLES index of every token role (the boxes' words collapsed)."""
+    """[len(ROLE_VOCAB)] long: the `diff_roles()` index of every token role (the entities' words collapsed)."""
+    rows = diff_roles()
     out = torch.empty(len(ROLE_ID), dtype=torch.long)
     for name, i in ROLE_ID.items():
-        out[i] = DIFF_ROLES.index(collapsed_role(name))
+        out[i] = rows.index(collapsed_role(name))
     return out
 
 
@@ -110,8 +115,9 @@ class ModelDiffModule(PairHost):
                 lens[member] = lens_kl(model, runs[member], batch)  # [B, L]
         zb, zf = runs["base"]["z"].float(), runs["finetuned"]["z"].float()  # [L, B, T, H, D]
         real = batch.token_roles >= 0  # [B, T]
-        onehot = torch.zeros(*real.shape, len(DIFF_ROLES), device=real.device)  # [B, T, R]
-        onehot[real] = torch.nn.functional.one_hot(self.roles_of[batch.token_roles[real]], len(DIFF_ROLES)).float()
+        R = len(diff_roles())
+        onehot = torch.zeros(*real.shape, R, device=real.device)  # [B, T, R]
+        onehot[real] = torch.nn.functional.one_hot(self.roles_of[batch.token_roles[real]], R).float()
         rel = (zf - zb).norm(dim=-1) / zb.norm(dim=-1).clamp_min(1e-12)  # [L, B, T, H]
         cos = torch.nn.functional.cosine_similarity(zf, zb, dim=-1, eps=1e-12)  # [L, B, T, H]
         self._add("rel", torch.einsum("btr,lbth->rlh", onehot, rel))

@@ -3,10 +3,10 @@ carry (CMAP), the most-changed heads against the circuit, and the logit lens / t
 
 from __future__ import annotations
 
-from etk.data.roles import SHORT
 from etk.report.context import ReportContext, Section
 from etk.report.tables import markdown
 from etk.results import ModelDiffResult
+from etk.tasks import task_of
 
 
 def _share(r: dict) -> str:
@@ -19,6 +19,8 @@ def _share(r: dict) -> str:
 def diff_findings(d: ModelDiffResult) -> list[str]:
     """One sentence: do the heads that changed most carry the gain?"""
     rows, v, top = d.by_group or [], d.verdict or {}, d.top_changed or {}
+    task = task_of(d.config)
+    SHORT = task.short
     if not rows:
         return [f"**What fine-tuning changed.** Token KL at `last` {d.token_kl['last']:.4f} (no circuit to rank)."]
     changed, gain = v.get("most_changed_group"), v.get("largest_gain_group")
@@ -31,9 +33,9 @@ def diff_findings(d: ModelDiffResult) -> list[str]:
                         "does not tell where the gain is"))
     rho = v.get("rho_activation_vs_gain")
     if rho is not None:
-        parts.append(f"rank correlation over groups of z change and share of the gain {rho:+.2f} (4 groups: indicative only)")
+        parts.append(f"rank correlation over groups of z change and share of the gain {rho:+.2f} ({len(task.groups)} groups: indicative only)")
     if top.get("enrichment") is not None:
-        parts.append(f"{top['in_circuit']} of the {top['k']} heads whose z changed most at `last` are VF/PT circuit heads "
+        parts.append(f"{top['in_circuit']} of the {top['k']} heads whose z changed most at `last` are {'/'.join(SHORT[g] for g in task.groups_at('last'))} circuit heads "
                      f"({top['enrichment']:.1f}x chance)")
     return ["**What fine-tuning changed (model diffing).** " + "; ".join(parts) + "."]
 
@@ -44,7 +46,7 @@ def section(ctx: ReportContext) -> Section | None:
         return None
     lines, findings = [], []
     for d in docs:
-        rows = [[SHORT[r["group"]], str(r["n_heads"]), f"`{r['role']}`",
+        rows = [[task_of(d.config).short[r["group"]], str(r["n_heads"]), f"`{r['role']}`",
                  f"{r['weight_delta']:.4f} ({r['weight_percentile']:.0f})",
                  f"{r['activation_delta']:.3f} ({r['activation_percentile']:.0f})",
                  f"{r['dla_change']:.3f} ({r['dla_percentile']:.0f})", _share(r)] for r in d.by_group or []]

@@ -15,9 +15,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import named
 from etk.circuits import circuit_spec, load_circuit
-from etk.data.datasets import prompt_loader, task_examples
-from etk.data.roles import GROUP_ROLE, GROUPS, MEMBERS, SCALAR_ROLES, SHORT, groups_at
-from etk.methods.model_diff.module import DIFF_ROLES, ModelDiffModule
+from etk.data.datasets import prompt_loader
+from etk.data.roles import MEMBERS
+from etk.methods.model_diff.module import ModelDiffModule, diff_roles
 from etk.methods.model_diff.weights import weight_deltas
 from etk.metrics import spearman
 from etk.models.arch import LlamaFamily
@@ -25,6 +25,7 @@ from etk.models.pair import load_pair
 from etk.report.plots import head_heatmap
 from etk.results import CMAPResult, ModelDiffResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.tasks import Task, task_of
 
 
 def percentile_of(values: torch.Tensor, among: torch.Tensor) -> float:
@@ -36,20 +37,20 @@ def percentile_of(values: torch.Tensor, among: torch.Tensor) -> float:
     return float(100 * below.mean())
 
 
-def group_ranking(w: dict[str, torch.Tensor], act: torch.Tensor, dla_change: torch.Tensor, circuit,
+def group_ranking(task: Task, w: dict[str, torch.Tensor], act: torch.Tensor, dla_change: torch.Tensor, circuit,
                   cmap: CMAPResult | None) -> list[dict[str, Any]]:
     """Per circuit group: how much its heads changed (weights, z at the group's position, DLA) as raw means and as
     percentiles among all heads, beside the share of the gain CMAP found in that group."""
-    rows = []
-    for g in GROUPS:
+    rows, diff_rows = [], diff_roles()
+    for g in task.group_names:
         heads = [tuple(h) for h in (circuit.groups.get(g, []) if circuit else [])]
         if not heads:
             continue
         li = torch.tensor([h[0] for h in heads])
         hi = torch.tensor([h[1] for h in heads])
-        role = DIFF_ROLES.index(GROUP_ROLE[g])
+        role = diff_rows.index(task.group_role[g])
         a = act[role]  # [L, H]
-        row = {"group": g, "n_heads": len(heads), "role": GROUP_ROLE[g],
+        row = {"group": g, "n_heads": len(heads), "role": task.group_role[g],
                "weight_delta": float(w["head"][li, hi].mean()), "weight_percentile": percentile_of(w["head"][li, hi], w["head"]),
                "activation_delta": float(a[li, hi].mean()), "activation_percentile": percentile_of(a[li, hi], a),
                "dla_change": float(dla_change[li, hi].mean()), "dla_percentile": percentile_of(dla_change[li, hi], dla_change)}
@@ -70,7 +71,7 @@ def spearman_rho(x: list[float], y: list[float]) -> float | None:
     return None if r is None or not math.isfinite(float(r)) else float(r)
 
 
-def top_changed(act_last: torch.Tensor, circuit, k: int) -> dict[str, Any]:
+def top_changed(task: Task, act_last: torch.Tensor, circuit, k: int) -> dict[str, Any]:
     """The k heads whose z changed most at `last`, and how many of them are circuit heads acting there, against the
     circuit's share of all heads (enrichment 1 = no more than chance)."""
     L_, H = act_last.shape
@@ -78,7 +79,7 @@ def top_changed(act_last: torch.Tensor, circuit, k: int) -> dict[str, Any]:
     k = min(k, flat.numel())
     idx = torch.topk(flat, k).indices
     heads = [(int(i) // H, int(i) % H) for i in idx]
-    at_last = {tuple(h) for g in groups_at("last") for h in (circuit.groups.get(g, []) if circuit else [])}
+    at_last = {tuple(h) for g in task.groups_at("last") for h in (circuit.groups.get(g, []) if circuit else [])}
     hits = sum(h in at_last for h in heads)
     chance = len(at_last) / (L_ * H) if at_last else 0.0
     return {"role": "last", "k": k, "heads": [list(h) for h in heads], "in_circuit": hits,
@@ -90,16 +91,17 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     base_cfg, ft_cfg = (OmegaConf.to_container(cfg.pair[k], resolve=True) for k in MEMBERS)
     toggle = bool(m.get("toggle_adapter", True))
+    task, DIFF_ROLES = task_of(cfg), diff_roles()
     module = ModelDiffModule(base_cfg, ft_cfg, toggle, load_pair(base_cfg, ft_cfg, toggle))
-    examples = task_examples(data_config(cfg, m.n_examples), module.tokenizer)
-    module.pair.check([e.render().text for e in examples[:50]])
+    examples = task.examples(data_config(cfg, m.n_examples), module.tokenizer)
+    module.pair.check([task.text(e) for e in examples[:50]])
     spec = circuit_spec(cfg, cfg.pair.finetuned.get("circuit"))  # the fine-tuned circuit, as CMAP patches
     circuit = load_circuit(spec) if spec else None
     cmap = CMAPResult.load(m.cmap_run) if m.get("cmap_run") else None
     out = output_dir()
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
-        trainer.predict(module, prompt_loader(module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
+        trainer.predict(module, prompt_loader(task, module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
                         return_predictions=False)
         t = module.gathered()
         w = weight_deltas(module.base_net, module.ft_net, module.pair.toggled)
@@ -107,7 +109,7 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
         dla_diff = t["dla_finetuned"] - t["dla_base"]
         plots = {"weight_delta_head.png": (w["head"], "relative weight change per head (W_Q, W_K, W_V, W_O)"),
                  "dla_diff.png": (dla_diff, "DLA to the answer: fine-tuned - base")}
-        for r in SCALAR_ROLES:
+        for r in task.scalar_roles:
             i = DIFF_ROLES.index(r)
             if float(t["tokens"][i]) > 0:
                 plots[f"activation_delta_{r}.png"] = (t["rel"][i], f"||z_ft - z_base|| / ||z_base|| at {r}")
@@ -116,7 +118,7 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
             head_heatmap(values, out / "heatmaps" / name, f"{cfg.pair.name}: {title}", highlight)
         present = [i for i in range(len(DIFF_ROLES)) if float(t["tokens"][i]) > 0]
         roles = [DIFF_ROLES[i] for i in present]
-        ranking = group_ranking(w, t["rel"], t["dla_abs_diff"], circuit, cmap)
+        ranking = group_ranking(task, w, t["rel"], t["dla_abs_diff"], circuit, cmap)
         shares = [((r.get("cmap_share_of_gap") or {}).get("share")) for r in ranking]
         gains = [(share, r["group"]) for share, r in zip(shares, ranking) if share is not None]
         verdict = {
@@ -142,11 +144,11 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
             "token_kl": {"roles": roles, "kl_finetuned_base": [float(t["token_kl"][i]) for i in present],
                          "last": float(t["token_kl"][DIFF_ROLES.index("last")])},
             "by_group": ranking, "verdict": verdict,
-            "top_changed": top_changed(t["rel"][DIFF_ROLES.index("last")], circuit, int(m.get("top_k", 20))),
+            "top_changed": top_changed(task, t["rel"][DIFF_ROLES.index("last")], circuit, int(m.get("top_k", 20))),
             "heatmaps": sorted(f"heatmaps/{n}" for n in plots), "n_layers": dims.n_layers, "n_heads": dims.n_heads,
             "config": plain_config(cfg),
         }
         print(f"[etk] model_diff {cfg.pair.name} (n={payload['n']}): token KL at last {payload['token_kl']['last']:.4f}; "
-              + "; ".join(f"{SHORT[r['group']]} z change {r['activation_delta']:.3f} (pct {r['activation_percentile']:.0f})"
+              + "; ".join(f"{task.short[r['group']]} z change {r['activation_delta']:.3f} (pct {r['activation_percentile']:.0f})"
                           for r in ranking))
         return emit(ModelDiffResult.from_payload(payload), logger)

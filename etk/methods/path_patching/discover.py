@@ -12,7 +12,7 @@ import torch
 from etk.circuits import top_k
 from etk.errors import ConfigError
 from etk.interventions.components import HeadId, all_heads
-from etk.methods.path_patching.stages import STAGES, Receivers, Stage, reachable_layers, receivers_from
+from etk.methods.path_patching.stages import Receivers, Stage, reachable_layers, receivers_from
 from etk.models.arch import Dims
 
 Score = Callable[[Stage, "Receivers | None", list[HeadId]], tuple[torch.Tensor, dict[str, Any]]]
@@ -27,16 +27,21 @@ class StageResult:
     report: dict[str, Any] = field(default_factory=dict)
 
 
-def discover(stages: Sequence[str], dims: Dims, receivers_top_k: dict[str, int], score: Score) -> list[StageResult]:
-    """Run the stages in order; `score(stage, receivers, senders)` returns the stage's [layer, head] scores and a
-    report dict. A stage whose predecessor scored no sender is skipped (no receivers)."""
+def discover(graph: dict[str, Stage], stages: Sequence[str], dims: Dims, receivers_top_k: dict[str, int],
+             score: Score) -> list[StageResult]:
+    """Run `stages` of the task's stage graph (`task_stages`) in order; `score(stage, receivers, senders)` returns
+    the stage's [layer, head] scores and a report dict. A stage whose predecessor scored no sender is skipped (no
+    receivers)."""
     out: list[StageResult] = []
     prev: list[HeadId] | None = None
     for group in stages:
-        stage = STAGES[group]
+        if group not in graph:
+            raise ConfigError(f"method.stages: {group!r} is not a stage of the task; its stages, in order: "
+                              f"{', '.join(graph)}")
+        stage = graph[group]
         if stage.receiver_site is not None and prev is None:
             raise ConfigError(f"stage {group!r} needs the previous stage's receivers; list the stages in order "
-                              f"({', '.join(STAGES)})")
+                              f"({', '.join(graph)})")
         empty = torch.zeros(dims.n_layers, dims.n_heads, dtype=torch.bool)
         if stage.receiver_site is not None and not prev:
             out.append(StageResult(group, None, empty, None, {"skipped": "no receivers"}))

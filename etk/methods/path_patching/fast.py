@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from etk.interventions.components import HeadId, n_units
+from etk.interventions.components import HeadId, n_units, site_spec
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.methods.path_patching.naive import answer_prob, per_clean, prob_dtype, undefined_prompts
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
@@ -41,7 +41,7 @@ def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, 
             act = s_layer < j
             if act.any():
                 x = arch.input_norm(j)(r[:, act])
-                v = arch.proj(j, "q_proj" if receivers.site == "q" else "v_proj")(x)
+                v = arch.proj(j, site_spec(receivers.site).module)(x)
                 v = v.unflatten(-1, (n_units(dims, receivers.site), D))[:, :, receivers.units[j]]
                 recv[j][:, act] = v
         if j == end:

@@ -4,7 +4,7 @@ heatmaps and their overlap between the two members."""
 from __future__ import annotations
 
 from etk.circuits import load_circuit, overlap
-from etk.data.roles import GROUPS, MEMBERS, SHORT
+from etk.data.roles import MEMBERS
 from etk.metrics import fmt
 from etk.report.context import ReportContext, Section
 from etk.report.tables import markdown
@@ -14,9 +14,11 @@ def section(ctx: ReportContext) -> Section | None:
     pp = ctx.results("path_patching")
     if not pp:
         return None
-    lines = ["The paper's construction (SPEC §2.5, §3.4): each group's top candidates by path-patching score (PT "
-             "candidates removed from VF), pruned by minimality's significance rule; the pruned circuit is what the "
-             "later sections use.", ""]
+    task = ctx.task
+    GROUPS, SHORT, note = task.group_names, task.short, task.shared_role_note()
+    lines = ["The paper's construction (SPEC §2.5, §3.4): each group's top candidates by path-patching score"
+             + (f" ({note})" if note else "") + ", pruned by minimality's significance rule; the pruned circuit is what "
+             "the later sections use.", ""]
     rows = []
     for j, d in pp:
         md = ctx.result("minimality", member=j.member)

@@ -1,6 +1,6 @@
-"""`method=path_patching`: score every sender of the four stages, write score maps, heatmaps and circuit.json: the
-paper's candidate sets (each group's top candidates, PT candidates removed from VF; SPEC §2.5), which
-`method=minimality` prunes to the circuit."""
+"""`method=path_patching`: score every sender of the task's stages, write score maps, heatmaps and circuit.json: the
+candidate sets (each group's top candidates; of two groups at one role, the later's removed from the earlier's: PT
+from VF for entity tracking, SPEC §2.5), which `method=minimality` prunes to the circuit."""
 
 from __future__ import annotations
 
@@ -13,16 +13,15 @@ from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor
 from etk.circuits import candidates, save_score_map, top_k
-from etk.data.datasets import task_examples
-from etk.data.roles import SHORT
 from etk.methods.path_patching.discover import discover
 from etk.methods.path_patching.module import PathPatchingModule
-from etk.methods.path_patching.stages import discovery_schedule, pp_loader
+from etk.methods.path_patching.stages import discovery_schedule, pp_loader, task_stages
 from etk.metrics import spearman
 from etk.models.loading import load
 from etk.report.plots import head_heatmap
 from etk.results import PathPatchingResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.tasks import task_of
 
 
 def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.Tensor) -> dict[str, float]:
@@ -39,13 +38,15 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
     out = output_dir()
+    task = task_of(cfg)
+    short = task.short
     model = load(cfg.model)
     dims = model.arch.dims
-    schedule = discovery_schedule(m, cfg.model, dims)
+    schedule = discovery_schedule(m, cfg.model, dims, task)
     seed = int(m.seed if m.get("seed") is not None else (cfg.model.get("discovery") or {}).get("seed", 20))
     data_cfg = data_config(cfg, m.n_examples)
-    examples = task_examples(data_cfg, model.tokenizer)
-    loader = pp_loader(model.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
+    examples = task.examples(data_cfg, model.tokenizer)
+    loader = pp_loader(task, model.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
     with run_logger(cfg) as logger:
         kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
         trainer = L.Trainer(**kw)
@@ -65,13 +66,14 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             exact = scores.get("fast", scores.get("naive"))
             return (exact if exact is not None else scores["attribution"]), report
 
-        results = discover(list(m.stages), dims, schedule["receivers_top_k"], score)
+        graph = task_stages(task)
+        results = discover(graph, list(m.stages or graph), dims, schedule["receivers_top_k"], score)
         reports: dict[str, Any] = {}
         for r in results:
             group = r.group
             reports[group] = r.report
             if r.scores is None:
-                print(f"[etk] {SHORT[group]}: skipped, the previous stage scored no sender (no receivers)")
+                print(f"[etk] {short[group]}: skipped, the previous stage scored no sender (no receivers)")
                 continue
             scores, chosen = by_alg[group], r.scores
             if "attribution" in scores and len(scores) > 1:
@@ -84,14 +86,14 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 save_tensor({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
             top = top_k(chosen, schedule["candidates_top_k"][group], r.scored)
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
-                         f"{cfg.model.name}: {SHORT[group]} path-patching scores", top)
+                         f"{cfg.model.name}: {short[group]} path-patching scores", top)
             walls = ", ".join(f"{a} {r.report[a]['wall_s']:.1f}s" for a in runs)
-            print(f"[etk] {SHORT[group]}: top {[tuple(h) for h in top[:5]]} ({walls})")
+            print(f"[etk] {short[group]}: top {[tuple(h) for h in top[:5]]} ({walls})")
         chosen_scores = {r.group: r.scores for r in results if r.scores is not None}
         scored = {r.group: r.scored for r in results if r.scores is not None}
         meta = {"model": cfg.model.name, "kind": "candidates", "seed": seed, "n_examples": len(examples),
                 "algorithm": m.algorithm, "exact": m.algorithm != "attribution" or bool(m.compare_exact),
-                "schedule": schedule, "n_boxes": int(cfg.data.n_boxes)}
+                "schedule": schedule, **task.prompt_meta(cfg.data)}
         cand = candidates(chosen_scores, schedule["candidates_top_k"], scored, meta)
         cand.save(out / "circuit.json")
         payload = {"model": cfg.model.name, "stages": reports, "schedule": schedule, "seed": seed,

@@ -1,4 +1,5 @@
-"""The four stages of circuit discovery, their positions and receivers, and the batch they run on."""
+"""The stages of circuit discovery (the task's stage graph: `Task.stages`), their positions and receivers, and the
+batch they run on."""
 
 from __future__ import annotations
 
@@ -10,35 +11,33 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from etk.data.boxes import Example
 from etk.data.datasets import EncodedDataset, pad_id
-from etk.data.pairs import Pair, path_patching_pairs
-from etk.data.roles import GROUP_ROLE, PairBatch, PromptBatch, collate_pairs, encode_example
+from etk.data.roles import PairBatch, PromptBatch, collate_pairs
 from etk.errors import ConfigError
-from etk.interventions.components import HeadId
+from etk.interventions.components import HeadId, site_spec
 from etk.interventions.heads import HeadSet
 from etk.models.arch import Dims
+from etk.tasks import Task
 
 
 @dataclass(frozen=True)
 class Stage:
+    """A task's stage (`etk.tasks.Stage`) with its positions resolved: the sender's role in the clean prompt (its
+    group's role) and in the corrupt prompt."""
+
     group: str
-    corrupt_role: str  # role in the corrupt prompt ("label_of_source_box": the pair's random box label)
-    receiver_site: str | None  # None = direct effect on the logits; "q" or "v"
-
-    @property
-    def sender_role(self) -> str:
-        """The sender's role in the clean prompt: its group's role."""
-        return GROUP_ROLE[self.group]
+    sender_role: str  # the sender's position role in the clean prompt
+    corrupt_role: str  # its position in the corrupt prompt; `<vector role>[source_box]`: the pair's drawn entity
+    receiver_site: str | None  # None = direct effect on the logits; "q", "k" or "v"
 
 
-STAGES: dict[str, Stage] = {
-    "value_fetcher": Stage("value_fetcher", "last", None),
-    "pos_transmitter": Stage("pos_transmitter", "last", "q"),
-    "pos_detector": Stage("pos_detector", "query_label", "v"),
-    "struct_reader": Stage("struct_reader", "label_of_source_box", "v"),
-}
-ORDER = tuple(STAGES)
+def task_stages(task: Task) -> dict[str, Stage]:
+    """The task's stage graph, in order: group -> Stage."""
+    out = {}
+    for s in task.stages:
+        role = task.group_role[s.group]
+        out[s.group] = Stage(s.group, role, s.corrupt_role or role, s.receiver_site)
+    return out
 
 
 class PPBatch(PairBatch):
@@ -55,18 +54,19 @@ class PPBatch(PairBatch):
     def positions(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_s in the clean prompt [B], p'_s in the corrupt prompt [B])."""
         p = self.clean.roles[stage.sender_role]
-        if stage.corrupt_role == "label_of_source_box":
-            labels = self.corrupt.roles["labels"]  # [B, n_boxes]
-            pc = labels[torch.arange(len(self)), self.source_box]
+        if stage.corrupt_role.endswith("[source_box]"):
+            entities = self.corrupt.roles[stage.corrupt_role[: -len("[source_box]")]]  # [B, n entities]
+            pc = entities[torch.arange(len(self)), self.source_box]
         else:
             pc = self.corrupt.roles[stage.corrupt_role]
         return p, pc
 
 
-def pp_loader(tokenizer, examples: Sequence[Example], seed: int, batch_size: int, padding_side: str = "right") -> DataLoader:
-    """Clean/corrupt pairs (SPEC §2.1), encoded once; target = the clean answer."""
-    pairs: list[Pair] = path_patching_pairs(examples, random.Random(seed))
-    items = [(encode_example(tokenizer, p.base), encode_example(tokenizer, p.source, answer=p.target), p.source_box)
+def pp_loader(task: Task, tokenizer, examples: Sequence, seed: int, batch_size: int,
+              padding_side: str = "right") -> DataLoader:
+    """The task's clean/corrupt pairs (entity tracking: SPEC §2.1), encoded once; target = the clean answer."""
+    pairs = task.path_patching_pairs(examples, random.Random(seed))
+    items = [(task.encode(tokenizer, p.base), task.encode(tokenizer, p.source, answer=p.target), p.source_box)
              for p in pairs]
     return DataLoader(EncodedDataset(items), batch_size=batch_size, shuffle=False,
                       collate_fn=partial(collate_pairs, pad_id=pad_id(tokenizer), padding_side=padding_side, cls=PPBatch))
@@ -89,11 +89,11 @@ class Receivers:
 
 
 def receivers_from(heads: Sequence[HeadId], site: str, dims: Dims) -> Receivers:
-    """q receivers are the heads themselves; v receivers are their KV groups (under GQA a group serves several
-    query heads, so patching its v affects all of them): the head set's KV-group view."""
+    """q receivers are the heads themselves; k and v receivers are their KV groups (under GQA a group serves several
+    query heads, so patching its k or v affects all of them): the head set's KV-group view."""
     hs = HeadSet.at("last", heads)  # the role is immaterial here: receivers are read at the stage's sender position
-    units = ({layer: sorted(h for _, h in items) for layer, items in hs.by_layer("last").items()} if site == "q"
-             else hs.kv_groups("last", dims))
+    units = (hs.kv_groups("last", dims) if site_spec(site).per_group
+             else {layer: sorted(h for _, h in items) for layer, items in hs.by_layer("last").items()})
     return Receivers(site, units)
 
 
@@ -126,20 +126,18 @@ def reachable_layers(stage: Stage, receivers: Receivers | None, n_layers: int) -
     return list(range(min(receivers.max_layer, n_layers)))
 
 
-LLAMA_SCHEDULE: dict[str, dict[str, int]] = {  # the paper's Llama-7B schedule (1024 heads), SPEC §2.4-2.5
-    "receivers_top_k": {"value_fetcher": 20, "pos_transmitter": 5, "pos_detector": 10},
-    "candidates_top_k": {"value_fetcher": 58, "pos_transmitter": 10, "pos_detector": 25, "struct_reader": 5},
-}
-
-
-def discovery_schedule(method_cfg, model_cfg, dims: Dims) -> dict[str, dict[str, int]]:
+def discovery_schedule(method_cfg, model_cfg, dims: Dims, task: Task) -> dict[str, dict[str, int]]:
     """`receivers_top_k` and `candidates_top_k` per group: the method config's value where set, else the model
-    config's `discovery` block (the paper's per-model schedules), else the Llama schedule scaled to the model's
-    head count (at least 1 head per group). Sizes above the number of scored heads take them all."""
+    config's `discovery` block when it names the task's groups (the paper's per-model schedules), else the task's
+    schedule for 1024 heads (entity tracking: the paper's Llama-7B one) scaled to the model's head count (at least
+    1 head per group). Sizes above the number of scored heads take them all."""
     n = dims.n_layers * dims.n_heads
     out = {}
-    for key, llama in LLAMA_SCHEDULE.items():
-        given = method_cfg.get(key) or (model_cfg.get("discovery") or {}).get(key)
+    for key, llama in task.schedule.items():
+        from_model = (model_cfg.get("discovery") or {}).get(key)
+        if from_model and not set(from_model) <= set(task.group_names):
+            from_model = None  # the model's schedule is for another task's groups
+        given = method_cfg.get(key) or from_model
         out[key] = ({g: int(v) for g, v in given.items()} if given
                     else {g: max(1, round(v * n / 1024)) for g, v in llama.items()})
         for g, v in out[key].items():

@@ -12,22 +12,10 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Sequence
 
-from etk.data.boxes import Context, Example, Template
 from etk.data.vocab import LETTERS
 from etk.errors import DataError
-
-
-@dataclass(frozen=True)
-class Pair:
-    """A base prompt, a source prompt, and the target word expected when the source's information is patched in.
-
-    `source_box` is the box index of the source used by the Structure-Reader stage of path patching
-    (a random box-label position of the corrupt prompt)."""
-
-    base: Example
-    source: Example
-    target: str
-    source_box: int = -1
+from etk.tasks.base import Pair
+from etk.tasks.entity_tracking.boxes import Context, Example, Template
 
 
 def _group_by_context(examples: Sequence[Example]) -> dict[Context, list[Example]]:

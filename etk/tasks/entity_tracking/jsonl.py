@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Iterable
 
 from etk.artifacts import write_text
-from etk.data.boxes import Context, Example
 from etk.errors import DataError
+from etk.tasks.entity_tracking.boxes import Context, Example
 
 _SEGMENT = re.compile(r"^(?:The|the) (.+) is in Box (\S+)$")
 _QUERY = re.compile(r"^Box (\S+) contains the (.+)\.$")
