@@ -139,12 +139,16 @@ def circuit_spec(cfg: Any, fallback: str | None = None) -> str | None:
 
 def resolve_circuit(cfg: Any, fallback: str | None = None) -> tuple[str, "Circuit"]:
     """(spec, Circuit) of the run's circuit (`circuit_spec`): the one resolver every method uses; a clear error when
-    there is none."""
+    there is none, or when its groups are another task's."""
+    from etk.tasks import check_groups_of, task_of
+
     spec = circuit_spec(cfg, fallback)
     if not spec:
         raise ConfigError("this method needs a circuit: circuit=<llama_7b|goat_7b|float_7b> (the paper's) or "
                           "circuit.path=<circuit.json> (e.g. a path-patching or minimality run's)")
-    return spec, load_circuit(spec)
+    circuit = load_circuit(spec)
+    check_groups_of(task_of(cfg), circuit.groups, f"circuit {spec}")
+    return spec, circuit
 
 
 def save_score_map(path: str | Path, scores: torch.Tensor, **meta: Any) -> Path:

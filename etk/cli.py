@@ -15,6 +15,10 @@ def run_method(cfg: DictConfig):
     """Dispatch a composed `patching` config to its method: the study (`etk.study`) or a registered method."""
     from etk.methods.registry import STUDY_METHODS, get
 
+    if cfg.method.name == "study_tasks":
+        from etk.study.tasks import run_study_tasks
+
+        return run_study_tasks(cfg)
     if cfg.method.name in STUDY_METHODS:
         from etk.study.run import run_study
 

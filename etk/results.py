@@ -230,6 +230,21 @@ class EvalResult(Result):
 
 
 @dataclass(kw_only=True)
+class SpecificityResult(Result):
+    schema = "etk.specificity/v1"
+    method = "specificity"
+    model: str
+    circuit: str
+    circuit_task: str | None  # the task the circuit was found on
+    n_heads: int
+    accuracy_model: dict[str, Any]  # AccuracyCI of the intact model on the run's task
+    accuracy_ablated: dict[str, Any]  # AccuracyCI with the circuit's heads ablated at every position
+    random: dict[str, Any]  # mean accuracy (and 95% range) with random head sets of the same size ablated
+    drop: float | None
+    drop_random: float | None
+
+
+@dataclass(kw_only=True)
 class PathPatchingResult(Result):
     schema = "etk.path_patching/v1"
     method = "path_patching"
@@ -509,4 +524,4 @@ class FinetuneResult(Result):
 RESULT_TYPES: dict[str, type[Result]] = {c.schema: c for c in (
     EvalResult, PathPatchingResult, MinimalityResult, FaithfulnessResult, CompletenessResult, CurveResult,
     CircuitSearchResult, OverlapResult, DCMResult, ActivationPatchingResult, CMAPResult, ModelDiffResult,
-    KnockoutResult, FinetuneResult)}
+    KnockoutResult, FinetuneResult, SpecificityResult)}

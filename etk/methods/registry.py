@@ -36,6 +36,7 @@ from etk.methods.model_diff.run import run_model_diff
 from etk.methods.overlap.run import run_overlap
 from etk.methods.path_patching import report as pp_report
 from etk.methods.path_patching.run import run_path_patching
+from etk.methods.specificity.run import run_specificity
 from etk.report.context import ReportContext, Section
 from etk.results import (
     ActivationPatchingResult,
@@ -53,6 +54,7 @@ from etk.results import (
     OverlapResult,
     PathPatchingResult,
     Result,
+    SpecificityResult,
 )
 
 Table = tuple[list[str], list[list[str]]]
@@ -100,9 +102,12 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="what fine-tuning changed per head (weights, z, DLA, lens, token KL) beside the CMAP gain"),
     MethodSpec("knockout", run_knockout, KnockoutResult, knockout_report.section,
                summary="attention-edge knockout from each start layer"),
+    MethodSpec("specificity", run_specificity, SpecificityResult,
+               summary="a circuit of one task ablated everywhere, measured on another task, against random heads"),
     MethodSpec("finetune", run_finetune, FinetuneResult, entry="finetune", summary="LoRA or full fine-tuning"),
 )}
-STUDY_METHODS = ("study", "study_paper")  # method configs that run the study (etk.study), at CPU or paper sizes
+STUDY_METHODS = ("study", "study_paper", "study_tasks")  # method configs that run the study (etk.study): at CPU or
+# paper sizes, or one study per task and the comparison across tasks
 
 
 def get(name: str) -> MethodSpec:

@@ -81,7 +81,7 @@ def tiny_llama(
     return model.to(dtype).eval().requires_grad_(False)
 
 
-PLANTED = ("last_head", "object_relay")
+PLANTED = ("last_head", "object_relay", "ioi")
 
 
 def planted_llama(tokenizer, mechanism: str = "last_head", head: int = 2, relay_head: int = 1,
@@ -101,6 +101,8 @@ def planted_llama(tokenizer, mechanism: str = "last_head", head: int = 2, relay_
 
     if mechanism not in PLANTED:
         raise ConfigError(f"unknown planted mechanism {mechanism!r}; choose from {PLANTED}")
+    if mechanism == "ioi":
+        return planted_ioi_llama(tokenizer, dtype)
     d = 128
     m = tiny_llama(len(tokenizer), n_layers=2, n_heads=4, n_kv_heads=2, d_model=d, seed=5)
     arch = LlamaFamily.of(m)
@@ -146,3 +148,71 @@ def planted_llama(tokenizer, mechanism: str = "last_head", head: int = 2, relay_
         arch.lm_head.weight[~is_obj] = 0
         arch.lm_head.weight[~is_obj, 0] = -100.0  # non-objects never win
     return m.to(dtype).eval()
+
+
+def planted_ioi_llama(tokenizer, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A 3-layer GQA Llama (4 heads, 2 KV groups, d_model 128, every MLP output and every other head zero) that does
+    IOI by a planted chain — the name mover at END copies the name that appears once:
+
+    (0, 0) previous-token head: at every position copies the previous token's identity into a `prev` subspace
+        (RoPE: its score peaks at distance 1);
+    (1, 0) induction head: at a name, attends to the token whose `prev` matches its own identity (the token after
+        an earlier occurrence: S1+1 at S2) and writes -2x that identity into the position's identity, else to BOS
+        (value 0): S2's identity becomes -S, cancelling S1's;
+    (2, 0) name mover at END: attends to every name token and copies its identity into the logits (names only).
+    Residual layout: dim 0 constant, 1 is-name, 2 is-BOS, 3 filler (equal norms), 4..35 identity (names only),
+    64..95 prev."""
+    from etk.data.vocab import load_words, single_token_id
+    from etk.models.arch import LlamaFamily
+
+    d = 128
+    m = tiny_llama(len(tokenizer), n_layers=3, n_heads=4, n_kv_heads=2, d_model=d, seed=5)
+    arch = LlamaFamily.of(m)
+    D = arch.dims.head_dim  # 32
+    half = D // 2
+    ident, prev = slice(4, 4 + D), slice(64, 64 + D)
+    names = [i for i in (single_token_id(tokenizer, w) for w in load_words("names.csv", "name")) if i is not None]
+    is_name = torch.zeros(arch.lm_head.weight.shape[0], dtype=torch.bool)
+    is_name[names] = True
+    gen = torch.Generator().manual_seed(3)
+    theta = 10000.0 ** (-torch.arange(half, dtype=torch.float64) * 2 / D)  # RoPE frequencies of the pairs
+    with torch.no_grad():
+        emb = arch.base.model.embed_tokens.weight
+        emb.zero_()  # every token the same norm (RMSNorm then scales all alike); only names have an identity
+        emb[:, 0] = 1.0
+        emb[:, 1] = torch.where(is_name, 3.0, 0.0)
+        emb[:, 3] = torch.where(is_name, 0.0, float((9 + D) ** 0.5))
+        idv = torch.randn(emb.shape[0], D, generator=gen)
+        emb[:, ident] = torch.where(is_name[:, None], idv / idv.norm(dim=1, keepdim=True) * D ** 0.5, 0.0)
+        bos = tokenizer.bos_token_id
+        emb[bos, 2], emb[bos, 3] = 1.0, float((9 + D - 1) ** 0.5)
+        for j in range(3):
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                arch.proj(j, name).weight.zero_()
+            arch.mlp(j).down_proj.weight.zero_()
+        eye = torch.eye(D)
+        # (0, 0): q and k read the constant; in the 6 fastest pairs q leads k by one position's angle
+        q0, k0 = arch.proj(0, "q_proj").weight, arch.proj(0, "k_proj").weight
+        for i in range(6):
+            q0[i, 0], q0[i + half, 0] = 6.0 * float(torch.cos(theta[i])), -6.0 * float(torch.sin(theta[i]))
+            k0[i, 0] = 6.0
+        arch.proj(0, "v_proj").weight[:D, ident] = eye
+        arch.proj(0, "o_proj").weight[prev, :D] = eye
+        # (1, 0): content match in the 10 slowest pairs (nearly position-invariant over a prompt), 20 identity dims:
+        # same name ~58, other names ~0 +- 13; BOS is the sink at ~39 (3 sd above a chance match)
+        q1, k1 = arch.proj(1, "q_proj").weight, arch.proj(1, "k_proj").weight
+        for n, i in enumerate(range(half - 10, half)):
+            q1[i, 4 + n], q1[i + half, 4 + 10 + n] = 1.0, 1.0
+            k1[i, 64 + n], k1[i + half, 64 + 10 + n] = 1.0, 1.0
+        q1[half - 11, 0], k1[half - 11, 2] = 13.0, 1.0
+        arch.proj(1, "v_proj").weight[:D, prev] = eye
+        arch.proj(1, "o_proj").weight[ident, :D] = -1.2 * eye  # the value arrives ~1.67x the identity (two norms)
+        # (2, 0): the name mover
+        q2, k2 = arch.proj(2, "q_proj").weight, arch.proj(2, "k_proj").weight
+        q2[half - 1, 0], k2[half - 1, 1] = 3.0, 1.0  # names score ~15 above other tokens; names about equally
+        arch.proj(2, "v_proj").weight[:D, ident] = eye
+        arch.proj(2, "o_proj").weight[ident, :D] = 3.0 * eye
+        lm = arch.lm_head.weight
+        lm.zero_()
+        lm[names, ident] = emb[names, ident]
+    return m.to(dtype).eval().requires_grad_(False)

@@ -28,15 +28,22 @@ from etk.study.plan import STEP_JOBS
 from etk.study.report import write_report
 from etk.tasks import task_of
 
-INHERITED = ("pair", "task", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
+INHERITED = ("pair", "task=", "task.", "data.", "seed=", "trainer.", "ablation.")  # study overrides every job inherits
+
+
+def inherited_overrides(cfg: DictConfig) -> list[str]:
+    """The running command line's overrides that every job of a study inherits (pair, task, data, seed, ...)."""
+    return [o for o in _task_overrides() if o.startswith(INHERITED)] + [f"seed={cfg.seed}"]
 
 
 class Study:
-    def __init__(self, cfg: DictConfig):
-        self.cfg, self.m, self.root = cfg, cfg.method, output_dir()
+    def __init__(self, cfg: DictConfig, root: Path | None = None, inherited: list[str] | None = None):
+        """The study of `cfg` (a composed `method=study` config) writing into `root` (default: the run's folder);
+        its jobs inherit `inherited` (default: the command line's pair/task/data/seed/trainer/ablation overrides)."""
+        self.cfg, self.m, self.root = cfg, cfg.method, Path(root) if root is not None else output_dir()
         self.log: list[str] = []
         self.seconds = 0.0  # compute time of all jobs, including those finished by an earlier run
-        self.inherited = [o for o in _task_overrides() if o.startswith(INHERITED)] + [f"seed={cfg.seed}"]
+        self.inherited = list(inherited) if inherited is not None else inherited_overrides(cfg)
         self.graph: list[tuple[Job, Result]] = []  # every job run (or found done) so far, with its result
 
     # -- what the plan's job functions read -------------------------------------------------------------------

@@ -38,7 +38,7 @@ def task_of(cfg: Any) -> Task:
     """The task a composed config selects (`task.name`; entity tracking when the config has no task)."""
     node = cfg.get("task") if cfg is not None else None
     name = node.get("name") if hasattr(node, "get") else node
-    return task_named(str(name or "entity_tracking"))
+    return task_named(str(name or "entity_tracking")).with_config(node)
 
 
 def check_task(name: str) -> str:
@@ -65,6 +65,18 @@ def collapsed_roles() -> tuple[str, ...]:
     return tuple(dict.fromkeys(r for t in TASKS.values() for r in t.collapsed_roles))
 
 
+def check_groups_of(task: Task, keys, what: str) -> None:
+    """A ConfigError when `keys` (a circuit's entries) name groups of another task than the run's."""
+    other = [k for k in keys if k in all_groups() and k not in task.group_role]
+    if other:
+        owner = task_with_groups(other)
+        raise ConfigError(f"{what} has the groups {other}"
+                          + (f" of task {owner.name!r}" if owner else "") + f", but the run's task is {task.name!r} "
+                          f"(groups {', '.join(task.group_names)}): give a circuit found on this task (e.g. "
+                          f"circuit.path=<a task={task.name} path-patching or minimality run>/circuit.json) or set "
+                          f"task={owner.name if owner else '<its task>'}")
+
+
 def all_groups() -> dict[str, str]:
     """Every registered task's groups: name -> role."""
     return {g: r for t in TASKS.values() for g, r in t.group_role.items()}
@@ -72,8 +84,10 @@ def all_groups() -> dict[str, str]:
 
 # the registry: one line per task folder
 from etk.tasks.entity_tracking import TASK as _ENTITY_TRACKING  # noqa: E402
+from etk.tasks.ioi import TASK as _IOI  # noqa: E402
 
 register(_ENTITY_TRACKING)
+register(_IOI)
 
-__all__ = ["TASKS", "Desideratum", "collapsed_roles", "Group", "Pair", "Stage", "Task", "all_groups", "check_task", "group_role",
+__all__ = ["TASKS", "Desideratum", "check_groups_of", "collapsed_roles", "Group", "Pair", "Stage", "Task", "all_groups", "check_task", "group_role",
            "register", "task_named", "task_of", "task_with_groups"]

@@ -82,6 +82,10 @@ class Task:
     skill: str = ""  # "tracking": "Fine-tuning does not change <skill> significantly"
     vital_phrase: str = ""  # "the paper's three positions (last, query label, the queried box's label)"
 
+    def with_config(self, node) -> "Task":
+        """The task with the settings of the run's `task` config node (a task without settings: itself)."""
+        return self
+
     # -- derived views: one definition each ------------------------------------------------------------------------
     @property
     def group_role(self) -> dict[str, str]:

@@ -1,0 +1,1 @@
+"""`method=specificity`: a circuit of one task ablated, measured on another task."""
