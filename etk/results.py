@@ -230,6 +230,22 @@ class EvalResult(Result):
 
 
 @dataclass(kw_only=True)
+class AttentionResult(Result):
+    schema = "etk.attention/v1"
+    method = "attention"
+    model: str
+    circuit: str
+    n: int
+    key_roles: list[str]  # the task's scalar roles, then `other`
+    groups: dict[str, Any]  # group -> {role, group: {key role: mean_ci}, heads: [{head, key role: mean_ci}]}
+
+    def tables(self):
+        rows = [[g, f"{h['head'][0]}.{h['head'][1]}", d["role"]] + [h[k]["mean"] for k in self.key_roles]
+                for g, d in self.groups.items() for h in d["heads"]]
+        return {"attention": (["group", "head", "from"] + self.key_roles, rows)}
+
+
+@dataclass(kw_only=True)
 class SpecificityResult(Result):
     schema = "etk.specificity/v1"
     method = "specificity"
@@ -524,4 +540,4 @@ class FinetuneResult(Result):
 RESULT_TYPES: dict[str, type[Result]] = {c.schema: c for c in (
     EvalResult, PathPatchingResult, MinimalityResult, FaithfulnessResult, CompletenessResult, CurveResult,
     CircuitSearchResult, OverlapResult, DCMResult, ActivationPatchingResult, CMAPResult, ModelDiffResult,
-    KnockoutResult, FinetuneResult, SpecificityResult)}
+    KnockoutResult, FinetuneResult, SpecificityResult, AttentionResult)}

@@ -34,21 +34,29 @@ def _int(path: str, v: Any, low: int) -> None:
         raise ConfigError(f"{path} = {v!r}: must be an integer >= {low}; set it on the command line, e.g. {path}={max(low, 1)}")
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check the task, counts, sizes, the task's own settings (box counts, data files) and the circuit file of a composed config (raises ConfigError)."""
-    task = task_of(cfg)
-    for section in ("data", "method", "ablation", "dcm", "train", "eval", "finetune_data"):
+SECTIONS = ("data", "method", "ablation", "dcm", "train", "eval", "finetune_data")  # where counts and sizes live
+
+
+def section_leaves(cfg: DictConfig):
+    """(dotted path, leaf name, value) of every leaf of the config's sections (lists are leaves)."""
+    for section in SECTIONS:
         node = cfg.get(section)
-        if not isinstance(node, DictConfig):
+        if isinstance(node, DictConfig):
+            for path, v in leaves(OmegaConf.to_container(node, resolve=True), section):
+                yield path, path.rsplit(".", 1)[-1], v
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the task, counts, sizes, the task's own settings (box counts, data files) and the circuit file of a
+    composed config (raises ConfigError)."""
+    task = task_of(cfg)
+    for path, leaf, v in section_leaves(cfg):
+        if isinstance(v, list):
             continue
-        for path, v in leaves(OmegaConf.to_container(node, resolve=True), section):
-            leaf = path.rsplit(".", 1)[-1]
-            if isinstance(v, list):
-                continue
-            if leaf in POSITIVE:
-                _int(path, v, 1)
-            elif leaf in NON_NEGATIVE:
-                _int(path, v, 0)
+        if leaf in POSITIVE:
+            _int(path, v, 1)
+        elif leaf in NON_NEGATIVE:
+            _int(path, v, 0)
     d = cfg.get("data")
     if isinstance(d, DictConfig) and d.get("padding_side") not in (None, "left", "right"):
         raise ConfigError(f"data.padding_side = {d.padding_side!r}: must be 'left' or 'right'")

@@ -256,3 +256,29 @@ def test_pair_loaders_carry_the_task_s_roles(tok):
     assert set(batch.base.roles) == {"last", "IO", "S1", "S1+1", "S2"}
     assert bool((batch.base.distractor >= 0).all()) and bool((batch.source.roles["S1"] != batch.base.roles["S1"]).all())
     assert isinstance(next(iter(pp_loader(task, tok, task.examples(DATA, tok), 0, 4))), PPBatch)
+
+
+def test_attention_reports_where_the_planted_name_mover_looks(tmp_path):
+    """The planted name mover (2, 0) at END spreads its attention over the three name positions; an identity check
+    of the attention method against the probabilities of HF's eager attention, computed independently."""
+    (tmp_path / "c.json").write_text(json.dumps({"name_mover": [[2, 0]], "induction": [[1, 0]]}))
+    compose_run(tmp_path / "att", ["task=ioi", "model=tiny_planted_ioi", "logger=none", "method=attention",
+                                   f"circuit.path={tmp_path / 'c.json'}", "method.n_examples=12", "method.batch_size=6",
+                                   "trainer.enable_progress_bar=false"])
+    doc = json.loads((tmp_path / "att" / "results.json").read_text())
+    nm = doc["groups"]["name_mover"]["group"]
+    assert all(0.2 < nm[k]["mean"] < 0.5 for k in ("IO", "S1", "S2")) and nm["other"]["mean"] < 0.1
+    ind = doc["groups"]["induction"]["group"]
+    assert doc["groups"]["induction"]["role"] == "S2" and ind["S1+1"]["mean"] > 0.8  # S2 looks at the token after S1
+    # independently: HF eager attention of head (2, 0), row END, at the IO position
+    from etk.models.tiny import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    model = planted_llama(tok, "ioi")
+    model.set_attn_implementation("eager")
+    task = IOI.with_config(None)
+    batch = next(iter(prompt_loader(task, tok, task.examples(OmegaConf.create({"n_examples": 12, "seed": 0}), tok), 12)))
+    att = model(**batch.model_inputs(), output_attentions=True).attentions[2][:, 0]  # [B, T, T]
+    b = torch.arange(12)
+    expect = att[b, batch.roles["last"], batch.roles["IO"]].mean()
+    torch.testing.assert_close(torch.tensor(nm["IO"]["mean"]), expect.double().float(), rtol=1e-5, atol=1e-6)

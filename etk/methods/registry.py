@@ -14,6 +14,7 @@ from typing import Callable
 from etk.errors import ConfigError
 from etk.methods.activation_patching import report as ap_report
 from etk.methods.activation_patching.run import run_activation_patching
+from etk.methods.attention.run import run_attention
 from etk.methods.circuit_search import report as search_report
 from etk.methods.circuit_search.run import run_circuit_search
 from etk.methods.cmap import report as cmap_report
@@ -40,6 +41,7 @@ from etk.methods.specificity.run import run_specificity
 from etk.report.context import ReportContext, Section
 from etk.results import (
     ActivationPatchingResult,
+    AttentionResult,
     CircuitSearchResult,
     CMAPResult,
     CompletenessResult,
@@ -102,6 +104,8 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="what fine-tuning changed per head (weights, z, DLA, lens, token KL) beside the CMAP gain"),
     MethodSpec("knockout", run_knockout, KnockoutResult, knockout_report.section,
                summary="attention-edge knockout from each start layer"),
+    MethodSpec("attention", run_attention, AttentionResult,
+               summary="attention probabilities of a circuit's heads from their role to the task's roles"),
     MethodSpec("specificity", run_specificity, SpecificityResult,
                summary="a circuit of one task ablated everywhere, measured on another task, against random heads"),
     MethodSpec("finetune", run_finetune, FinetuneResult, entry="finetune", summary="LoRA or full fine-tuning"),

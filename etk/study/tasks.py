@@ -35,8 +35,7 @@ def run_study_tasks(cfg: DictConfig) -> dict[str, Any]:
     method_overrides = [o for o in _method_overrides() if not o.startswith(("method.study_config", "method.specificity"))]
     studies: dict[str, Study] = {}
     for t in tasks:
-        sub_cfg = compose("patching", [f"method={cfg.method.study_config}", f"task={t}", *base, *method_overrides,
-                                       f"hydra.run.dir={root / t}"])
+        sub_cfg = compose("patching", [f"method={cfg.method.study_config}", f"task={t}", *base, *method_overrides])
         studies[t] = Study(sub_cfg, root / t, [f"task={t}", *base])
         studies[t].run()
     cross = Study(cfg, root, base)  # runs the specificity jobs (resumable), with their own task= override

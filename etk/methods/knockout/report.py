@@ -9,9 +9,10 @@ from etk.results import KnockoutResult
 
 def knockout_findings(ko: list[KnockoutResult], tol: float = 0.1) -> list[str]:
     """Per edge, the first start layer from which knocking it out costs less than `tol` accuracy: information
-    along that edge is moved before that layer."""
+    along that edge is moved before that layer. Every edge but the random controls, in the runs' order."""
     out = []
-    for edge in ("last->correct_object", "last->query_label", "query_label->prev_query_label"):
+    edges = dict.fromkeys(e for d in ko for e in d.edges if not e.endswith("->random"))
+    for edge in edges:
         parts = []
         for d in ko:
             c = d.edges.get(edge)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
 from etk.errors import ConfigError
 from etk.tasks.base import Desideratum, Group, Pair, Stage, Task
@@ -115,19 +115,14 @@ class EntityTracking(Task):
 
     def check(self, cfg) -> None:
         """Box counts within 2..26 and the user's data files readable, before any model loads."""
-        from etk.validate import leaves
+        from etk.validate import section_leaves
 
-        for section in ("data", "method", "ablation", "dcm", "train", "eval", "finetune_data"):
-            node = cfg.get(section)
-            if not isinstance(node, DictConfig):
-                continue
-            for path, v in leaves(OmegaConf.to_container(node, resolve=True), section):
-                leaf = path.rsplit(".", 1)[-1]
-                if leaf in ("n_boxes", "max_boxes", "max_entities") and not isinstance(v, list):
-                    _boxes(path, v)
-                elif leaf == "box_counts" and isinstance(v, list):
-                    for i, b in enumerate(v):
-                        _boxes(f"{path}[{i}]", b)
+        for path, leaf, v in section_leaves(cfg):
+            if leaf in ("n_boxes", "max_boxes", "max_entities") and not isinstance(v, list):
+                _boxes(path, v)
+            elif leaf == "box_counts" and isinstance(v, list):
+                for i, b in enumerate(v):
+                    _boxes(f"{path}[{i}]", b)
         d = cfg.get("data")
         if isinstance(d, DictConfig):
             _data_files(d)

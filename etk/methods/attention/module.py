@@ -1,0 +1,64 @@
+"""Attention probabilities of chosen heads, from a query role to the task's scalar roles, as a predict loop.
+
+The model runs with HF's eager attention (which returns the probabilities) for the loop only; every other module
+keeps its attention implementation. Per prompt and head: the probability on each key role's position and on
+everything else."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from etk.data.roles import PromptBatch
+from etk.interventions.components import HeadId
+from etk.methods.base import ModelHost
+from etk.models.forward import assert_eval
+from etk.models.loading import LoadedModel
+
+
+@contextmanager
+def eager_attention(model):
+    """The model's attention switched to HF's eager implementation (returns probabilities) inside the block."""
+    base = model.base_model if hasattr(model, "base_model") else model
+    prev = getattr(base.config, "_attn_implementation", None)
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if prev is not None:
+            model.set_attn_implementation(prev)
+
+
+class AttentionModule(ModelHost):
+    """`units`: (query role, head) pairs; `key_roles`: scalar roles of the task. After a loop, `probs()` is
+    [N, U, K + 1]: per prompt and unit, the attention on each key role's position and on every other position."""
+
+    def __init__(self, model_cfg: dict[str, Any], units: list[tuple[str, HeadId]], key_roles: list[str],
+                 model: LoadedModel | None = None):
+        super().__init__(model_cfg, model)
+        self.units, self.key_roles = list(units), list(key_roles)
+        self.rows: list[torch.Tensor] = []
+
+    def on_predict_epoch_start(self) -> None:
+        assert_eval(self.net)
+        self.rows = []
+
+    @torch.no_grad()
+    def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
+        with eager_attention(self.net):
+            att = self.net(**batch.model_inputs(), output_attentions=True).attentions  # L x [B, H, T, T]
+        B = len(batch)
+        b = torch.arange(B, device=batch.input_ids.device)
+        keys = torch.stack([batch.roles[r] for r in self.key_roles], 1)  # [B, K]
+        out = torch.zeros(B, len(self.units), len(self.key_roles) + 1, device=keys.device)
+        for u, (role, h) in enumerate(self.units):
+            row = att[h.layer][b, h.head, batch.roles[role]]  # [B, T]: from the query position
+            on = row.gather(1, keys.clamp_min(0)) * (keys >= 0)  # [B, K]
+            out[:, u, :-1] = on
+            out[:, u, -1] = 1 - on.sum(1)
+        self.rows.append(out.cpu())
+
+    def probs(self) -> torch.Tensor:
+        return torch.cat(self.rows) if self.rows else torch.zeros(0, len(self.units), len(self.key_roles) + 1)

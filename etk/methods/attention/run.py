@@ -1,0 +1,54 @@
+"""`method=attention circuit.path=<circuit.json>`: where each group's heads attend, from the group's role to every
+scalar role of the task (IOI: do the name movers at END look at IO rather than S1/S2?), per head and per group, with
+95% intervals over prompts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from omegaconf import DictConfig
+
+from etk.circuits import circuit_label, resolve_circuit
+from etk.data.datasets import prompt_loader
+from etk.interventions.components import check_heads
+from etk.methods.attention.module import AttentionModule
+from etk.metrics import fmt, mean_ci
+from etk.models.loading import load
+from etk.results import AttentionResult
+from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
+from etk.tasks import group_role, task_of
+
+
+def run_attention(cfg: DictConfig) -> AttentionResult:
+    m = cfg.method
+    L.seed_everything(cfg.seed, verbose=False)
+    task = task_of(cfg)
+    spec, circuit = resolve_circuit(cfg)
+    groups = [g for g in (m.get("groups") or circuit.groups) if circuit.groups.get(g)]
+    model = load(cfg.model)
+    units = [(group_role(g), h) for g in groups for h in check_heads(circuit.groups[g], model.arch.dims)]
+    keys = list(task.scalar_roles)
+    module = AttentionModule(model.cfg, units, keys, model)
+    data_cfg = data_config(cfg, m.n_examples)
+    loader = prompt_loader(task, model.tokenizer, task.examples(data_cfg, model.tokenizer), int(m.batch_size),
+                           cfg.data.padding_side)
+    with run_logger(cfg) as logger:
+        L.Trainer(**trainer_kwargs(cfg), logger=False).predict(module, loader, return_predictions=False)
+        p = module.probs()  # [N, U, K + 1]
+        names = keys + ["other"]
+        out: dict[str, Any] = {}
+        i = 0
+        for g in groups:
+            n = len(circuit.groups[g])
+            block = p[:, i:i + n]  # [N, n, K + 1]
+            out[g] = {"role": group_role(g),
+                      "group": {k: mean_ci(block[:, :, j].mean(1)) for j, k in enumerate(names)},
+                      "heads": [{"head": list(h), **{k: mean_ci(block[:, t, j]) for j, k in enumerate(names)}}
+                                for t, h in enumerate(circuit.groups[g])]}
+            i += n
+            print(f"[etk] attention of {g} ({n} heads) from `{group_role(g)}`: "
+                  + ", ".join(f"{k} {fmt(out[g]['group'][k]['mean'], 2)}" for k in names))
+        payload = {"model": cfg.model.name, "circuit": circuit_label(spec, circuit), "circuit_spec": str(spec),
+                   "n": int(p.shape[0]), "key_roles": names, "groups": out, "config": plain_config(cfg)}
+        return emit(AttentionResult.from_payload(payload), logger)
