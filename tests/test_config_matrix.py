@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from etk.methods.registry import REGISTRY, STUDY_METHODS, get
 from etk.study.plan import STEP_JOBS
-from etk.tasks.entity_tracking.pairs import DESIDERATA as DESIDERATUM_NAMES
+from etk.tasks import TASKS
 from etk.validate import validate
 from tests.conftest import CONF
 
@@ -18,6 +18,7 @@ PAIRS = sorted(p.stem for p in (CONF / "pair").glob("*.yaml"))
 DESIDERATA = sorted(p.stem for p in (CONF / "desideratum").glob("*.yaml"))
 COUNTS = {"n_examples", "batch_size", "n_train", "n_eval", "n_test", "epochs", "steps"}  # integers >= 1 where set
 GROUPS = {"value_fetcher", "pos_transmitter", "pos_detector", "struct_reader"}
+DESIDERATUM_NAMES = {d.name for t in TASKS.values() for d in t.desiderata}  # every registered task's
 
 
 @pytest.fixture(scope="module", autouse=True)
