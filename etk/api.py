@@ -11,8 +11,9 @@ same artefacts), returning typed results.
     etk.load_result("outputs/patching/faithfulness/...")  # any run folder the CLI wrote, typed
 
 Keyword arguments set the method's config (`method.<key>`; DCM: `dcm.<key>`); a dict under a top-level key sets that
-block (`data={"n_boxes": 3}`, `ablation={"n_prompts": 100}`, `trainer={...}`), `seed=...` the seed. Each run writes
-into `out_dir` (default: a new temporary folder)."""
+block (`data={"n_boxes": 3}`, `ablation={"n_prompts": 100}`, `trainer={...}`), `seed=...` the seed, `task="ioi"` the
+task (`task={"name": "ioi", "places": [...]}` its settings). Each run writes into `out_dir` (default: a new temporary
+folder)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from etk.results import (
 )
 from etk.runtime import compose, hydra_value, step_output, to_overrides
 
-TOP_LEVEL = ("data", "ablation", "trainer", "seed", "scores")  # keyword arguments that are not the method's own
+TOP_LEVEL = ("task", "data", "ablation", "trainer", "seed", "scores")  # keyword arguments that are not the method's own
 
 
 def load_model(name_or_dir: str | Path, **overrides: Any) -> LoadedModel:

@@ -282,3 +282,13 @@ def test_attention_reports_where_the_planted_name_mover_looks(tmp_path):
     b = torch.arange(12)
     expect = att[b, batch.roles["last"], batch.roles["IO"]].mean()
     torch.testing.assert_close(torch.tensor(nm["IO"]["mean"]), expect.double().float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_python_api_takes_the_task(tmp_path):
+    import etk
+
+    model = etk.load_model("tiny_planted_ioi")
+    pp = etk.path_patching(model, out_dir=tmp_path / "pp", task="ioi", n_examples=8, batch_size=8,
+                           data={"n_examples": 20}, trainer={"enable_progress_bar": False})
+    assert pp.config["task"]["name"] == "ioi" and list(pp.stages)[0] == "name_mover"
+    assert pp.circuit["name_mover"][0] == [2, 0]

@@ -92,12 +92,13 @@ def across_rows(tasks: list[str], studies: dict[str, Study]) -> tuple[list[list[
                      with_ci(f_base_on_ft, "faithfulness") if f_base_on_ft else "",
                      with_ci(allg, "share") if allg.get("share") is not None else "n/a"])
         if acc["base"] is not None and acc["finetuned"] is not None:
-            change = (f"fine-tuning changes {task.accuracy_phrase(s.cfg.data)} {acc['base'].accuracy:.2f} → "
+            change = (f"Fine-tuning changes {task.accuracy_phrase(s.cfg.data)} {acc['base'].accuracy:.2f} → "
                       f"{acc['finetuned'].accuracy:.2f} ({'significant' if differ(acc['base'], acc['finetuned']) else 'not significant'})")
-            kept = (f"; {shared} of the fine-tuned circuit's {size_ft} heads are in the base circuit" if size_ft else "")
+            kept = (f"; {shared} of the fine-tuned circuit's {size_ft} (group, head) entries are in the base circuit"
+                    if size_ft else "")
             gain = (f"; the fine-tuned circuit's heads carry {with_ci(allg, 'share')} of the gap (CMAP)"
                     if allg.get("share") is not None else "")
-            findings.append(f"**{task.title.replace(' study', '')}.** The {change}{kept}{gain}.")
+            findings.append(f"**{task.title.replace(' study', '')}.** {change}{kept}{gain}.")
     return rows, findings
 
 
