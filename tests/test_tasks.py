@@ -292,3 +292,22 @@ def test_the_python_api_takes_the_task(tmp_path):
                            data={"n_examples": 20}, trainer={"enable_progress_bar": False})
     assert pp.config["task"]["name"] == "ioi" and list(pp.stages)[0] == "name_mover"
     assert pp.circuit["name_mover"][0] == [2, 0]
+
+
+def test_no_method_imports_a_task_module():
+    """Methods, the study, reports, interventions and models reach a task only through `etk.tasks.task_of` (the
+    registry); only the tasks themselves and the fine-tuning corpora (entity-tracking text) import a task's module."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "etk"
+    allowed = {root / "data" / "finetune_data.py"}
+    offenders = []
+    for path in root.rglob("*.py"):
+        if root / "tasks" in path.parents or path in allowed:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("etk.tasks.")]
+    assert not offenders, offenders
