@@ -313,6 +313,7 @@ class MinimalityResult(_CircuitRun):
     method = "minimality"
     mode: str
     threshold: float
+    threshold_source: str | None = _optional()  # method.threshold | model.discovery.minimality_threshold | default
     groups: dict[str, Any]  # group -> {n, kept, evaluations, ...}
     pruned: dict[str, Any]  # the pruned circuit (circuit.json)
 

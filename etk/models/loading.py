@@ -128,6 +128,32 @@ def attach_adapter(model, spec: str):
     return _peft(model, spec).eval().requires_grad_(False)
 
 
+def _from_cache(cfg: Any, dtype, attn):
+    """The embedded model from its dequantised cache; a cache that fails to read (truncated, corrupt: e.g. a copy
+    interrupted by another tool) is removed and rebuilt once from the packaged GGUF, and a second failure names the
+    folder to delete."""
+    import shutil
+
+    folder = dequantised_dir(cfg.package, cfg.gguf_file)
+    try:
+        return _from_pretrained(folder, dtype, attn, dispatch_kwargs(cfg))
+    except Exception as first:  # safetensors' SafetensorError, OSError, EOFError...: the cache is unreadable
+        print(f"[etk] the cached dequantised model {folder} cannot be read ({type(first).__name__}: {first}); "
+              "rebuilding it from the packaged GGUF")
+        shutil.rmtree(folder, ignore_errors=True)
+    folder = dequantised_dir(cfg.package, cfg.gguf_file)
+    try:
+        return _from_pretrained(folder, dtype, attn, dispatch_kwargs(cfg))
+    except Exception as second:
+        raise CacheError(f"the dequantised model cache {folder} cannot be read even after a rebuild "
+                         f"({type(second).__name__}: {second}); delete that folder (or set ETK_CACHE_DIR to another "
+                         "place with free space) and run again") from None
+
+
+class CacheError(EtkError, OSError):
+    """The dequantised-model cache cannot be read or rebuilt."""
+
+
 def load_model(cfg: Any, device: str | torch.device | None = None):
     """(model, tokenizer) for a `model` config, in eval mode with gradients off, on `device` (default: CPU).
 
@@ -146,7 +172,7 @@ def load_model(cfg: Any, device: str | torch.device | None = None):
             t.pop("planted_head", None)
             model = tiny_llama(len(tokenizer), **t, dtype=dtype)
     elif source == "gguf_package":
-        model, tokenizer = _from_pretrained(dequantised_dir(cfg.package, cfg.gguf_file), dtype, attn, dispatch_kwargs(cfg))
+        model, tokenizer = _from_cache(cfg, dtype, attn)
     elif source == "local":
         model, tokenizer = _from_pretrained(local_model_dir(cfg), dtype, attn, dispatch_kwargs(cfg))
     else:

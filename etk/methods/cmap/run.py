@@ -8,6 +8,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from etk.artifacts import write_text
+from etk.errors import ConfigError, DataError
 from etk.circuits import circuit_label, load_dcm_selection, resolve_circuit
 from etk.data.datasets import prompt_loader
 from etk.data.roles import MEMBERS
@@ -31,17 +32,26 @@ def cmap_head_sets(cfg: DictConfig, circuit) -> tuple[dict[str, list], dict[str,
     """The heads patched per group and where they came from. The paper's choice (SPEC §6.1): DCM selections for VF
     (object value), PT and PD (positional), every SR head of the circuit. Selections come from `method.dcm_runs`
     (DCM results.json of this study) or, by default, the fine-tuned model config's `cmap_heads` (the paper's DCM
-    files for Goat and FLoat, shipped in etk/data/dcm). A group without a selection keeps the circuit's heads; an
-    EMPTY selection also keeps them, and the results say so."""
+    files for Goat and FLoat, shipped in etk/data/dcm). A group without a selection keeps the circuit's heads. An
+    EMPTY selection patches nothing, as the paper's code does (`method.empty_selection=nothing`, the source says
+    `empty_selection`), or the circuit's whole group (`method.empty_selection=circuit`)."""
     groups = {g: list(hs) for g, hs in circuit.groups.items()}
     sources = {g: "circuit" for g in groups}
     selections = {load_dcm_selection(p).group: p for p in (cfg.method.get("dcm_runs") or [])}
     if not selections:
         selections = {g: f for g, f in (cfg.pair.finetuned.get("cmap_heads") or {}).items() if f}
+    empty = str(cfg.method.get("empty_selection", "nothing"))
+    if empty not in ("nothing", "circuit"):
+        raise ConfigError(f"method.empty_selection = {empty!r}: 'nothing' (the paper: an empty DCM selection patches "
+                          "no head) or 'circuit' (patch the circuit's whole group instead)")
     for group, path in selections.items():
         heads = load_dcm_selection(path).heads
         if heads:
             groups[group], sources[group] = heads, f"DCM selection {path}"
+        elif empty == "nothing":
+            groups[group], sources[group] = [], "empty_selection"
+            print(f"[etk] CMAP: the DCM selection {path} holds no {group} heads; {group} patches nothing (the paper's "
+                  "behaviour; method.empty_selection=circuit patches the circuit's group instead)")
         else:
             sources[group] = f"circuit (the DCM selection {path} is empty)"
             print(f"[etk] CMAP: the DCM selection {path} holds no {group} heads; patching the circuit's {group} group")
@@ -71,6 +81,8 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
         trainer.predict(module, prompt_loader(task, module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
                         return_predictions=False)
         c = module.acc.per_example()  # [2 + n_sets, N]
+        if c.numel() == 0:
+            raise DataError("CMAP evaluated no prompt (the prompt set is empty): give data.n_examples >= 1 usable prompts")
         src_name, tgt_name = ((cfg.pair.finetuned.name, cfg.pair.base.name) if m.direction == "forward"
                               else (cfg.pair.base.name, cfg.pair.finetuned.name))
         rows = {"source_alone": accuracy_ci(c[0]), "target_alone": accuracy_ci(c[1])}

@@ -126,12 +126,29 @@ class EntityTracking(Task):
         d = cfg.get("data")
         if isinstance(d, DictConfig):
             _data_files(d)
+            _template(d)
 
 
 def _boxes(path: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, int) or not 2 <= v <= MAX_BOXES:
         raise ConfigError(f"{path} = {v!r}: a prompt needs between 2 and {MAX_BOXES} boxes (one-letter labels A-Z); "
                           f"e.g. {path}=7 (the paper's)")
+
+
+def _template(d: DictConfig) -> None:
+    """`data.template` builds a Template (its segment has {obj} and {label} once, its query {label} once)."""
+    spec = d.get("template")
+    if not spec:
+        return
+    from omegaconf import OmegaConf
+
+    try:
+        make_template(OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"data.template: {e}. The segment needs {{obj}} and {{label}} once each and the query "
+                          "{label} once (the position roles are read from them), e.g. "
+                          "data.template.query='{container} {label} holds the'; fields: "
+                          "first_det, det, relation, container, sep, end, query, prefix, segment, overrides") from None
 
 
 def _data_files(d: DictConfig) -> None:

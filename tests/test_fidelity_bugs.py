@@ -1,0 +1,126 @@
+"""Fidelity bugs (issue 24, deliverable 1), each with a test that failed before the fix: minimality's threshold from
+the model config, CMAP's empty DCM selection patching nothing (the paper's code), overlap of circuits with empty
+groups, a template without {label} refused before loading, and an unreadable dequantised-model cache rebuilt."""
+
+import json
+
+import pytest
+
+from etk.errors import ConfigError, EtkError
+from tests.helpers import compose_cfg, compose_run
+
+
+@pytest.mark.parametrize("model,overrides,expect", [
+    ("goat_7b", [], (0.0, "model.discovery.minimality_threshold")),
+    ("llama_7b", [], (0.01, "model.discovery.minimality_threshold")),
+    ("goat_7b", ["method.threshold=0.05"], (0.05, "method.threshold")),
+])
+def test_minimality_takes_the_models_threshold_unless_overridden(tmp_path, model, overrides, expect):
+    from etk.methods.minimality.run import minimality_threshold
+
+    cfg = compose_cfg("patching", tmp_path, ["method=minimality", f"model={model}", *overrides])
+    assert minimality_threshold(cfg) == expect
+
+
+def test_minimality_records_its_threshold_and_where_it_came_from(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"value_fetcher": [[1, 0], [1, 1]], "pos_detector": [[0, 2]]}))
+    compose_run(tmp_path / "run", ["method=minimality", "model=tiny", f"circuit.path={tmp_path / 'c.json'}",
+                                   "logger=none", "data.n_boxes=3", "data.n_examples=12", "method.n_examples=6",
+                                   "method.batch_size=6", "ablation.n_prompts=8", "trainer.enable_progress_bar=false"])
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["threshold"] == 0.0 and doc["threshold_source"] == "model.discovery.minimality_threshold"
+
+
+def _selection(path, group, heads):
+    from etk.artifacts import write_json
+
+    write_json(path, {"group": group, "desideratum": "object", "heads": heads, "group_heads": [[0, 0]]},
+               "etk.dcm_heads/v1")
+    return path
+
+
+@pytest.mark.parametrize("empty,expect_heads,expect_source", [("nothing", [], "empty_selection"),
+                                                              ("circuit", [[1, 0], [1, 1]], "circuit (")])
+def test_an_empty_dcm_selection_patches_nothing_unless_asked(tmp_path, empty, expect_heads, expect_source):
+    from etk.circuits import Circuit
+    from etk.methods.cmap.run import cmap_head_sets
+
+    sel = _selection(tmp_path / "selected_heads.json", "value_fetcher", [])
+    cfg = compose_cfg("patching", tmp_path, ["method=cmap", "pair=tiny", f"method.dcm_runs=[{sel}]",
+                                             f"method.empty_selection={empty}"])
+    groups, sources = cmap_head_sets(cfg, Circuit({"value_fetcher": [[1, 0], [1, 1]], "pos_detector": [[0, 2]]}))
+    assert [list(h) for h in groups["value_fetcher"]] == expect_heads
+    assert sources["value_fetcher"].startswith(expect_source) and sources["pos_detector"] == "circuit"
+
+
+def test_cmap_with_an_empty_selection_equals_the_target_alone(tmp_path):
+    sel = _selection(tmp_path / "selected_heads.json", "value_fetcher", [])
+    (tmp_path / "c.json").write_text(json.dumps({"value_fetcher": [[1, 0], [1, 1]], "pos_detector": [[0, 2]]}))
+    compose_run(tmp_path / "run", ["method=cmap", "pair=tiny", f"circuit.path={tmp_path / 'c.json'}", "logger=none",
+                                   f"method.dcm_runs=[{sel}]", "method.groups=[value_fetcher]", "data.n_boxes=3",
+                                   "method.n_examples=8", "method.batch_size=8", "trainer.enable_progress_bar=false"])
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    r = doc["results"]
+    assert doc["head_sources"]["value_fetcher"] == "empty_selection"
+    assert r["value_fetcher"]["heads_per_role"] == {} and r["value_fetcher"]["accuracy"] == r["target_alone"]["accuracy"]
+
+
+def test_overlap_of_circuits_with_empty_groups_says_n_a(tmp_path, capsys):
+    (tmp_path / "a.json").write_text(json.dumps({"value_fetcher": [], "pos_detector": [[0, 1]]}))
+    (tmp_path / "b.json").write_text(json.dumps({"value_fetcher": [[1, 1]], "pos_detector": [[0, 1]]}))
+    compose_run(tmp_path / "run", ["method=overlap", f"circuit.path={tmp_path / 'a.json'}", "logger=none",
+                                   f"method.other={tmp_path / 'b.json'}"])
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["overlap"]["value_fetcher"] == {"shared": 0, "size_a": 0, "size_b": 1, "precision": None, "recall": 0.0}
+    assert doc["overlap"]["pos_detector"]["precision"] == 1.0
+    assert "value_fetcher: shared 0 (precision n/a, recall 0.00)" in capsys.readouterr().out
+
+
+def test_a_template_whose_query_lacks_the_label_is_a_config_error_before_loading(tmp_path):
+    from etk.validate import validate
+
+    cfg = compose_cfg("patching", tmp_path, ["method=eval", "model=llama_7b", "+data.template.query='Box contains the'"])
+    with pytest.raises(ConfigError, match=r"data.template: .*\{label\}"):
+        validate(cfg)  # llama_7b's weights are absent: a load would fail otherwise; the check comes first
+
+
+def test_an_unreadable_dequantised_cache_is_rebuilt_once(tmp_path, monkeypatch, tok):
+    """The first read of the cache meets a truncated safetensors file: the folder is removed and rebuilt, and the
+    model loads; a cache that stays unreadable gives one paragraph naming the folder."""
+    import etk.models.loading as loading
+    from etk.models.tiny import tiny_llama
+
+    good = tmp_path / "built"
+    tiny_llama(len(tok), n_layers=1, d_model=32).save_pretrained(good)
+    tok.save_pretrained(good)
+    calls = []
+
+    def fake_dequantised_dir(package, filename):
+        target = tmp_path / "cache"
+        if not target.exists():
+            import shutil
+
+            shutil.copytree(good, target)
+            if not calls:  # the first cache is truncated
+                data = (target / "model.safetensors").read_bytes()
+                (target / "model.safetensors").write_bytes(data[: len(data) // 3])
+        calls.append(target)
+        return target
+
+    monkeypatch.setattr(loading, "dequantised_dir", fake_dequantised_dir)
+    cfg = {"name": "x", "source": "gguf_package", "package": "p", "gguf_file": "f", "dtype": "float32"}
+    from omegaconf import OmegaConf
+
+    model, _ = loading.load_model(OmegaConf.create(cfg))
+    assert len(calls) == 2 and model.config.num_hidden_layers == 1
+
+    def always_truncated(package, filename):
+        target = tmp_path / "bad"
+        target.mkdir(exist_ok=True)
+        (target / "config.json").write_text((good / "config.json").read_text())
+        (target / "model.safetensors").write_bytes(b"\x00" * 10)
+        return target
+
+    monkeypatch.setattr(loading, "dequantised_dir", always_truncated)
+    with pytest.raises(EtkError, match="delete that folder"):
+        loading.load_model(OmegaConf.create(cfg))
