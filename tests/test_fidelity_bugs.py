@@ -4,6 +4,8 @@ groups, a template without {label} refused before loading, and an unreadable deq
 
 import json
 
+import torch
+
 import pytest
 
 from etk.errors import ConfigError, EtkError
@@ -124,3 +126,74 @@ def test_an_unreadable_dequantised_cache_is_rebuilt_once(tmp_path, monkeypatch, 
     monkeypatch.setattr(loading, "dequantised_dir", always_truncated)
     with pytest.raises(EtkError, match="delete that folder"):
         loading.load_model(OmegaConf.create(cfg))
+
+
+# -- the paper code's behaviour, one switch away ----------------------------------------------------------------------
+
+def test_knockout_paper_compat_draws_the_random_key_per_edge_start_layer_and_prompt(tok, tiny):
+    from etk.methods.knockout.module import KnockoutModule
+    from etk.models.loading import LoadedModel
+    from tests.helpers import batch_of
+
+    batch, _ = batch_of(tok, n=8, n_boxes=5)
+    batch.index = torch.arange(8)
+    keys = {}
+    for paper in (False, True):
+        m = KnockoutModule({"name": "tiny"}, ["last->random", "query_label->random"], [0, 1], model=LoadedModel(tiny, tok, {}),
+                           paper_compat=paper)
+        m.on_predict_epoch_start = lambda: None
+        m.generator = torch.Generator().manual_seed(5)
+        q, k, s = m._positions(batch)  # configs: baseline, (last->random, 0), (last->random, 1), (ql->random, 0), ...
+        keys[paper] = k
+    shared, drawn = keys[False], keys[True]
+    assert bool((shared[1] == shared[2]).all()) and bool((shared[1] == shared[3]).all())  # one draw per prompt
+    assert not bool((drawn[1] == drawn[2]).all()) and not bool((drawn[1] == drawn[3]).all())  # anew per config
+
+
+def test_activation_patching_paper_compat_uses_the_bug_pos_sampler(tmp_path, monkeypatch):
+    from etk.tasks.entity_tracking import EntityTracking
+
+    seen = []
+    original = EntityTracking.desideratum_pairs
+
+    def spy(self, name, bases, seed, legacy=False):
+        seen.append((name, legacy))
+        return original(self, name, bases, seed, legacy)
+
+    monkeypatch.setattr(EntityTracking, "desideratum_pairs", spy)
+    sel = _selection(tmp_path / "selected_heads.json", "pos_transmitter", [[1, 0]])
+    doc = json.loads(sel.read_text())
+    doc["desideratum"] = "positional"
+    sel.write_text(json.dumps(doc))
+    compose_run(tmp_path / "run", ["method=activation_patching", "model=tiny", f"method.heads={sel}", "logger=none",
+                                   "data.n_boxes=3", "method.n_examples=6", "method.batch_size=6", "method.repeats=1",
+                                   "method.paper_compat=true", "trainer.enable_progress_bar=false"])
+    assert seen == [("positional", True)]
+
+
+def test_path_patching_paper_compat_ranks_every_head_including_exact_zeros():
+    """PT's senders are layer 0 only (its receiver is at layer 1): etk ranks those two heads, the paper's top-k also
+    the unreachable heads' exact zeros, which then beat a positive score and become PD's receivers."""
+    import torch
+
+    from etk.methods.path_patching.discover import discover
+    from etk.methods.path_patching.stages import task_stages
+    from etk.models.arch import Dims
+    from etk.tasks import task_named
+
+    dims = Dims(n_layers=3, n_heads=2, n_kv_heads=2, head_dim=4, d_model=8, vocab_size=10)
+    graph = task_stages(task_named("entity_tracking"))
+    table = {"value_fetcher": {(1, 0): -1.0}, "pos_transmitter": {(0, 1): -1.0, (0, 0): 0.5}}
+
+    def score(stage, rec, senders):
+        s = torch.zeros(3, 2)
+        for h in senders:
+            s[h.layer, h.head] = table.get(stage.group, {}).get((h.layer, h.head), 1.0)
+        return s, {}
+
+    layers = {}
+    for paper in (False, True):
+        res = discover(graph, ["value_fetcher", "pos_transmitter", "pos_detector"], dims,
+                       {"value_fetcher": 1, "pos_transmitter": 2}, score, paper)
+        layers[paper] = res[2].receivers.layers  # PD's receivers: PT's top 2
+    assert layers[False] == [0] and layers[True] != [0] and 0 in layers[True]

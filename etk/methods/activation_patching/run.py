@@ -48,7 +48,7 @@ def run_activation_patching(cfg: DictConfig) -> dict[str, Any]:
         trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, logger=False)
         per_repeat = []
         for r in range(int(m.repeats)):
-            pairs = task.desideratum_pairs(desideratum, bases, int(m.random_seed) + r)
+            pairs = task.desideratum_pairs(desideratum, bases, int(m.random_seed) + r, bool(m.get("paper_compat", False)))
             trainer.predict(module, pair_loader(task, module.tokenizer, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
                             return_predictions=False)
             per_repeat.append(module.acc.compute().tolist())  # [unpatched, selected, random]

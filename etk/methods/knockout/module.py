@@ -34,7 +34,7 @@ class KnockoutModule(ModelHost):
 
     def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
                  rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model: LoadedModel | None = None,
-                 scalar_roles: Sequence[str] | None = None):
+                 scalar_roles: Sequence[str] | None = None, paper_compat: bool = False):
         super().__init__(model_cfg, model)
         self.every = max(1, int(start_layers_every))
         for e in edges:
@@ -43,9 +43,10 @@ class KnockoutModule(ModelHost):
         self.requested_start_layers = None if start_layers is None else [int(s) for s in start_layers]
         self.rows_per_forward = int(rows_per_forward)
         self.random_seed = int(random_seed)
+        self.paper_compat = bool(paper_compat)  # the paper's random key: a new draw per (edge, start layer, prompt)
         self.acc = AblationAccuracy()
         self.forwards = 0
-        self._table: torch.Tensor | None = None  # the random keys' uniforms, drawn per dataset index (`uniforms`)
+        self._tables: dict[int, torch.Tensor] = {}  # per stream, the random keys' uniforms by dataset index
 
     @property
     def n_layers(self) -> int:
@@ -68,21 +69,24 @@ class KnockoutModule(ModelHost):
         assert_eval(self.net)
         self.acc.reset()
         self.generator = torch.Generator().manual_seed(self.random_seed)
-        self._table = None
+        self._tables = {}
         self.forwards = 0
 
-    def uniforms(self, batch: PromptBatch) -> torch.Tensor | None:
+    def uniforms(self, batch: PromptBatch, stream: int = 0) -> torch.Tensor | None:
         """[N] the random-key draw of each prompt, keyed by its dataset index: draw i of one seeded stream (what a
-        sequential one-process loop draws), so every process draws the same for the same prompt. None for
-        hand-built batches without indices (then drawn in batch order)."""
+        sequential one-process loop draws), so every process draws the same for the same prompt. Stream 0 is shared
+        by every configuration; with `paper_compat` configuration c draws from stream c. None for hand-built batches
+        without indices (then drawn in batch order)."""
         idx = batch.index
         if idx is None or len(idx) == 0 or bool((idx < 0).any()):
             return None
         need = int(idx.max()) + 1
-        if self._table is None or len(self._table) < need:  # a longer draw of the same stream keeps its prefix
-            size = max(need, 0 if self._table is None else 2 * len(self._table))
-            self._table = torch.rand(size, generator=torch.Generator().manual_seed(self.random_seed))
-        return self._table[idx.cpu()]
+        table = self._tables.get(stream)
+        if table is None or len(table) < need:  # a longer draw of the same stream keeps its prefix
+            size = max(need, 0 if table is None else 2 * len(table))
+            seed = self.random_seed + 100_003 * stream
+            self._tables[stream] = table = torch.rand(size, generator=torch.Generator().manual_seed(seed))
+        return table[idx.cpu()]
 
     def _positions(self, batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Query positions [K, N], key positions [K, N] and start layers [K] of every configuration."""
@@ -91,8 +95,12 @@ class KnockoutModule(ModelHost):
         none = torch.full_like(batch.roles["last"], -1)  # [N]
         pos = {BASELINE: (none, none), **{e: edge_positions(batch, e, rand) for e in self.edges}}
         cfgs = self.configs()
-        q = torch.stack([pos[e][0] for e, _ in cfgs])  # [K, N]
-        k = torch.stack([pos[e][1] for e, _ in cfgs])  # [K, N]
+        per_cfg = [pos[e] for e, _ in cfgs]
+        if self.paper_compat:  # the paper draws the random key anew for every (edge, start layer, prompt)
+            per_cfg = [edge_positions(batch, e, random_context_positions(batch, self.generator, self.uniforms(batch, c)))
+                       if e != BASELINE and parse_edge(e)[1] == RANDOM else pos[e] for c, (e, _) in enumerate(cfgs)]
+        q = torch.stack([p[0] for p in per_cfg])  # [K, N]
+        k = torch.stack([p[1] for p in per_cfg])  # [K, N]
         s = torch.tensor([s for _, s in cfgs], device=q.device)  # [K]
         return q, k, s
 

@@ -42,7 +42,7 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
     model = load(cfg.model)
     module = KnockoutModule(model.cfg, edges, None if m.get("start_layers") is None else list(m.start_layers),
                             int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)), model,
-                            task.scalar_roles)
+                            task.scalar_roles, bool(m.get("paper_compat", False)))
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
         data_cfg = data_config(cfg, m.n_examples)

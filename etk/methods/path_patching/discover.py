@@ -28,10 +28,11 @@ class StageResult:
 
 
 def discover(graph: dict[str, Stage], stages: Sequence[str], dims: Dims, receivers_top_k: dict[str, int],
-             score: Score) -> list[StageResult]:
+             score: Score, all_heads_top_k: bool = False) -> list[StageResult]:
     """Run `stages` of the task's stage graph (`task_stages`) in order; `score(stage, receivers, senders)` returns
     the stage's [layer, head] scores and a report dict. A stage whose predecessor scored no sender is skipped (no
-    receivers)."""
+    receivers). `all_heads_top_k`: the paper's receivers, top-k over every head (unreachable senders' exact zeros
+    included) instead of the reachable ones."""
     out: list[StageResult] = []
     prev: list[HeadId] | None = None
     for group in stages:
@@ -58,5 +59,5 @@ def discover(graph: dict[str, Stage], stages: Sequence[str], dims: Dims, receive
                   "reachable_layers": reach, **report}
         out.append(StageResult(group, scores, scored, rec, report))
         if group in receivers_top_k:
-            prev = top_k(scores, int(receivers_top_k[group]), scored)
+            prev = top_k(scores, int(receivers_top_k[group]), None if all_heads_top_k else scored)
     return out

@@ -67,7 +67,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             return (exact if exact is not None else scores["attribution"]), report
 
         graph = task_stages(task)
-        results = discover(graph, list(m.stages or graph), dims, schedule["receivers_top_k"], score)
+        paper = bool(m.get("paper_compat", False))  # the paper's top-k: over every head, exact zeros included
+        results = discover(graph, list(m.stages or graph), dims, schedule["receivers_top_k"], score, paper)
         reports: dict[str, Any] = {}
         for r in results:
             group = r.group
@@ -84,7 +85,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
                 save_score_map(out / "scores" / f"{group}{suffix}.json", s, algorithm=alg, exact=alg != "attribution",
                                model=cfg.model.name, reachable_layers=r.report["reachable_layers"])
                 save_tensor({"scores": s, "axes": ("layer", "head"), "algorithm": alg}, out / "scores" / f"{group}{suffix}.pt")
-            top = top_k(chosen, schedule["candidates_top_k"][group], r.scored)
+            top = top_k(chosen, schedule["candidates_top_k"][group], None if paper else r.scored)
             head_heatmap(chosen, out / "heatmaps" / f"{group}.png",
                          f"{cfg.model.name}: {short[group]} path-patching scores", top)
             walls = ", ".join(f"{a} {r.report[a]['wall_s']:.1f}s" for a in runs)
@@ -94,7 +95,7 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
         meta = {"model": cfg.model.name, "kind": "candidates", "seed": seed, "n_examples": len(examples),
                 "algorithm": m.algorithm, "exact": m.algorithm != "attribution" or bool(m.compare_exact),
                 "schedule": schedule, **task.prompt_meta(cfg.data)}
-        cand = candidates(chosen_scores, schedule["candidates_top_k"], scored, meta)
+        cand = candidates(chosen_scores, schedule["candidates_top_k"], None if paper else scored, meta)
         cand.save(out / "circuit.json")
         payload = {"model": cfg.model.name, "stages": reports, "schedule": schedule, "seed": seed,
                    "circuit": {g: [list(h) for h in hs] for g, hs in cand.groups.items()}, "config": plain_config(cfg)}
