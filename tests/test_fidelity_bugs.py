@@ -197,3 +197,26 @@ def test_path_patching_paper_compat_ranks_every_head_including_exact_zeros():
                        {"value_fetcher": 1, "pos_transmitter": 2}, score, paper)
         layers[paper] = res[2].receivers.layers  # PD's receivers: PT's top 2
     assert layers[False] == [0] and layers[True] != [0] and 0 in layers[True]
+
+
+@pytest.mark.parametrize("paper,steps", [(False, [4, 10]), (True, [1, 5, 7, 11])])
+def test_dcm_paper_compat_validates_after_steps_1_5_9_and_does_not_shuffle(tmp_path, paper, steps):
+    """48 training pairs in batches of 8, 2 epochs of 6 steps: etk (Lightning's val_check_interval=4) scores the mask
+    after the 4th batch of each epoch (steps 4, 10) and shuffles the training pairs; the paper's code after every
+    batch whose index within the epoch is a multiple of 4 (steps 1, 5, 7, 11), in dataset order."""
+    from etk.methods.dcm.run import dcm_loaders
+    from tests.helpers import compose_cfg as compose
+
+    overrides = ["model=tiny", "desideratum=object", "logger=none", "dcm.n_train=48", "dcm.n_eval=8", "dcm.n_test=8",
+                 "dcm.batch_size=8", "dcm.epochs=2", "data.n_boxes=3", "trainer.enable_progress_bar=false",
+                 f"dcm.paper_compat={str(paper).lower()}"]
+    from etk.methods.dcm.run import run_dcm
+
+    cfg = compose("dcm", tmp_path, overrides)
+    run_dcm(cfg)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["validated_after_steps"] == steps
+    from etk.models.tiny import tiny_tokenizer
+
+    first = next(iter(dcm_loaders(cfg, tiny_tokenizer())[0]))
+    assert (first.base.index.tolist() == list(range(8))) == paper

@@ -24,7 +24,8 @@ from etk.tasks import all_groups, group_role
 
 class DCMModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
-                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model: LoadedModel | None = None):
+                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model: LoadedModel | None = None,
+                 validate_at: int = 0):
         super().__init__(model_cfg, model)
         if group not in all_groups() and group not in ROLE_ID:
             raise ConfigError(f"unknown group {group!r}; groups are {list(all_groups())} (or a position role of a "
@@ -39,6 +40,13 @@ class DCMModule(ModelHost):
         self.strict_loading = False  # checkpoints hold the mask only
         self.val_acc, self.test_acc, self.test_floor = TaskAccuracy(), TaskAccuracy(), TaskAccuracy()
         self.cache = RowCache(cache_mb)  # the frozen model's source z and base prefix, per split and pair index
+        # validate_at = k > 0: the paper's schedule with a validation after every training batch (the trainer's
+        # val_check_interval=1): the mask is scored only after batches whose index within the epoch is a multiple of k
+        # (steps 1, 1 + k, ...); the other validations repeat the last score, which never beats itself
+        self.validate_at = int(validate_at)
+        self._train_batch = -1
+        self._last_scores: dict[str, float] | None = None
+        self.scored_at: list[int] = []  # the training steps after which the mask was scored (sanity checks left out)
 
     def configure_model(self) -> None:
         super().configure_model()
@@ -68,6 +76,11 @@ class DCMModule(ModelHost):
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.mask.project_()  # the paper clamps before every step
+        self._train_batch = batch_idx
+
+    def _scored_now(self) -> bool:
+        """Whether this validation scores the mask (always, except off the paper's schedule)."""
+        return self.validate_at <= 0 or self._last_scores is None or self._train_batch % self.validate_at == 0
 
     def training_step(self, batch: PairBatch, batch_idx: int) -> torch.Tensor:
         m = self.mask()
@@ -90,13 +103,21 @@ class DCMModule(ModelHost):
         self.val_acc.reset()
 
     def validation_step(self, batch: PairBatch, batch_idx: int) -> None:
-        self.val_acc.update(self.logits(batch, self.binary()), batch.base.answer, batch.base.index)
+        if self._scored_now():
+            self.val_acc.update(self.logits(batch, self.binary()), batch.base.answer, batch.base.index)
 
     def on_validation_epoch_end(self) -> None:
+        if not self._scored_now():
+            self.log_dict(self._last_scores)
+            return
         acc = self.val_acc.compute()["accuracy"]
         n_sel = int(self.mask.selected().sum())
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None and not trainer.sanity_checking:
+            self.scored_at.append(int(trainer.global_step))
         # the paper's rule: best accuracy; ties go to the mask that patches more heads
-        self.log_dict({"val/accuracy": acc, "val/n_selected": float(n_sel), "val/select": acc + 1e-6 * n_sel})
+        self._last_scores = {"val/accuracy": acc, "val/n_selected": float(n_sel), "val/select": acc + 1e-6 * n_sel}
+        self.log_dict(self._last_scores)
 
     def on_test_epoch_start(self) -> None:
         self.test_acc.reset()

@@ -32,7 +32,8 @@ def dcm_loaders(cfg: DictConfig, tokenizer):
     name, legacy = cfg.desideratum.name, bool(cfg.desideratum.get("legacy", False))
     pairs = [task.desideratum_pairs(name, s, cfg.seed + i, legacy) for i, s in enumerate(splits)]
     side = cfg.data.padding_side
-    return (pair_loader(task, tokenizer, pairs[0], d.batch_size, shuffle=True, seed=cfg.seed, padding_side=side),
+    shuffle = not bool(d.get("paper_compat", False))  # the paper's training loader does not shuffle
+    return (pair_loader(task, tokenizer, pairs[0], d.batch_size, shuffle=shuffle, seed=cfg.seed, padding_side=side),
             pair_loader(task, tokenizer, pairs[1], d.batch_size, padding_side=side),
             pair_loader(task, tokenizer, pairs[2], d.batch_size, padding_side=side))
 
@@ -44,13 +45,15 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
     heads = [list(h) for h in circuit.groups.get(cfg.group, [])]
     d = cfg.dcm
     model = load(cfg.model)
+    paper = bool(d.get("paper_compat", False))  # the paper's schedule: validate after steps 1, 1 + k, ...; no shuffle
     module = DCMModule(model.cfg, cfg.group, heads, d.parametrisation, float(d.lam), float(d.lr), d.objective,
-                       float(d.get("cache_mb", 512)), model)
+                       float(d.get("cache_mb", 512)), model, validate_at=int(d.val_every) if paper else 0)
     train, val, test = dcm_loaders(cfg, module.tokenizer)
+    every = 1 if paper else min(int(d.val_every), len(train))
     with run_logger(cfg) as logger:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", monitor="val/select", mode="max", save_top_k=1,
                                filename="best", save_weights_only=True)
-        trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, max_epochs=int(d.epochs), val_check_interval=min(int(d.val_every), len(train)),
+        trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, max_epochs=int(d.epochs), val_check_interval=every,
                             logger=logger or False, callbacks=[ckpt])
         t0 = time.time()
         trainer.fit(module, train, val)
@@ -74,7 +77,7 @@ def run_dcm(cfg: DictConfig) -> dict[str, Any]:
             "selected_heads": selected, "test": acc, "chance_floor_unpatched": floor,
             "best_val_accuracy": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
             "mask_raw": values.tolist(), "mask_last_step": next(iter(raw_last.values())).tolist(),
-            "train_seconds": round(train_s, 1), "checkpoint_bytes": (out / "checkpoints" / "best.ckpt").stat().st_size,
+            "validated_after_steps": module.scored_at, "train_seconds": round(train_s, 1), "checkpoint_bytes": (out / "checkpoints" / "best.ckpt").stat().st_size,
             "config": plain_config(cfg),
         }
         result = emit(DCMResult.from_payload(payload), logger)
