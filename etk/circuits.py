@@ -87,6 +87,25 @@ class Circuit:
         task = task_with_groups(self.groups)
         return task.group_names if task is not None else ()
 
+    # -- circuit algebra: per entry (group or role), heads compared by (layer, head); order kept from `self` --------
+    def intersect(self, other: "Circuit") -> "Circuit":
+        """The heads of each entry that `other` also has there (the shared circuit)."""
+        return self._combine(other, lambda mine, theirs: [h for h in mine if h in theirs], "intersect")
+
+    def minus(self, other: "Circuit") -> "Circuit":
+        """The heads of each entry that `other` does not have there (e.g. the heads a fine-tune adds)."""
+        return self._combine(other, lambda mine, theirs: [h for h in mine if h not in theirs], "minus")
+
+    def union(self, other: "Circuit") -> "Circuit":
+        """Every head of either circuit, per entry (this circuit's order, then `other`'s new heads)."""
+        return self._combine(other, lambda mine, theirs: mine + [h for h in theirs if h not in mine], "union",
+                             keys=list(dict.fromkeys([*self.groups, *other.groups])))
+
+    def _combine(self, other: "Circuit", op, name: str, keys: list[str] | None = None) -> "Circuit":
+        keys = list(self.groups) if keys is None else keys
+        groups = {k: op(list(self.groups.get(k, [])), list(other.groups.get(k, []))) for k in keys}
+        return Circuit(groups, {"algebra": name, "a": self.meta.get("model"), "b": other.meta.get("model")})
+
     def to_json(self) -> dict[str, Any]:
         groups = self.group_order()
         order = [g for g in groups if g in self.groups] + sorted((k for k in self.groups if k not in groups),

@@ -237,7 +237,11 @@ class AttentionResult(Result):
     circuit: str
     n: int
     key_roles: list[str]  # the task's scalar roles, then `other`
-    groups: dict[str, Any]  # group -> {role, group: {key role: mean_ci}, heads: [{head, key role: mean_ci}]}
+    token_roles: list[str] = field(default_factory=list)  # the collapsed token roles the prompts have
+    groups: dict[str, Any]  # group -> {role, group: {key role: mean_ci}, by_token_role: {role: mean_ci}, heads: [...]}
+
+    def figure_paths(self) -> list[Path]:
+        return [] if self.dir is None else sorted(self.dir.glob("attention_*.png"))
 
     def tables(self):
         rows = [[g, f"{h['head'][0]}.{h['head'][1]}", d["role"]] + [h[k]["mean"] for k in self.key_roles]

@@ -220,3 +220,22 @@ def test_dcm_paper_compat_validates_after_steps_1_5_9_and_does_not_shuffle(tmp_p
 
     first = next(iter(dcm_loaders(cfg, tiny_tokenizer())[0]))
     assert (first.base.index.tolist() == list(range(8))) == paper
+
+
+def test_circuit_algebra_on_the_papers_circuits():
+    """Goat ∩ Llama per group is the paper's overlap 27/6/16/5; Goat − Llama holds the heads Goat adds; the union
+    has every head once; the three are consistent set operations per group."""
+    from etk.circuits import load_circuit
+
+    llama, goat = load_circuit("llama_7b"), load_circuit("goat_7b")
+    shared, added = goat.intersect(llama), goat.minus(llama)
+    assert {g: len(h) for g, h in shared.groups.items()} == {"value_fetcher": 27, "pos_transmitter": 6,
+                                                              "pos_detector": 16, "struct_reader": 5}
+    assert {g: len(h) for g, h in added.groups.items()} == {"value_fetcher": 41, "pos_transmitter": 22,
+                                                             "pos_detector": 24, "struct_reader": 34}
+    both = goat.union(llama)
+    for g in goat.groups:
+        assert set(both.groups[g]) == set(goat.groups[g]) | set(llama.groups[g])
+        assert len(both.groups[g]) == len(set(both.groups[g]))
+        assert set(shared.groups[g]) | set(added.groups[g]) == set(goat.groups[g])
+        assert shared.groups[g] == [h for h in goat.groups[g] if h in set(llama.groups[g])]  # Goat's order kept

@@ -311,3 +311,19 @@ def test_no_method_imports_a_task_module():
                      else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
             offenders += [f"{path.relative_to(root)}: {n}" for n in names if n.startswith("etk.tasks.")]
     assert not offenders, offenders
+
+
+def test_attention_shares_by_token_role_sum_to_one_and_land_on_the_planted_role(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"name_mover": [[2, 0]], "previous_token": [[0, 0]]}))
+    compose_run(tmp_path / "att", ["task=ioi", "model=tiny_planted_ioi", "logger=none", "method=attention",
+                                   f"circuit.path={tmp_path / 'c.json'}", "method.n_examples=12", "method.batch_size=12",
+                                   "trainer.enable_progress_bar=false"])
+    doc = json.loads((tmp_path / "att" / "results.json").read_text())
+    for g in ("name_mover", "previous_token"):
+        shares = doc["groups"][g]["by_token_role"]
+        assert abs(sum(v["mean"] for v in shares.values()) - 1) < 1e-4
+        assert (tmp_path / "att" / f"attention_{g}.png").exists()
+    nm = doc["groups"]["name_mover"]["by_token_role"]
+    assert nm["IO"]["mean"] + nm["S1"]["mean"] + nm["S2"]["mean"] > 0.9  # the planted name mover reads the names
+    prev = doc["groups"]["previous_token"]["by_token_role"]  # from S1+1, the previous token: S1
+    assert prev["S1"]["mean"] > 0.9

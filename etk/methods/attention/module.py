@@ -1,4 +1,5 @@
-"""Attention probabilities of chosen heads, from a query role to the task's scalar roles, as a predict loop.
+"""Attention probabilities of chosen heads, from a query role to the task's scalar roles and to every token role
+(entity indices collapsed: `objects[3]` -> `objects`), as a predict loop.
 
 The model runs with HF's eager attention (which returns the probabilities) for the loop only; every other module
 keeps its attention implementation. Per prompt and head: the probability on each key role's position and on
@@ -12,6 +13,7 @@ from typing import Any
 import torch
 
 from etk.data.roles import PromptBatch
+from etk.tasks import collapsed_roles
 from etk.interventions.components import HeadId
 from etk.methods.base import ModelHost
 from etk.models.forward import assert_eval
@@ -33,17 +35,27 @@ def eager_attention(model):
 
 class AttentionModule(ModelHost):
     """`units`: (query role, head) pairs; `key_roles`: scalar roles of the task. After a loop, `probs()` is
-    [N, U, K + 1]: per prompt and unit, the attention on each key role's position and on every other position."""
+    [N, U, K + 1]: per prompt and unit, the attention on each key role's position and on every other position;
+    `shares()` is [N, U, R]: the attention on the tokens of each collapsed token role (`token_roles()` names them)."""
 
     def __init__(self, model_cfg: dict[str, Any], units: list[tuple[str, HeadId]], key_roles: list[str],
                  model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         self.units, self.key_roles = list(units), list(key_roles)
         self.rows: list[torch.Tensor] = []
+        self.share_rows: list[torch.Tensor] = []
+        names = collapsed_roles()
+        from etk.data.roles import ROLE_VOCAB
+
+        self._collapse = torch.tensor([names.index(r.split("[")[0]) for r in ROLE_VOCAB])  # role id -> collapsed
+
+    @staticmethod
+    def token_roles() -> tuple[str, ...]:
+        return collapsed_roles()
 
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
-        self.rows = []
+        self.rows, self.share_rows = [], []
 
     @torch.no_grad()
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -53,12 +65,21 @@ class AttentionModule(ModelHost):
         b = torch.arange(B, device=batch.input_ids.device)
         keys = torch.stack([batch.roles[r] for r in self.key_roles], 1)  # [B, K]
         out = torch.zeros(B, len(self.units), len(self.key_roles) + 1, device=keys.device)
+        R = len(self.token_roles())
+        tr = batch.token_roles  # [B, T]
+        col = self._collapse.to(tr.device)[tr.clamp_min(0)]  # [B, T] collapsed role of every token
+        shares = torch.zeros(B, len(self.units), R, device=keys.device)
         for u, (role, h) in enumerate(self.units):
             row = att[h.layer][b, h.head, batch.roles[role]]  # [B, T]: from the query position
             on = row.gather(1, keys.clamp_min(0)) * (keys >= 0)  # [B, K]
             out[:, u, :-1] = on
             out[:, u, -1] = 1 - on.sum(1)
+            shares[:, u] = torch.zeros(B, R, device=row.device).scatter_add(1, col, row * (tr >= 0))  # [B, R]
         self.rows.append(out.cpu())
+        self.share_rows.append(shares.cpu())
+
+    def shares(self) -> torch.Tensor:
+        return torch.cat(self.share_rows) if self.share_rows else torch.zeros(0, len(self.units), len(self.token_roles()))
 
     def probs(self) -> torch.Tensor:
         return torch.cat(self.rows) if self.rows else torch.zeros(0, len(self.units), len(self.key_roles) + 1)

@@ -1,6 +1,7 @@
-"""`method=attention circuit.path=<circuit.json>`: where each group's heads attend, from the group's role to every
-scalar role of the task (IOI: do the name movers at END look at IO rather than S1/S2?), per head and per group, with
-95% intervals over prompts."""
+"""`method=attention circuit.path=<circuit.json>` (the paper's Fig. 1): where each group's heads attend, from the
+group's role to every scalar role of the task (IOI: do the name movers at END look at IO rather than S1/S2?) and the
+share on each token role (correct object, query label, the other boxes' objects, the template's words, ...), per head
+and per group, with 95% intervals over prompts; a heads x token-roles figure per group."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from etk.interventions.components import check_heads
 from etk.methods.attention.module import AttentionModule
 from etk.metrics import fmt, mean_ci
 from etk.models.loading import load
+from etk.report.plots import matrix_heatmap
 from etk.results import AttentionResult
-from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 from etk.tasks import group_role, task_of
 
 
@@ -36,19 +38,28 @@ def run_attention(cfg: DictConfig) -> AttentionResult:
     with run_logger(cfg) as logger:
         L.Trainer(**trainer_kwargs(cfg), logger=False).predict(module, loader, return_predictions=False)
         p = module.probs()  # [N, U, K + 1]
+        sh = module.shares()  # [N, U, R]
+        present = [j for j, _ in enumerate(module.token_roles()) if float(sh[:, :, j].sum()) > 0]
+        token_roles = [module.token_roles()[j] for j in present]
         names = keys + ["other"]
         out: dict[str, Any] = {}
         i = 0
         for g in groups:
             n = len(circuit.groups[g])
             block = p[:, i:i + n]  # [N, n, K + 1]
+            share = sh[:, i:i + n][:, :, present]  # [N, n, R present]
             out[g] = {"role": group_role(g),
                       "group": {k: mean_ci(block[:, :, j].mean(1)) for j, k in enumerate(names)},
+                      "by_token_role": {r: mean_ci(share[:, :, j].mean(1)) for j, r in enumerate(token_roles)},
                       "heads": [{"head": list(h), **{k: mean_ci(block[:, t, j]) for j, k in enumerate(names)}}
                                 for t, h in enumerate(circuit.groups[g])]}
+            heads = [f"{h[0]}.{h[1]}" for h in circuit.groups[g]]
+            matrix_heatmap(share.mean(0).tolist(), heads, token_roles, output_dir() / f"attention_{g}.png",
+                           f"{cfg.model.name}: {g} heads' attention from `{group_role(g)}` by token role")
             i += n
             print(f"[etk] attention of {g} ({n} heads) from `{group_role(g)}`: "
                   + ", ".join(f"{k} {fmt(out[g]['group'][k]['mean'], 2)}" for k in names))
         payload = {"model": cfg.model.name, "circuit": circuit_label(spec, circuit), "circuit_spec": str(spec),
-                   "n": int(p.shape[0]), "key_roles": names, "groups": out, "config": plain_config(cfg)}
+                   "n": int(p.shape[0]), "key_roles": names, "token_roles": token_roles, "groups": out,
+                   "figures": [f"attention_{g}.png" for g in groups], "config": plain_config(cfg)}
         return emit(AttentionResult.from_payload(payload), logger)
