@@ -239,3 +239,42 @@ def test_circuit_algebra_on_the_papers_circuits():
         assert len(both.groups[g]) == len(set(both.groups[g]))
         assert set(shared.groups[g]) | set(added.groups[g]) == set(goat.groups[g])
         assert shared.groups[g] == [h for h in goat.groups[g] if h in set(llama.groups[g])]  # Goat's order kept
+
+
+def test_activation_patching_reads_the_papers_txt_head_sets(tmp_path):
+    """D7: a head set in the paper's DCM output format (`<circuit>__<group>__<desideratum>__<lambda>.txt`, as shipped
+    in etk/data/dcm and read by CMAP) is accepted by activation patching, group and desideratum from its name."""
+    txt = tmp_path / "tiny_circuit__pos_transmitter__positional__0.01.txt"
+    txt.write_text("Heads: [[1, 0], [0, 2]]\nTest Accuracy: 0.5\n")
+    compose_run(tmp_path / "run", ["method=activation_patching", "model=tiny", f"method.heads={txt}", "logger=none",
+                                   "data.n_boxes=3", "method.n_examples=6", "method.batch_size=6", "method.repeats=1",
+                                   "trainer.enable_progress_bar=false"])
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["group"] == "pos_transmitter" and doc["desideratum"] == "positional" and doc["heads"] == [[1, 0], [0, 2]]
+
+
+def test_minimality_paper_compat_ranks_the_papers_stored_pairs_with_bug_is():
+    """Hand-built pair accuracies: the partner whose joint removal kills the circuit (0) tops v's ranking in etk
+    and is absent from the paper's; the partner with v's head index in another layer gets acc(C \\ v) as its pair
+    accuracy under [BUG-is]."""
+    from etk.data.roles import ROLE_ID
+    from etk.methods.mean_ablation.ablation import Ablation
+    from etk.methods.minimality.minimality import _ranking_batched
+
+    items = [("last", 0, 1), ("last", 1, 2), ("last", 2, 1)]  # heads 0 and 2 share head index 1
+    acc = {frozenset([0]): 0.8, frozenset([1]): 0.7, frozenset([2]): 0.6,
+           frozenset([0, 1]): 0.0, frozenset([0, 2]): 0.5, frozenset([1, 2]): 0.4}
+    circ = Ablation(torch.ones(len(ROLE_ID), 3, 3, dtype=torch.bool))
+
+    def evaluate(ablations):  # [K, 1] accuracy of each ablation, read from which items it removes
+        return torch.tensor([[acc[frozenset(i for i, (role, layer, head) in enumerate(items)
+                                            if not bool(a.keep[ROLE_ID[role], layer, head]))]] for a in ablations])
+
+    etk, _ = _ranking_batched(evaluate, circ, items)
+    paper, _ = _ranking_batched(evaluate, circ, items, paper_compat=True)
+    # v = 0: etk ranks u = 1 first (r = acc(C\\1) - acc(C\\{0,1}) = 0.7 - 0 = 0.7), then u = 2 (0.6 - 0.5); the paper
+    # never stored pair {0, 1}, and u = 2 shares v's head index: its pair accuracy is acc(C\\0) = 0.8, r = -0.2
+    assert etk[0] == [(1, pytest.approx(0.7)), (2, pytest.approx(0.1))]
+    assert paper[0] == [(2, pytest.approx(-0.2))]
+    # v = 1 (head index 2, no namesake): the pair {0, 1} (accuracy 0) is dropped, the pair {1, 2} kept as is
+    assert etk[1] == [(0, pytest.approx(0.8)), (2, pytest.approx(0.2))] and paper[1] == [(2, pytest.approx(0.2))]

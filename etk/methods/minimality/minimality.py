@@ -31,7 +31,11 @@ def significant(before: float, after: float, threshold: float) -> bool:
     return before / after - 1 >= threshold
 
 
-def _ranking_batched(evaluate: Evaluate, circ: Ablation, items: list) -> tuple[list[list[tuple[int, float]]], int]:
+def _ranking_batched(evaluate: Evaluate, circ: Ablation, items: list,
+                     paper_compat: bool = False) -> tuple[list[list[tuple[int, float]]], int]:
+    """ranked[v] = every partner u by r(v, u) = acc(C \\ u) - acc(C \\ {v, u}), best first. `paper_compat`: the paper's
+    code — [BUG-is] (a partner with v's head index in another layer is not removed with v, so its pair accuracy is
+    acc(C \\ v)) and only the pairs it stores (pair accuracy > 0) are ranked."""
     n = len(items)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
     acc = evaluate([circ.without([items[i], items[j]]) for i, j in pairs]).mean(1)
@@ -41,7 +45,14 @@ def _ranking_batched(evaluate: Evaluate, circ: Ablation, items: list) -> tuple[l
     single = A.diagonal()
     ranked = []
     for v in range(n):
-        r = [(u, float(single[u] - A[v, u])) for u in range(n) if u != v]
+        r = []
+        for u in (u for u in range(n) if u != v):
+            pair = A[v, u]
+            if paper_compat and items[u][2] == items[v][2] and items[u][1] != items[v][1]:
+                pair = A[v, v]  # [BUG-is]: `is not` on head ints: u is not removed together with v
+            if paper_compat and pair <= 0:
+                continue  # the paper stores pair-drop values > 0 only, and ranks only what it stored
+            r.append((u, float(single[u] - pair)))
         ranked.append(sorted(r, key=lambda t: -t[1]))
     return ranked, len(pairs)
 
@@ -55,7 +66,7 @@ def _ranking_greedy(evaluate: Evaluate, circ: Ablation, items: list) -> tuple[li
 
 
 def minimality(evaluate: Evaluate, circuit: Circuit, dims: Dims, threshold: float = 0.01, mode: str = "batched",
-               frac: float = 0.3, vital: Sequence[str] | None = None) -> dict[str, Any]:
+               frac: float = 0.3, vital: Sequence[str] | None = None, paper_compat: bool = False) -> dict[str, Any]:
     if mode not in ("batched", "greedy"):
         raise ConfigError(f"minimality mode must be 'batched' or 'greedy', got {mode!r}")
     circ = circuit_ablation(circuit, dims, True, vital=vital)
@@ -71,7 +82,8 @@ def minimality(evaluate: Evaluate, circuit: Circuit, dims: Dims, threshold: floa
             kept[g], report[g] = [], {"n": 0}
             continue
         k = math.ceil(frac * n)
-        ranked, evals = (_ranking_batched if mode == "batched" else _ranking_greedy)(evaluate, circ, items)
+        ranked, evals = (_ranking_batched(evaluate, circ, items, paper_compat) if mode == "batched"
+                         else _ranking_greedy(evaluate, circ, items))
         Ks = []
         for v in range(n):
             K = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from etk.circuits import Circuit, circuit_spec
+from etk.errors import ConfigError
 from etk.methods.mean_ablation.runner import run_evaluated
 from etk.methods.minimality.minimality import minimality
 from etk.results import MinimalityResult
@@ -30,7 +31,10 @@ def run_minimality(cfg: DictConfig) -> MinimalityResult:
     threshold, source = minimality_threshold(cfg)
 
     def body(ev, circuit):
-        r = minimality(ev, circuit, ev.dims, threshold, str(m.mode), float(m.frac), ev.vital)
+        paper = bool(m.get("paper_compat", False))
+        if paper and str(m.mode) != "batched":
+            raise ConfigError("method.paper_compat=true reproduces the paper's batched pair ranking: set method.mode=batched")
+        r = minimality(ev, circuit, ev.dims, threshold, str(m.mode), float(m.frac), ev.vital, paper)
         r["threshold_source"] = source
         pruned: Circuit = r.pop("circuit")
         pruned.meta.update({"model": cfg.model.name, "source_circuit": circuit_spec(cfg)})
