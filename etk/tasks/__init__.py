@@ -61,8 +61,12 @@ def task_with_groups(keys) -> Task | None:
 
 
 def collapsed_roles() -> tuple[str, ...]:
-    """Every registered task's collapsed token roles (`objects[k]` -> `objects`), in registration order."""
-    return tuple(dict.fromkeys(r for t in TASKS.values() for r in t.collapsed_roles))
+    """Every registered task's collapsed token roles (`objects[k]` -> `objects`), in registration order, then any
+    other role of the namespace (a task registered once and since removed keeps its role names)."""
+    from etk.data.roles import ROLE_VOCAB
+
+    ordered = [r for t in TASKS.values() for r in t.collapsed_roles]
+    return tuple(dict.fromkeys([*ordered, *(r.split("[")[0] for r in ROLE_VOCAB)]))
 
 
 def check_groups_of(task: Task, keys, what: str) -> None:
