@@ -278,3 +278,13 @@ def test_minimality_paper_compat_ranks_the_papers_stored_pairs_with_bug_is():
     assert paper[0] == [(2, pytest.approx(-0.2))]
     # v = 1 (head index 2, no namesake): the pair {0, 1} (accuracy 0) is dropped, the pair {1, 2} kept as is
     assert etk[1] == [(0, pytest.approx(0.8)), (2, pytest.approx(0.2))] and paper[1] == [(2, pytest.approx(0.2))]
+
+
+def test_unchanged_is_said_only_where_the_interval_rules_out_a_change_that_matters():
+    """The issue's case: VF object value 0.667 (n = 42) vs 0.531 (n = 64) overlap but cannot rule out a large change."""
+    from etk.metrics import accuracy_ci
+    from etk.report.findings import no_difference_text
+
+    vague = no_difference_text(accuracy_ci(k=28, n=42), accuracy_ci(k=34, n=64))
+    assert vague.startswith("not distinguishable at this sample size (n = 42 / 64") and "about 0.27" in vague
+    assert no_difference_text(accuracy_ci(k=5000, n=10000), accuracy_ci(k=5010, n=10000)).startswith("unchanged")

@@ -115,14 +115,15 @@ def test_functionality_change_is_judged_on_both_intervals():
     dcm = [DCMResult(**common, group="value_fetcher", desideratum="object_value", n_selected=2, selected_heads=heads,
                      test=acc(0.7, 0.6, 0.8)),
            DCMResult(**common, group="pos_detector", desideratum="positional", n_selected=1, selected_heads=[[0, 3]],
-                     test=acc(0.4, 0.3, 0.5))]
+                     test={**acc(0.4, 0.3, 0.5), "n": 40})]
     ap = [ActivationPatchingResult(model="b", group="value_fetcher", desideratum="object_value", heads=heads,
                                    random_heads=[], repeats=1, n=10,
                                    accuracy_percent={"selected_heads": {"pooled": acc(0.3, 0.2, 0.4)}}),
           ActivationPatchingResult(model="b", group="pos_detector", desideratum="positional", heads=[[0, 3]],
                                    random_heads=[], repeats=1, n=10,
-                                   accuracy_percent={"selected_heads": {"pooled": acc(0.45, 0.35, 0.55)}})]
+                                   accuracy_percent={"selected_heads": {"pooled": {**acc(0.45, 0.35, 0.55), "n": 60}}})]
     (text,) = functionality_findings(dcm, ap, "b")
     assert "VF object value 0.700 [0.600, 0.800] vs 0.300 [0.200, 0.400] in `b`: stronger after fine-tuning" in text
-    assert "PD position 0.400 [0.300, 0.500] vs 0.450 [0.350, 0.550] in `b`: unchanged" in text
+    # overlapping intervals: "unchanged" only where a change that matters is ruled out (issue 24)
+    assert "PD position 0.400 [0.300, 0.500] vs 0.450 [0.350, 0.550] in `b`: not distinguishable at this sample size (n = 40 / 60" in text
     assert functionality_findings(dcm, [], "b") == []

@@ -6,6 +6,7 @@ typed result (`EvalResult`, `FaithfulnessResult`, ...)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from etk.metrics import fmt
@@ -24,6 +25,25 @@ def above(a: Any, b: Any) -> bool:
 def differ(a: Any, b: Any) -> bool:
     """True when two accuracies' 95% intervals do not overlap."""
     return above(a, b) or above(b, a)
+
+
+MATTERS = 0.05  # an accuracy change smaller than this (absolute) is taken not to matter
+
+
+def no_difference_text(a: Any, b: Any, matters: float = MATTERS) -> str:
+    """What two accuracies whose 95% intervals overlap allow one to say: "unchanged" only when the 95% interval of
+    their difference lies within ±`matters`; else "not distinguishable at this sample size" with the smallest change
+    the two samples could detect (80% power, two-sided 5%: 2.80 standard errors of the difference)."""
+    p1, n1, p2, n2 = value(a, "accuracy"), value(a, "n"), value(b, "accuracy"), value(b, "n")
+    if p1 is None or p2 is None:
+        return "not distinguishable (an accuracy is undefined)"
+    if not n1 or not n2:
+        return "not distinguishable (the intervals overlap; their sample sizes are not recorded)"
+    se = math.sqrt(p1 * (1 - p1) / n1 + p2 * (1 - p2) / n2)
+    if abs(p1 - p2) + 1.959964 * se < matters:
+        return f"unchanged (a change of {matters:.2f} or more is ruled out)"
+    return (f"not distinguishable at this sample size (n = {n1} / {n2}; the smallest change these samples could "
+            f"detect is about {2.80 * se:.2f})")
 
 
 def share_text(v: Doc) -> str:

@@ -4,7 +4,7 @@ model, and which functionalities changed."""
 from __future__ import annotations
 
 from etk.report.context import ReportContext, Section
-from etk.report.findings import above
+from etk.report.findings import above, no_difference_text
 from etk.report.tables import markdown, with_ci
 from etk.results import ActivationPatchingResult, DCMResult, Job
 from etk.tasks import task_of
@@ -37,7 +37,7 @@ def functionality_findings(dc: list[DCMResult], ap: list[ActivationPatchingResul
             continue
         ft_acc, base_acc = d.test, match.accuracy_percent["selected_heads"]["pooled"]
         verdict = ("stronger after fine-tuning" if above(ft_acc, base_acc) else
-                   "weaker after fine-tuning" if above(base_acc, ft_acc) else "unchanged")
+                   "weaker after fine-tuning" if above(base_acc, ft_acc) else no_difference_text(ft_acc, base_acc))
         task = task_of(d.config)
         rows.append(f"{task.short.get(d.group, d.group)} {task.desideratum_short(d.desideratum)} "
                     f"{with_ci(ft_acc)} vs {with_ci(base_acc)} in `{base}`: {verdict}")
