@@ -80,9 +80,14 @@ def test_share_of_gap_needs_the_same_prompts_and_a_gap():
 
 
 def test_cmap_without_a_gap_does_not_invent_one():
-    d = cmap_doc("forward", acc(0.98, 0.95, 0.99), acc(0.99, 0.97, 1.0), value_fetcher=acc(0.99, 0.97, 1.0))
+    big = lambda a, lo, hi: {**acc(a, lo, hi), "n": 5000}  # noqa: E731
+    d = cmap_doc("forward", big(0.98, 0.975, 0.984), big(0.985, 0.981, 0.988), value_fetcher=big(0.985, 0.981, 0.988))
     (text,) = cmap_findings([d])
     assert "no gain to locate" in text and "interchangeable" in text
+    small = lambda a, lo, hi: {**acc(a, lo, hi), "n": 100}  # noqa: E731  overlapping, but a gain is not ruled out
+    d = cmap_doc("forward", small(0.38, 0.29, 0.48), small(0.25, 0.17, 0.34), value_fetcher=small(0.30, 0.22, 0.40))
+    (text,) = cmap_findings([d])
+    assert "not distinguishable at this sample size (n = 100 / 100" in text and "no gain to locate" not in text
 
 
 def test_dcm_findings_need_the_interval_above_the_floor():

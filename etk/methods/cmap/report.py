@@ -4,7 +4,7 @@ each group's heads carry, with paired-bootstrap intervals)."""
 from __future__ import annotations
 
 from etk.report.context import ReportContext, Section
-from etk.report.findings import differ, share_text
+from etk.report.findings import differ, no_difference_text, share_text
 from etk.results import CMAPResult
 from etk.tasks import task_of
 
@@ -24,6 +24,13 @@ def cmap_findings(cm: list[CMAPResult], qualifier: str | None = None) -> list[st
         if d.direction == "forward":
             if not differ(src, tgt):
                 moved = [SHORT.get(g, g) for g, v in groups.items() if differ(v, tgt)]
+                same = no_difference_text(src, tgt)
+                if not same.startswith("unchanged"):  # the models' accuracies overlap, but a gain is not ruled out
+                    out.append(f"**CMAP.** `{d.source_model}` ({src['accuracy']:.3f}) and `{d.target_model}` "
+                               f"({tgt['accuracy']:.3f}) on CMAP's prompts: {same}, so no share of a gain can be "
+                               "located there" + (f"; patching changes accuracy significantly for {', '.join(moved)}"
+                                                  if moved else "") + ".")
+                    continue
                 out.append(f"**CMAP.** `{d.source_model}` and `{d.target_model}` are equally accurate "
                            f"({src['accuracy']:.3f} vs {tgt['accuracy']:.3f}): there is no gain to locate. Patching the "
                            "fine-tuned heads into the base model " + (f"changes accuracy significantly for {', '.join(moved)}"
