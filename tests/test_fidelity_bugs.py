@@ -288,3 +288,37 @@ def test_unchanged_is_said_only_where_the_interval_rules_out_a_change_that_matte
     vague = no_difference_text(accuracy_ci(k=28, n=42), accuracy_ci(k=34, n=64))
     assert vague.startswith("not distinguishable at this sample size (n = 42 / 64") and "about 0.27" in vague
     assert no_difference_text(accuracy_ci(k=5000, n=10000), accuracy_ci(k=5010, n=10000)).startswith("unchanged")
+
+
+def test_path_patching_paper_compat_draws_the_sr_label_per_sender_and_fast_equals_naive(tok):
+    """D1: with the switch each (prompt, sender) reads the corrupt z at its own drawn box label (they differ across
+    senders; the same prompt draws the same in any batch), and the fast algorithm still equals the definition."""
+    from etk.interventions.components import all_heads
+    from etk.methods.path_patching.fast import fast_scores
+    from etk.methods.path_patching.naive import naive_scores
+    from etk.methods.path_patching.stages import reachable_layers, receivers_from, sender_draws, task_stages
+    from etk.models.arch import LlamaFamily
+    from etk.models.tiny import tiny_llama
+    from etk.tasks import task_named
+    from tests.helpers import RECV, pp_batch
+
+    model = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=11)
+    dims = LlamaFamily(model).dims
+    batch = pp_batch(tok, n=6, n_boxes=4)
+    batch.index = torch.arange(6)
+    stages = task_stages(task_named("entity_tracking"))
+    st = stages["struct_reader"]
+    draws = sender_draws(batch, st, dims.n_layers, dims.n_heads, 20)
+    assert draws.shape == (6, 4, 4) and all(len(set(d.flatten().tolist())) > 1 for d in draws)  # differ by sender
+    assert int(draws.max()) < 4 and int(draws.min()) >= 0
+    shifted = pp_batch(tok, n=6, n_boxes=4)
+    shifted.index = torch.arange(6) + 0  # the same dataset indices in another batch object: the same draws
+    assert torch.equal(sender_draws(shifted, st, dims.n_layers, dims.n_heads, 20), draws)
+    assert sender_draws(batch, stages["pos_detector"], dims.n_layers, dims.n_heads, 20) is None  # only SR draws
+    rec = receivers_from(RECV[:2], st.receiver_site, dims)
+    reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
+    naive = naive_scores(model, batch, st, rec, reach, draws=draws)[0]
+    fast = fast_scores(model, batch, st, rec, reach, draws=draws)[0]
+    shared = fast_scores(model, batch, st, rec, reach)[0]
+    assert naive.abs().max() > 0 and not torch.allclose(fast, shared)
+    torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-4)

@@ -54,13 +54,14 @@ def _receiver_grads(model, batch: PPBatch, c: dict, receivers: Receivers) -> dic
 
 
 def attribution_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
-                       senders: Sequence[HeadId], chunk_rows: int = 4096, **_) -> tuple[torch.Tensor, dict[str, int]]:
+                       senders: Sequence[HeadId], chunk_rows: int = 4096, draws: torch.Tensor | None = None,
+                       **_) -> tuple[torch.Tensor, dict[str, int]]:
     """Estimated sum over the batch of relative probability changes per sender: [n_layers, n_heads]."""
     arch = LlamaFamily.of(model)
     L, H = arch.dims.n_layers, arch.dims.n_heads
     y = batch.clean.answer
     B = len(batch)
-    c = stage_caches(model, batch, stage, receivers)
+    c = stage_caches(model, batch, stage, receivers, draws)
     out = torch.zeros(L, H, dtype=torch.float64, device=y.device)
     tokens = int(batch.clean.attention_mask.sum())
     if receivers is None:

@@ -18,7 +18,7 @@ import torch
 from etk.interventions.components import HeadId, n_units, site_spec
 from etk.interventions.hooks import Capture, Patch, hooked
 from etk.methods.path_patching.naive import answer_prob, per_clean, prob_dtype, undefined_prompts
-from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
+from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, corrupt_z_per_sender
 from etk.models.arch import LlamaFamily
 from etk.models.forward import output_cache
 from etk.models.partial import LayerInputs, SharedPrefix
@@ -130,8 +130,10 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tenso
 
 
 @torch.no_grad()
-def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | None) -> dict:
-    """One clean and one corrupt forward; everything kept is at p_s (clean) or p'_s (corrupt), on device."""
+def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
+                 draws: torch.Tensor | None = None) -> dict:
+    """One clean and one corrupt forward; everything kept is at p_s (clean) or p'_s (corrupt), on device. `draws`
+    [B, L, H] (`sender_draws`, the paper's per-sender entity): each head's corrupt z is read at its own entity."""
     arch = LlamaFamily.of(model)
     L = arch.dims.n_layers
     clean, y = batch.clean, batch.clean.answer
@@ -143,12 +145,15 @@ def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
     with LayerInputs(arch, p_s) as h_in, hooked(model, captures=caps) as cc:
         hid = arch.base.model(**clean.model_inputs(), use_cache=False).last_hidden_state
         p_clean = answer_prob(arch.lm_head(hid[torch.arange(B), clean.roles["last"]]), y)
-    with hooked(model, captures=[Capture("z", j, p_c[:, None]) for j in range(L)]) as kc:
+    at = p_c[:, None] if draws is None else batch.entities(stage)  # [B, 1] or [B, E]
+    with hooked(model, captures=[Capture("z", j, at) for j in range(L)]) as kc:
         arch.base.model(**batch.corrupt.model_inputs(), use_cache=False)
+    z_corr = ({j: kc[("z", j)][:, 0] for j in range(L)} if draws is None
+              else {j: corrupt_z_per_sender(kc[("z", j)], draws[:, j]) for j in range(L)})  # [B, H, D]
     z_clean = {j: cc[("z", j)][:, 0] for j in range(L)}  # [B, H, D]
     return {
         "p_s": p_s, "p_clean": p_clean, "h_in": dict(h_in), "z_clean": z_clean,
-        "z_corr": {j: kc[("z", j)][:, 0] for j in range(L)},
+        "z_corr": z_corr,
         "a_clean": {j: arch.proj(j, "o_proj")(z_clean[j].flatten(-2)) for j in range(L)},  # [B, d]
         "recv_all": {j: cc[(site, j)][:, 0] for j in (receivers.layers if receivers else [])},  # [B, U, D]
         "recv_clean": {j: cc[(site, j)][:, 0, receivers.units[j]] for j in (receivers.layers if receivers else [])},
@@ -164,7 +169,8 @@ def sender_values(model, caches: dict, stage: Stage, receivers: Receivers | None
 
 @torch.no_grad()
 def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
-                chunk_rows: int = 4096, suffix_chunk_rows: int = 512) -> tuple[torch.Tensor, dict[str, int]]:
+                chunk_rows: int = 4096, suffix_chunk_rows: int = 512,
+                draws: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, int]]:
     """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads]; same as `naive`.
 
     `chunk_rows` bounds the (prompt, sender) rows of one sender-step chunk; `suffix_chunk_rows` those of one
@@ -174,7 +180,7 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
     L, H = dims.n_layers, dims.n_heads
     clean, y = batch.clean, batch.clean.answer
     B = len(batch)
-    c = stage_caches(model, batch, stage, receivers)
+    c = stage_caches(model, batch, stage, receivers, draws)
     p_s, p_clean = c["p_s"], c["p_clean"]
     senders = sorted(senders)
     out = torch.zeros(L, H, dtype=torch.float64, device=y.device)

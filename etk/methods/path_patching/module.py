@@ -13,7 +13,7 @@ from etk.methods.base import ModelHost
 from etk.methods.path_patching.attribution import attribution_scores
 from etk.methods.path_patching.fast import fast_scores
 from etk.methods.path_patching.naive import naive_scores
-from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, minimum_blocks
+from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, minimum_blocks, sender_draws
 from etk.metrics import all_sum
 from etk.models.forward import assert_eval
 from etk.models.loading import LoadedModel
@@ -26,12 +26,14 @@ class PathPatchingModule(ModelHost):
     discovery builds one module per stage and algorithm on the same loaded model."""
 
     def __init__(self, model_cfg: dict[str, Any], stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
-                 algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model: LoadedModel | None = None):
+                 algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model: LoadedModel | None = None,
+                 per_sender_draws: int | None = None):
         super().__init__(model_cfg, model)
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
         self.current, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
         self.stage, self.receivers, self.senders = stage, receivers, list(senders)
+        self.per_sender_draws = per_sender_draws  # a seed: the paper's entity per (prompt, sender) (D1); None: per pair
         self.sums: torch.Tensor | None = None
         self.n = 0
         self.cost: Counter = Counter()
@@ -41,7 +43,10 @@ class PathPatchingModule(ModelHost):
 
     def predict_step(self, batch: PPBatch, batch_idx: int) -> None:
         fn = ALGORITHMS[self.current]
-        kw = {} if self.current == "naive" else self.chunk
+        kw = {} if self.current == "naive" else dict(self.chunk)
+        if self.per_sender_draws is not None:
+            dims = self.arch.dims
+            kw["draws"] = sender_draws(batch, self.stage, dims.n_layers, dims.n_heads, self.per_sender_draws)
         s, cost = fn(self.net, batch, self.stage, self.receivers, self.senders, **kw)
         cost = {**cost, "min_token_layer_blocks": minimum_blocks(batch, self.stage, self.receivers, self.senders,
                                                                  self.arch.dims.n_layers)}

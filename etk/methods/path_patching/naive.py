@@ -10,7 +10,7 @@ import torch
 
 from etk.interventions.components import HeadId, n_units
 from etk.interventions.hooks import Capture, Patch, hooked
-from etk.methods.path_patching.stages import PPBatch, Receivers, Stage
+from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, corrupt_z_per_sender
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
 
@@ -39,7 +39,7 @@ def undefined_prompts(p_clean: torch.Tensor) -> int:
 
 @torch.no_grad()
 def naive_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
-                 senders: Sequence[HeadId]) -> tuple[torch.Tensor, dict[str, int]]:
+                 senders: Sequence[HeadId], draws: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, int]]:
     """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads] (0 where not run)."""
     dims = LlamaFamily.of(model).dims
     L, H = dims.n_layers, dims.n_heads
@@ -47,8 +47,11 @@ def naive_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
     p_s, p_c = batch.positions(stage)
     with hooked(model, captures=[Capture("z", layer) for layer in range(L)]) as zc:
         p_clean = answer_prob(last_logits(model, clean), y)
-    with hooked(model, captures=[Capture("z", layer, p_c[:, None]) for layer in range(L)]) as zk:
+    at = p_c[:, None] if draws is None else batch.entities(stage)  # [B, 1], or [B, E] for per-sender draws
+    with hooked(model, captures=[Capture("z", layer, at) for layer in range(L)]) as zk:
         last_logits(model, batch.corrupt)
+    z_corr = {j: zk[("z", j)] if draws is None else corrupt_z_per_sender(zk[("z", j)], draws[:, j])[:, None]
+              for j in range(L)}  # [B, 1, H, D]: each head's corrupt z
     B, T = clean.input_ids.shape
     dev = clean.input_ids.device
     freeze = [Patch("z", layer, zc[("z", layer)], torch.zeros(B, T, H, dtype=torch.bool, device=dev)) for layer in range(L)]
@@ -57,7 +60,7 @@ def naive_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
     for layer, head in senders:
         keep = torch.ones(B, 1, H, dtype=torch.bool, device=dev)
         keep[:, :, head] = False
-        sender = Patch("z", layer, zk[("z", layer)], keep, p_s[:, None])
+        sender = Patch("z", layer, z_corr[layer], keep, p_s[:, None])
         if stage.receiver_site is None:
             with hooked(model, patches=freeze + [sender]):
                 p = answer_prob(last_logits(model, clean), y)

@@ -47,6 +47,9 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     data_cfg = data_config(cfg, m.n_examples)
     examples = task.examples(data_cfg, model.tokenizer)
     loader = pp_loader(task, model.tokenizer, examples, seed, int(m.batch_size), data_cfg.padding_side)
+    # the paper's code: top-k over every head, exact zeros included (D11), and the Structure Reader's corrupt label
+    # drawn anew per (prompt, sender) (D1)
+    paper = bool(m.get("paper_compat", False))
     with run_logger(cfg) as logger:
         kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
         trainer = L.Trainer(**kw)
@@ -57,7 +60,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             """Every algorithm of the run on this stage, as Lightning predict loops; the exact scores pass on."""
             report, scores = {}, {}
             for alg in runs:
-                module = PathPatchingModule(model.cfg, stage, rec, senders, alg, m.chunk_rows, m.suffix_chunk_rows, model)
+                module = PathPatchingModule(model.cfg, stage, rec, senders, alg, m.chunk_rows, m.suffix_chunk_rows, model,
+                                            seed if paper else None)
                 t0 = time.time()
                 trainer.predict(module, loader, return_predictions=False)
                 report[alg] = {"wall_s": round(time.time() - t0, 3), **module.total_cost()}
@@ -67,7 +71,6 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             return (exact if exact is not None else scores["attribution"]), report
 
         graph = task_stages(task)
-        paper = bool(m.get("paper_compat", False))  # the paper's top-k: over every head, exact zeros included
         results = discover(graph, list(m.stages or graph), dims, schedule["receivers_top_k"], score, paper)
         reports: dict[str, Any] = {}
         for r in results:

@@ -51,6 +51,10 @@ class PPBatch(PairBatch):
     def corrupt(self) -> PromptBatch:
         return self.source
 
+    def entities(self, stage: Stage) -> torch.Tensor:
+        """[B, E] the corrupt prompt's positions of the stage's drawn entity role (`<role>[source_box]`)."""
+        return self.corrupt.roles[stage.corrupt_role[: -len("[source_box]")]]
+
     def positions(self, stage: Stage) -> tuple[torch.Tensor, torch.Tensor]:
         """(p_s in the clean prompt [B], p'_s in the corrupt prompt [B])."""
         p = self.clean.roles[stage.sender_role]
@@ -60,6 +64,26 @@ class PPBatch(PairBatch):
         else:
             pc = self.corrupt.roles[stage.corrupt_role]
         return p, pc
+
+
+def sender_draws(batch: "PPBatch", stage: Stage, n_layers: int, n_heads: int, seed: int) -> torch.Tensor | None:
+    """The paper's draw ([BUG-SRpos] kept, D1): for a stage whose corrupt position is an entity drawn per pair
+    (`<role>[source_box]`), an entity of the corrupt prompt drawn anew per (prompt, sender): [B, L, H] indices, keyed
+    by each prompt's dataset index (the same for a prompt in any batch, on any process). None for other stages."""
+    if not stage.corrupt_role.endswith("[source_box]"):
+        return None
+    entities = batch.corrupt.roles[stage.corrupt_role[: -len("[source_box]")]]  # [B, E], -1 padded
+    n = (entities >= 0).sum(1)  # [B]
+    idx = batch.index.cpu() if batch.index is not None else torch.arange(len(batch))
+    table = torch.rand(int(idx.max()) + 1, n_layers, n_heads, generator=torch.Generator().manual_seed(seed))
+    u = table[idx].to(entities.device)  # [B, L, H]: a longer table keeps its prefix
+    return torch.minimum((u * n[:, None, None]).long(), (n - 1)[:, None, None])
+
+
+def corrupt_z_per_sender(z_at_entities: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """z of each head at its own drawn entity: z_at_entities [B, E, H, D], draws [B, H] -> [B, H, D]."""
+    B, E, H, D = z_at_entities.shape
+    return z_at_entities.permute(0, 2, 1, 3).gather(2, draws[:, :, None, None].expand(B, H, 1, D))[:, :, 0]
 
 
 def pp_loader(task: Task, tokenizer, examples: Sequence, seed: int, batch_size: int,
