@@ -305,15 +305,14 @@ def test_path_patching_paper_compat_draws_the_sr_label_per_sender_and_fast_equal
     model = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=11)
     dims = LlamaFamily(model).dims
     batch = pp_batch(tok, n=6, n_boxes=4)
-    batch.index = torch.arange(6)
+    assert batch.clean.index.tolist() == list(range(6))  # the loader stamps dataset indices: the draws' keys
     stages = task_stages(task_named("entity_tracking"))
     st = stages["struct_reader"]
     draws = sender_draws(batch, st, dims.n_layers, dims.n_heads, 20)
     assert draws.shape == (6, 4, 4) and all(len(set(d.flatten().tolist())) > 1 for d in draws)  # differ by sender
     assert int(draws.max()) < 4 and int(draws.min()) >= 0
-    shifted = pp_batch(tok, n=6, n_boxes=4)
-    shifted.index = torch.arange(6) + 0  # the same dataset indices in another batch object: the same draws
-    assert torch.equal(sender_draws(shifted, st, dims.n_layers, dims.n_heads, 20), draws)
+    again = pp_batch(tok, n=6, n_boxes=4)  # the same prompts at the same dataset indices, another batch: same draws
+    assert torch.equal(sender_draws(again, st, dims.n_layers, dims.n_heads, 20), draws)
     assert sender_draws(batch, stages["pos_detector"], dims.n_layers, dims.n_heads, 20) is None  # only SR draws
     rec = receivers_from(RECV[:2], st.receiver_site, dims)
     reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]

@@ -74,7 +74,8 @@ def sender_draws(batch: "PPBatch", stage: Stage, n_layers: int, n_heads: int, se
         return None
     entities = batch.corrupt.roles[stage.corrupt_role[: -len("[source_box]")]]  # [B, E], -1 padded
     n = (entities >= 0).sum(1)  # [B]
-    idx = batch.index.cpu() if batch.index is not None else torch.arange(len(batch))
+    index = batch.clean.index
+    idx = index.cpu() if index is not None and bool((index >= 0).all()) else torch.arange(len(batch))
     table = torch.rand(int(idx.max()) + 1, n_layers, n_heads, generator=torch.Generator().manual_seed(seed))
     u = table[idx].to(entities.device)  # [B, L, H]: a longer table keeps its prefix
     return torch.minimum((u * n[:, None, None]).long(), (n - 1)[:, None, None])
