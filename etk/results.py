@@ -250,6 +250,22 @@ class AttentionResult(Result):
 
 
 @dataclass(kw_only=True)
+class CausalImpactResult(Result):
+    schema = "etk.causal_impact/v1"
+    method = "causal_impact"
+    figures = ("causal_impact.png",)
+    circuit: str
+    base_circuit: str
+    heads: list[dict[str, Any]]  # {group, head, finetuned_score, base_score, shared}
+    groups: dict[str, Any]  # group -> {shared: {n, finetuned_mean, base_mean}, added: {...}}
+
+    def tables(self):
+        return {"heads": (["group", "head", "shared", "finetuned_score", "base_score"],
+                          [[r["group"], f"{r['head'][0]}.{r['head'][1]}", r["shared"], r["finetuned_score"],
+                            r["base_score"]] for r in self.heads])}
+
+
+@dataclass(kw_only=True)
 class SpecificityResult(Result):
     schema = "etk.specificity/v1"
     method = "specificity"
@@ -545,4 +561,4 @@ class FinetuneResult(Result):
 RESULT_TYPES: dict[str, type[Result]] = {c.schema: c for c in (
     EvalResult, PathPatchingResult, MinimalityResult, FaithfulnessResult, CompletenessResult, CurveResult,
     CircuitSearchResult, OverlapResult, DCMResult, ActivationPatchingResult, CMAPResult, ModelDiffResult,
-    KnockoutResult, FinetuneResult, SpecificityResult, AttentionResult)}
+    KnockoutResult, FinetuneResult, SpecificityResult, AttentionResult, CausalImpactResult)}

@@ -321,3 +321,27 @@ def test_path_patching_paper_compat_draws_the_sr_label_per_sender_and_fast_equal
     shared = fast_scores(model, batch, st, rec, reach)[0]
     assert naive.abs().max() > 0 and not torch.allclose(fast, shared)
     torch.testing.assert_close(fast, naive, atol=1e-5, rtol=1e-4)
+
+
+def test_causal_impact_on_hand_made_score_maps(tmp_path):
+    """Two members' score maps written by hand: each fine-tuned head's two scores, shared vs added, the group means."""
+    from etk.circuits import save_score_map
+
+    for member, vf in (("ft", [[-0.5, 0.0], [-0.2, -0.1]]), ("base", [[-0.3, 0.0], [0.1, -0.4]])):
+        for g in ("value_fetcher", "pos_transmitter", "pos_detector", "struct_reader"):
+            save_score_map(tmp_path / member / "scores" / f"{g}.json", torch.tensor(vf) * (1 if g == "value_fetcher" else 0))
+    (tmp_path / "ft.json").write_text(json.dumps({"value_fetcher": [[0, 0], [1, 0], [1, 1]]}))
+    (tmp_path / "base.json").write_text(json.dumps({"value_fetcher": [[0, 0], [1, 1], [0, 1]]}))
+    compose_run(tmp_path / "run", ["method=causal_impact", "logger=none", f"circuit.path={tmp_path / 'ft.json'}",
+                                   f"method.base_circuit={tmp_path / 'base.json'}",
+                                   f"method.finetuned_scores={tmp_path / 'ft'}", f"method.base_scores={tmp_path / 'base'}"])
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    rows = {tuple(r["head"]): (r["finetuned_score"], r["base_score"], r["shared"]) for r in doc["heads"]}
+    assert rows == {(0, 0): (pytest.approx(-0.5), pytest.approx(-0.3), True),
+                    (1, 0): (pytest.approx(-0.2), pytest.approx(0.1), False),
+                    (1, 1): (pytest.approx(-0.1), pytest.approx(-0.4), True)}
+    vf = doc["groups"]["value_fetcher"]
+    assert vf["shared"]["n"] == 2 and vf["shared"]["finetuned_mean"] == pytest.approx(-0.3)
+    assert vf["shared"]["base_mean"] == pytest.approx(-0.35)
+    assert vf["added"] == {"n": 1, "finetuned_mean": pytest.approx(-0.2), "base_mean": pytest.approx(0.1)}
+    assert (tmp_path / "run" / "causal_impact.png").exists()

@@ -15,6 +15,7 @@ from etk.errors import ConfigError
 from etk.methods.activation_patching import report as ap_report
 from etk.methods.activation_patching.run import run_activation_patching
 from etk.methods.attention.run import run_attention
+from etk.methods.causal_impact.run import run_causal_impact
 from etk.methods.circuit_search import report as search_report
 from etk.methods.circuit_search.run import run_circuit_search
 from etk.methods.cmap import report as cmap_report
@@ -42,6 +43,7 @@ from etk.report.context import ReportContext, Section
 from etk.results import (
     ActivationPatchingResult,
     AttentionResult,
+    CausalImpactResult,
     CircuitSearchResult,
     CMAPResult,
     CompletenessResult,
@@ -106,6 +108,8 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="attention-edge knockout from each start layer"),
     MethodSpec("attention", run_attention, AttentionResult,
                summary="attention probabilities of a circuit's heads from their role to the task's roles"),
+    MethodSpec("causal_impact", run_causal_impact, CausalImpactResult,
+               summary="the fine-tuned circuit's heads scored in both members, shared vs added heads"),
     MethodSpec("specificity", run_specificity, SpecificityResult,
                summary="a circuit of one task ablated everywhere, measured on another task, against random heads"),
     MethodSpec("finetune", run_finetune, FinetuneResult, entry="finetune", summary="LoRA or full fine-tuning"),

@@ -55,6 +55,23 @@ def line_plot(xs: Sequence[float], series: dict[str, Sequence[float]], path: str
     return _save(fig, path)
 
 
+def scatter_plot(xs: Sequence[float], ys: Sequence[float], kinds: Sequence[str], path: str | Path, title: str,
+                 xlabel: str, ylabel: str) -> Path:
+    """Points coloured by kind, with the diagonal y = x."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for kind in dict.fromkeys(kinds):
+        pts = [(x, y) for x, y, k in zip(xs, ys, kinds) if k == kind]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, label=kind)
+    lo = min([*xs, *ys, 0.0])
+    hi = max([*xs, *ys, 0.0])
+    ax.plot([lo, hi], [lo, hi], color="gray", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path)
+
+
 def matrix_heatmap(values: Sequence[Sequence[float]], rows: Sequence[str], cols: Sequence[str], path: str | Path,
                    title: str) -> Path:
     """A small annotated matrix (e.g. faithfulness of each circuit on each model)."""
