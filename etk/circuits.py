@@ -38,7 +38,8 @@ class Circuit:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = [k for k in self.groups if k not in all_groups() and k not in ROLE_ID]
+        groups = all_groups()
+        unknown = [k for k in self.groups if k not in groups and k not in ROLE_ID]
         if unknown:
             from etk.tasks import TASKS
 
@@ -80,7 +81,8 @@ class Circuit:
 
     def is_paper_form(self) -> bool:
         """Only group keys (of one task)."""
-        return all(k in all_groups() for k in self.groups)
+        groups = all_groups()
+        return all(k in groups for k in self.groups)
 
     def group_order(self) -> tuple[str, ...]:
         """The groups of the task the circuit's group keys belong to, in the circuit's order (none: ())."""

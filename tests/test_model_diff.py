@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from etk.circuits import load_circuit
-from etk.methods.model_diff.module import ModelDiffModule, diff_roles, direct_logit_attribution, lens_kl, member_run
+from etk.methods.model_diff.module import ModelDiffModule, direct_logit_attribution, lens_kl, member_run
 from etk.methods.model_diff.weights import weight_deltas
 from etk.models.arch import LlamaFamily
 from etk.models.pair import PairModels
 from etk.models.tiny import tiny_llama
+from etk.tasks import collapsed_roles
 from tests.helpers import batch_of, compose_run
 
 COMMON = ["method=model_diff", "logger=none", "trainer.enable_progress_bar=false", "data.n_boxes=3",
@@ -64,7 +65,7 @@ def test_a_planted_change_in_one_heads_w_o_shows_only_there_and_downstream(tok):
     t = diff_of(base, ft, tok)
     rel = torch.nan_to_num(t["rel"], nan=0.0)  # [R, L, H]
     assert float(rel[:, :2].abs().max()) == 0.0  # z of layers 0 and 1 is computed before the changed W_O
-    assert float(rel[:, 2:].min()) >= 0 and float(rel[diff_roles().index("last"), 2:].min()) > 0
+    assert float(rel[:, 2:].min()) >= 0 and float(rel[collapsed_roles().index("last"), 2:].min()) > 0
     dla_diff = t["dla_finetuned"] - t["dla_base"]
     assert float(dla_diff[1, 2].abs()) > 0
 

@@ -63,18 +63,13 @@ def _method_overrides() -> list[str]:
     return [o for o in _task_overrides() if o.startswith("method.")]
 
 
-def _result(study: Study, step: str, **match: Any) -> Any:
-    found = select(study.graph, step, **match)
-    return found[0][1] if found else None
-
-
 def across_rows(tasks: list[str], studies: dict[str, Study]) -> tuple[list[list[str]], list[str]]:
     """One row per task: both members' accuracy, the circuits' overlap, each circuit in the other member, CMAP's share
     of the gap; and one finding per task."""
     rows, findings = [], []
     for t in tasks:
         s, task = studies[t], task_named(t)
-        acc = {m: _result(s, "eval", member=m) for m in MEMBERS}
+        acc = {m: s.result("eval", member=m) for m in MEMBERS}
         paths = {m: member_circuit(s.graph, m) for m in MEMBERS}
         ov_text, shared, size_ft, size_base = "", None, None, None
         if all(paths.values()):
@@ -83,9 +78,9 @@ def across_rows(tasks: list[str], studies: dict[str, Study]) -> tuple[list[list[
             size_base, size_ft = sum(v["size_a"] for v in ov.values()), sum(v["size_b"] for v in ov.values())
             ov_text = (f"{shared} shared; precision {fmt(shared / size_base if size_base else None, 2)}, recall "
                        f"{fmt(shared / size_ft if size_ft else None, 2)}")
-        f_ft_on_base = _result(s, "faithfulness", circuit_of="finetuned", member="base")
-        f_base_on_ft = _result(s, "faithfulness", circuit_of="base", member="finetuned")
-        fwd = _result(s, "cmap", direction="forward")
+        f_ft_on_base = s.result("faithfulness", circuit_of="finetuned", member="base")
+        f_base_on_ft = s.result("faithfulness", circuit_of="base", member="finetuned")
+        fwd = s.result("cmap", direction="forward")
         allg = ((fwd.results.get("all") or {}).get("share_of_gap") if fwd is not None else None) or {}
         rows.append([task.name, *(with_ci(acc[m]) if acc[m] else "" for m in MEMBERS), ov_text,
                      with_ci(f_ft_on_base, "faithfulness") if f_ft_on_base else "",

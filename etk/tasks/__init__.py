@@ -41,11 +41,6 @@ def task_of(cfg: Any) -> Task:
     return task_named(str(name or "entity_tracking")).with_config(node)
 
 
-def check_task(name: str) -> str:
-    """`name` if it is a registered task, else a ConfigError listing the tasks."""
-    return task_named(name).name
-
-
 def group_role(key: str) -> str:
     """The position role of a circuit key: a group of any registered task, or the key itself (a role)."""
     for t in TASKS.values():
@@ -56,7 +51,8 @@ def group_role(key: str) -> str:
 
 def task_with_groups(keys) -> Task | None:
     """The registered task whose groups include every key of `keys` that is a group of some task (None if none)."""
-    keys = [k for k in keys if k in all_groups()]
+    groups = all_groups()
+    keys = [k for k in keys if k in groups]
     return next((t for t in TASKS.values() if keys and all(k in t.group_role for k in keys)), None)
 
 
@@ -69,9 +65,20 @@ def collapsed_roles() -> tuple[str, ...]:
     return tuple(dict.fromkeys([*ordered, *(r.split("[")[0] for r in ROLE_VOCAB)]))
 
 
+def collapsed_index():
+    """[len(ROLE_VOCAB)] long: the `collapsed_roles()` row of every token role id (`objects[3]` -> `objects`)."""
+    import torch
+
+    from etk.data.roles import ROLE_VOCAB
+
+    rows = collapsed_roles()
+    return torch.tensor([rows.index(r.split("[")[0]) for r in ROLE_VOCAB], dtype=torch.long)
+
+
 def check_groups_of(task: Task, keys, what: str) -> None:
     """A ConfigError when `keys` (a circuit's entries) name groups of another task than the run's."""
-    other = [k for k in keys if k in all_groups() and k not in task.group_role]
+    groups = all_groups()
+    other = [k for k in keys if k in groups and k not in task.group_role]
     if other:
         owner = task_with_groups(other)
         raise ConfigError(f"{what} has the groups {other}"
@@ -93,5 +100,5 @@ from etk.tasks.ioi import TASK as _IOI  # noqa: E402
 register(_ENTITY_TRACKING)
 register(_IOI)
 
-__all__ = ["TASKS", "Desideratum", "check_groups_of", "collapsed_roles", "Group", "Pair", "Stage", "Task", "all_groups", "check_task", "group_role",
-           "register", "task_named", "task_of", "task_with_groups"]
+__all__ = ["TASKS", "Desideratum", "Group", "Pair", "Stage", "Task", "all_groups", "check_groups_of",
+           "collapsed_index", "collapsed_roles", "group_role", "register", "task_named", "task_of", "task_with_groups"]

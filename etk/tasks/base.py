@@ -73,10 +73,10 @@ class Task:
     desiderata: tuple[Desideratum, ...] = ()
     # path patching's sizes for a 1024-head model (scaled to the model): receivers passed on, candidates kept
     schedule: dict[str, dict[str, int]] = {"receivers_top_k": {}, "candidates_top_k": {}}
-    pruning_order_: tuple[str, ...] = ()  # minimality's group order (default: the stages reversed)
-    cmap_choice: tuple[tuple[str, str], ...] = ()
+    pruning_order_: tuple[str, ...] = ()  # minimality's group order (default: the groups reversed)
+    cmap_choice: tuple[tuple[str, str], ...] = ()  # (group, desideratum config file) whose DCM heads CMAP patches
     study_desiderata: tuple[str, ...] = ()  # desideratum config files the study's DCM step trains
-    study_ap_desiderata: tuple[str, ...] = ()  # those whose DCM heads the study activation-patches (default: all)  # (group, desideratum config file) whose DCM heads CMAP patches
+    study_ap_desiderata: tuple[str, ...] = ()  # those whose DCM heads the study activation-patches (default: all)
     # the report's words
     title: str = ""  # "Entity-tracking study"
     skill: str = ""  # "tracking": "Fine-tuning does not change <skill> significantly"
@@ -109,19 +109,8 @@ class Task:
         """The order minimality prunes the groups in."""
         return self.pruning_order_ or tuple(reversed(self.group_names))
 
-    def key_role(self, key: str) -> str:
-        """The position role a circuit entry acts at: its group's role, or the key itself when it names a role."""
-        return self.group_role.get(key, key)
-
     def groups_at(self, role: str) -> tuple[str, ...]:
         return tuple(g.name for g in self.groups if g.role == role)
-
-    def stage(self, group: str) -> Stage:
-        for s in self.stages:
-            if s.group == group:
-                return s
-        raise ConfigError(f"task {self.name}: no path-patching stage for {group!r}; stages: "
-                          f"{', '.join(s.group for s in self.stages)}")
 
     def shared_role_note(self) -> str:
         """How the candidate sets treat groups sharing a role ("PT candidates removed from VF"), or ""."""
@@ -187,10 +176,9 @@ class Task:
         return 1
 
     def split(self, examples: Sequence, sizes: Sequence[int]) -> list[list]:
-        """Consecutive splits of whole contexts holding about `sizes` prompts each."""
-        u, out, i = self.unit(None), [], 0
+        """Consecutive splits of `sizes` prompts each (a task whose prompts share contexts splits at whole contexts)."""
+        out, i = [], 0
         for n in sizes:
-            n = -(-n // u) * u
             if i + n > len(examples):
                 raise ConfigError(f"not enough prompts for splits {list(sizes)}: generate at least {sum(sizes)} examples")
             out.append(list(examples[i:i + n]))

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from etk.data.roles import PromptBatch
-from etk.tasks import collapsed_roles
+from etk.tasks import collapsed_index, collapsed_roles
 from etk.interventions.components import HeadId
 from etk.methods.base import ModelHost
 from etk.models.forward import assert_eval
@@ -44,10 +44,7 @@ class AttentionModule(ModelHost):
         self.units, self.key_roles = list(units), list(key_roles)
         self.rows: list[torch.Tensor] = []
         self.share_rows: list[torch.Tensor] = []
-        names = collapsed_roles()
-        from etk.data.roles import ROLE_VOCAB
-
-        self._collapse = torch.tensor([names.index(r.split("[")[0]) for r in ROLE_VOCAB])  # role id -> collapsed
+        self._collapse = collapsed_index()  # token role id -> its collapsed_roles() row
 
     @staticmethod
     def token_roles() -> tuple[str, ...]:

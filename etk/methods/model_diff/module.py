@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from etk.data.roles import MEMBERS, ROLE_ID, PromptBatch, collapsed_role
+from etk.data.roles import MEMBERS, PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import PairHost
 from etk.metrics import all_sum
@@ -17,21 +17,7 @@ from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
 from etk.models.pair import PairModels
 from etk.models.partial import LayerInputs
-from etk.tasks import collapsed_roles
-
-
-def diff_roles() -> tuple[str, ...]:
-    """Model diffing's rows: the registered tasks' token roles with entity indices dropped (objects[k] -> objects)."""
-    return collapsed_roles()
-
-
-def role_index() -> torch.Tensor:
-    """[len(ROLE_VOCAB)] long: the `diff_roles()` index of every token role (the entities' words collapsed)."""
-    rows = diff_roles()
-    out = torch.empty(len(ROLE_ID), dtype=torch.long)
-    for name, i in ROLE_ID.items():
-        out[i] = rows.index(collapsed_role(name))
-    return out
+from etk.tasks import collapsed_index, collapsed_roles
 
 
 @torch.no_grad()
@@ -100,7 +86,7 @@ class ModelDiffModule(PairHost):
         assert_eval(self.base_net)
         assert_eval(self.ft_net)
         self.totals = {}
-        self.roles_of = role_index().to(self.device)
+        self.roles_of = collapsed_index().to(self.device)  # token role id -> its collapsed_roles() row
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().double().cpu()
@@ -115,7 +101,7 @@ class ModelDiffModule(PairHost):
                 lens[member] = lens_kl(model, runs[member], batch)  # [B, L]
         zb, zf = runs["base"]["z"].float(), runs["finetuned"]["z"].float()  # [L, B, T, H, D]
         real = batch.token_roles >= 0  # [B, T]
-        R = len(diff_roles())
+        R = len(collapsed_roles())
         onehot = torch.zeros(*real.shape, R, device=real.device)  # [B, T, R]
         onehot[real] = torch.nn.functional.one_hot(self.roles_of[batch.token_roles[real]], R).float()
         rel = (zf - zb).norm(dim=-1) / zb.norm(dim=-1).clamp_min(1e-12)  # [L, B, T, H]

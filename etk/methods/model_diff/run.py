@@ -17,7 +17,7 @@ from etk.artifacts import named
 from etk.circuits import circuit_spec, load_circuit
 from etk.data.datasets import prompt_loader
 from etk.data.roles import MEMBERS
-from etk.methods.model_diff.module import ModelDiffModule, diff_roles
+from etk.methods.model_diff.module import ModelDiffModule
 from etk.methods.model_diff.weights import weight_deltas
 from etk.metrics import spearman
 from etk.models.arch import LlamaFamily
@@ -25,7 +25,7 @@ from etk.models.pair import load_pair
 from etk.report.plots import head_heatmap
 from etk.results import CMAPResult, ModelDiffResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
-from etk.tasks import Task, task_of
+from etk.tasks import Task, collapsed_roles, task_of
 
 
 def percentile_of(values: torch.Tensor, among: torch.Tensor) -> float:
@@ -41,7 +41,7 @@ def group_ranking(task: Task, w: dict[str, torch.Tensor], act: torch.Tensor, dla
                   cmap: CMAPResult | None) -> list[dict[str, Any]]:
     """Per circuit group: how much its heads changed (weights, z at the group's position, DLA) as raw means and as
     percentiles among all heads, beside the share of the gain CMAP found in that group."""
-    rows, diff_rows = [], diff_roles()
+    rows, diff_rows = [], collapsed_roles()
     for g in task.group_names:
         heads = [tuple(h) for h in (circuit.groups.get(g, []) if circuit else [])]
         if not heads:
@@ -91,7 +91,7 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     base_cfg, ft_cfg = (OmegaConf.to_container(cfg.pair[k], resolve=True) for k in MEMBERS)
     toggle = bool(m.get("toggle_adapter", True))
-    task, DIFF_ROLES = task_of(cfg), diff_roles()
+    task, DIFF_ROLES = task_of(cfg), collapsed_roles()
     module = ModelDiffModule(base_cfg, ft_cfg, toggle, load_pair(base_cfg, ft_cfg, toggle))
     examples = task.examples(data_config(cfg, m.n_examples), module.tokenizer)
     module.pair.check([task.text(e) for e in examples[:50]])
