@@ -163,6 +163,7 @@ class Job:
     group: str | None = None  # DCM / activation patching: the circuit group
     desideratum: str | None = None
     direction: str | None = None  # CMAP: forward (fine-tuned -> base) | reverse
+    part: str | None = None  # the shared/added split: the part of the fine-tuned circuit it runs on (None: all of it)
     reads: tuple[tuple[str, str], ...] = ()  # (step, name) of the earlier jobs whose results it reads
 
     def matches(self, **fields: Any) -> bool:
@@ -230,9 +231,9 @@ class EvalResult(Result):
 
 
 @dataclass(kw_only=True)
-class AttentionResult(Result):
-    schema = "etk.attention/v1"
-    method = "attention"
+class AttentionPatternsResult(Result):
+    schema = "etk.attention_patterns/v1"
+    method = "attention_patterns"
     model: str
     circuit: str
     n: int
@@ -370,10 +371,15 @@ class CompletenessResult(_CircuitRun):
     schema = "etk.completeness/v1"
     method = "completeness"
     random: dict[str, Any]
-    groups: dict[str, Any]  # K = a whole group -> its incompleteness
+    groups: dict[str, Any]  # K = a whole group -> {K, size, F_C_minus_K, F_M_minus_K, incompleteness}
+    named: dict[str, Any] = field(default_factory=dict)  # K = a named circuit's heads (method.k_circuits) -> the same
+    n_random: int = 0  # random K drawn, each circuit unit in K with probability p
+    p: float | None = None
 
     def tables(self):
-        return {"groups": (["K", "incompleteness"], [[g, v.get("incompleteness")] for g, v in self.groups.items()])}
+        return {"groups": (["K", "size", "F_C_minus_K", "F_M_minus_K", "incompleteness"],
+                           [[g, v.get("size"), v.get("F_C_minus_K"), v.get("F_M_minus_K"), v.get("incompleteness")]
+                            for g, v in {**self.groups, **self.named}.items()])}
 
 
 @dataclass(kw_only=True)
@@ -561,4 +567,4 @@ class FinetuneResult(Result):
 RESULT_TYPES: dict[str, type[Result]] = {c.schema: c for c in (
     EvalResult, PathPatchingResult, MinimalityResult, FaithfulnessResult, CompletenessResult, CurveResult,
     CircuitSearchResult, OverlapResult, DCMResult, ActivationPatchingResult, CMAPResult, ModelDiffResult,
-    KnockoutResult, FinetuneResult, SpecificityResult, AttentionResult, CausalImpactResult)}
+    KnockoutResult, FinetuneResult, SpecificityResult, AttentionPatternsResult, CausalImpactResult)}

@@ -136,6 +136,21 @@ def test_completeness_on_planted(planted):
     assert len(r["draws"]) == 6 and all(0 <= d["incompleteness"] <= 1 for d in r["draws"])
 
 
+def test_completeness_of_named_head_sets_is_the_ablation_of_their_heads(planted):
+    """K = a named circuit's heads that the circuit has (the study's shared / added parts): the planted head as K
+    breaks both the circuit and the model; a K of only the idle head breaks neither; a head outside the circuit is
+    not in K."""
+    model, batch, means, dims = planted
+    circ = Circuit({"value_fetcher": [[1, 2], [0, 1]]})
+    named = {"planted": Circuit({"value_fetcher": [[1, 2], [0, 3]]}), "idle": Circuit({"value_fetcher": [[0, 1]]})}
+    r = completeness(evaluator(model, batch, means), circ, dims, n_random=0, seed=1, named=named)
+    planted_k, idle_k = r["named"]["planted"], r["named"]["idle"]
+    assert planted_k["size"] == 1 and idle_k["size"] == 1  # [0, 3] is not in the circuit
+    assert planted_k["F_M_minus_K"] < 0.2 and planted_k["F_C_minus_K"] < 0.2
+    assert idle_k["F_M_minus_K"] == 1.0 and idle_k["F_C_minus_K"] == 1.0 and idle_k["incompleteness"] == 0.0
+    assert set(r["groups"]) == {"value_fetcher"}
+
+
 @pytest.mark.parametrize("mode", ["batched", "greedy"])
 def test_minimality_prunes_to_the_planted_head(planted, mode):
     model, batch, means, dims = planted

@@ -64,7 +64,9 @@ STUDY = ["method=study", "pair=tiny_planted", "data.n_boxes=3", "data.n_examples
          "method.dcm.n_eval=8", "method.dcm.n_test=9", "method.dcm.batch_size=4", "method.activation_patching.n_examples=9",
          "method.activation_patching.batch_size=4", "method.activation_patching.repeats=1", "method.cmap.n_examples=9",
          "method.cmap.batch_size=4", "method.knockout.n_examples=9", "method.knockout.batch_size=4",
-         "method.model_diff.n_examples=9", "method.model_diff.batch_size=4"]
+         "method.model_diff.n_examples=9", "method.model_diff.batch_size=4", "method.completeness.n_examples=9",
+         "method.completeness.batch_size=4", "method.completeness.n_random=2", "method.attention_patterns.n_examples=9",
+         "method.attention_patterns.batch_size=4", "method.plan.split_dcm=[[value_fetcher,object]]"]
 
 
 @pytest.mark.slow
@@ -73,7 +75,8 @@ def test_the_study_on_two_processes_equals_one(tmp_path):
     files = assert_same_results(one, two)
     steps = {f.parts[0] for f in files}
     assert steps == {"eval", "path_patching", "minimality", "faithfulness", "faithfulness_curve", "circuit_search", "dcm",
-                     "activation_patching", "cmap", "model_diff", "knockout"}
+                     "activation_patching", "cmap", "model_diff", "knockout", "completeness", "attention_patterns",
+                     "causal_impact"}
     doc = json.loads((two / "eval" / "base" / "results.json").read_text())
     assert doc["resources"]["world_size"] == 2 and 0 < doc["accuracy"] < 1  # non-trivial numbers were compared
 

@@ -262,7 +262,7 @@ def test_attention_reports_where_the_planted_name_mover_looks(tmp_path):
     """The planted name mover (2, 0) at END spreads its attention over the three name positions; an identity check
     of the attention method against the probabilities of HF's eager attention, computed independently."""
     (tmp_path / "c.json").write_text(json.dumps({"name_mover": [[2, 0]], "induction": [[1, 0]]}))
-    compose_run(tmp_path / "att", ["task=ioi", "model=tiny_planted_ioi", "logger=none", "method=attention",
+    compose_run(tmp_path / "att", ["task=ioi", "model=tiny_planted_ioi", "logger=none", "method=attention_patterns",
                                    f"circuit.path={tmp_path / 'c.json'}", "method.n_examples=12", "method.batch_size=6",
                                    "trainer.enable_progress_bar=false"])
     doc = json.loads((tmp_path / "att" / "results.json").read_text())
@@ -315,7 +315,7 @@ def test_no_method_imports_a_task_module():
 
 def test_attention_shares_by_token_role_sum_to_one_and_land_on_the_planted_role(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"name_mover": [[2, 0]], "previous_token": [[0, 0]]}))
-    compose_run(tmp_path / "att", ["task=ioi", "model=tiny_planted_ioi", "logger=none", "method=attention",
+    compose_run(tmp_path / "att", ["task=ioi", "model=tiny_planted_ioi", "logger=none", "method=attention_patterns",
                                    f"circuit.path={tmp_path / 'c.json'}", "method.n_examples=12", "method.batch_size=12",
                                    "trainer.enable_progress_bar=false"])
     doc = json.loads((tmp_path / "att" / "results.json").read_text())

@@ -14,12 +14,15 @@ from typing import Callable
 from etk.errors import ConfigError
 from etk.methods.activation_patching import report as ap_report
 from etk.methods.activation_patching.run import run_activation_patching
-from etk.methods.attention.run import run_attention
+from etk.methods.attention_patterns import report as attention_report
+from etk.methods.attention_patterns.run import run_attention_patterns
+from etk.methods.causal_impact import report as causal_impact_report
 from etk.methods.causal_impact.run import run_causal_impact
 from etk.methods.circuit_search import report as search_report
 from etk.methods.circuit_search.run import run_circuit_search
 from etk.methods.cmap import report as cmap_report
 from etk.methods.cmap.run import run_cmap
+from etk.methods.completeness import report as completeness_report
 from etk.methods.completeness.run import run_completeness
 from etk.methods.dcm import report as dcm_report
 from etk.methods.dcm.run import run_dcm
@@ -42,7 +45,7 @@ from etk.methods.specificity.run import run_specificity
 from etk.report.context import ReportContext, Section
 from etk.results import (
     ActivationPatchingResult,
-    AttentionResult,
+    AttentionPatternsResult,
     CausalImpactResult,
     CircuitSearchResult,
     CMAPResult,
@@ -94,7 +97,7 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="faithfulness of top-x% circuits, CPR and CMD"),
     MethodSpec("circuit_search", run_circuit_search, CircuitSearchResult, search_report.section,
                summary="position-aware circuit grown to a target faithfulness"),
-    MethodSpec("completeness", run_completeness, CompletenessResult, summary="incompleteness |F(C\\K) - F(M\\K)|"),
+    MethodSpec("completeness", run_completeness, CompletenessResult, completeness_report.section, summary="incompleteness |F(C\\K) - F(M\\K)|"),
     MethodSpec("overlap", run_overlap, OverlapResult, summary="shared heads of two circuits per group"),
     MethodSpec("dcm", run_dcm, DCMResult, dcm_report.section, dcm_report.collect, "DCM", entry="dcm",
                summary="desiderata-based component masks"),
@@ -106,9 +109,9 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="what fine-tuning changed per head (weights, z, DLA, lens, token KL) beside the CMAP gain"),
     MethodSpec("knockout", run_knockout, KnockoutResult, knockout_report.section,
                summary="attention-edge knockout from each start layer"),
-    MethodSpec("attention", run_attention, AttentionResult,
+    MethodSpec("attention_patterns", run_attention_patterns, AttentionPatternsResult, attention_report.section,
                summary="attention probabilities of a circuit's heads from their role to the task's roles"),
-    MethodSpec("causal_impact", run_causal_impact, CausalImpactResult,
+    MethodSpec("causal_impact", run_causal_impact, CausalImpactResult, causal_impact_report.section,
                summary="the fine-tuned circuit's heads scored in both members, shared vs added heads"),
     MethodSpec("specificity", run_specificity, SpecificityResult,
                summary="a circuit of one task ablated everywhere, measured on another task, against random heads"),

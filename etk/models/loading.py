@@ -65,6 +65,20 @@ def local_model_dir(cfg: Any) -> Path:
     return path
 
 
+def missing_weights(cfg: Any) -> str | None:
+    """Why a model config's weights are not on this machine (local weights or adapters absent), or None."""
+    if cfg.get("source") != "local":
+        return None
+    try:
+        local_model_dir(cfg)
+    except ModelNotFoundError as e:
+        return str(e)
+    for spec in cfg.get("adapters") or []:
+        if not resolve_path(str(spec)).exists():
+            return f"its adapter {spec} is not there"
+    return None
+
+
 def dispatch_kwargs(cfg: Any) -> dict:
     """`model.device_map` (accelerate: "auto", "balanced", or {module: device | "cpu" | "disk"}), `model.max_memory`
     ({device: "20GiB", ...}) and `model.offload_folder` (for "disk"), as from_pretrained arguments."""

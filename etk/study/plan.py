@@ -22,7 +22,17 @@ class Study(Protocol):
     def results(self, step: str, **match: Any) -> list[tuple[Job, Result]]: ...
     def result(self, step: str, **match: Any) -> Any: ...
     def circuit_path(self, member: str) -> str: ...
+    def split_circuit(self, part: str) -> str: ...
+    def available_models(self, names: list[str], step: str) -> list[str]: ...
     def note(self, line: str) -> None: ...
+
+
+SPLIT_PARTS = ("shared", "added")  # the fine-tuned circuit's heads the base circuit has (per group), and the rest
+
+
+def split_parts(study: Study) -> tuple[str, ...]:
+    """The parts of the fine-tuned circuit the study runs CMAP, DCM and completeness on (`plan.split`)."""
+    return SPLIT_PARTS if study.plan.get("split") else ()
 
 
 def per_member(study: Study, step: str, *extra: str) -> list[Job]:
@@ -88,25 +98,54 @@ def dcm_jobs(study: Study) -> list[Job]:
                 jobs.append(Job("dcm", f"{owner}-{group}-{d}", (f"model={owner}", f"circuit.path={path}", f"group={group}",
                                                                f"desideratum={d}", *study.sizes("dcm", "dcm")),
                                 member=owner, circuit_of=owner, group=group, desideratum=d))
+    return jobs + split_dcm_jobs(study)
+
+
+def split_dcm_jobs(study: Study) -> list[Job]:
+    """With `plan.split`: a mask over the shared and over the added heads of a fine-tuned group, for each (group,
+    desideratum) of `plan.split_dcm` (null = the task's CMAP choice: the functionality each group is known for)."""
+    from etk.circuits import load_circuit
+
+    jobs = []
+    for part in split_parts(study):
+        path = study.split_circuit(part)
+        circuit = load_circuit(path)
+        for group, d in (study.plan.get("split_dcm") or study.task.cmap_choice):
+            if circuit.groups.get(group):
+                jobs.append(Job("dcm", f"finetuned-{part}-{group}-{d}",
+                                ("model=finetuned", f"circuit.path={path}", f"group={group}", f"desideratum={d}",
+                                 *study.sizes("dcm", "dcm")),
+                                member="finetuned", circuit_of="finetuned", group=group, desideratum=d, part=part))
+            else:
+                study.note(f"dcm/finetuned-{part}-{group}-{d}: the fine-tuned {group} has no {part} heads, no mask")
     return jobs
 
 
 def activation_patching_jobs(study: Study) -> list[Job]:
-    """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members."""
+    """Every DCM head set of plan.ap_desiderata patched inside each member of plan.ap_members and each model of
+    plan.ap_models whose weights are there (the paper's 4-model matrix); a head set of a desideratum listed in
+    plan.ap_variants also under each of its variants (the paper's 11 positional variants)."""
     wanted = set(study.plan.ap_desiderata or study.task.study_ap_desiderata or study.plan.dcm_desiderata
                  or study.task.study_desiderata)
+    models = [(m, m) for m in study.plan.ap_members] + [(None, name) for name in study.available_models(
+        list(study.plan.get("ap_models") or []), "activation_patching")]
+    variants = dict(study.plan.get("ap_variants") or {})
     jobs = []
-    for dj, res in sorted(study.results("dcm"), key=lambda jr: jr[0].name):  # the DCM jobs in folder-name order
+    for dj, res in sorted(study.results("dcm", part=None), key=lambda jr: jr[0].name):  # whole-group masks, by name
         if dj.desideratum not in wanted:
             continue
         if not res.selected_heads:
             study.note(f"activation_patching/{dj.name}: DCM selected no heads, nothing to patch")
             continue
-        for m in study.plan.ap_members:
-            jobs.append(Job("activation_patching", f"{dj.name}-in-{m}",
-                            (f"model={m}", f"method.heads={res.dir / 'results.json'}", *study.sizes("activation_patching")),
-                            member=m, circuit_of=dj.member, group=dj.group, desideratum=dj.desideratum,
-                            reads=(("dcm", dj.name),)))
+        for member, model in models:
+            for d in [dj.desideratum, *variants.get(dj.desideratum, [])]:
+                name = f"{dj.name}-in-{model}" if d == dj.desideratum else f"{dj.name}-{d}-in-{model}"
+                extra = () if d == dj.desideratum else (f"method.desideratum={d}",)
+                jobs.append(Job("activation_patching", name,
+                                (f"model={model}", f"method.heads={res.dir / 'results.json'}", *extra,
+                                 *study.sizes("activation_patching")),
+                                member=member, circuit_of=dj.member, group=dj.group, desideratum=d,
+                                reads=(("dcm", dj.name),)))
     return jobs
 
 
@@ -114,18 +153,24 @@ def cmap_jobs(study: Study) -> list[Job]:
     """The fine-tuned circuit patched across the pair in each direction, with the task's head choice (entity tracking:
     the paper's, SPEC §6.1: DCM selections for VF (object value), PT and PD (positional), all SR heads)."""
     choice = set(study.task.cmap_choice)
-    chosen = [(dj, res) for dj, res in sorted(study.results("dcm", member="finetuned"), key=lambda jr: jr[0].name)
-              if (dj.group, dj.desideratum) in choice]
+    chosen = [(dj, res) for dj, res in sorted(study.results("dcm", member="finetuned", part=None),
+                                              key=lambda jr: jr[0].name) if (dj.group, dj.desideratum) in choice]
     runs = hydra_value([str(res.dir / "results.json") for _, res in chosen])
-    return [Job("cmap", d, (f"circuit.path={study.circuit_path('finetuned')}", f"method.direction={d}",
+    jobs = [Job("cmap", d, (f"circuit.path={study.circuit_path('finetuned')}", f"method.direction={d}",
                             f"method.dcm_runs={runs}", *study.sizes("cmap")),
                 circuit_of="finetuned", direction=d, reads=tuple(("dcm", dj.name) for dj, _ in chosen))
             for d in study.plan.cmap_directions]
+    # the shared/added split: each part's whole groups patched forward, so the two shares of the gap add up against
+    # the same source and target accuracies
+    jobs += [Job("cmap", f"forward-{part}", (f"circuit.path={study.split_circuit(part)}", "method.direction=forward",
+                                              *study.sizes("cmap")),
+                 circuit_of="finetuned", direction="forward", part=part) for part in split_parts(study)]
+    return jobs
 
 
 def model_diff_jobs(study: Study) -> list[Job]:
     """The pair diffed on the study's prompts, beside the forward CMAP's shares of the gain."""
-    fwd = study.result("cmap", direction="forward")
+    fwd = study.result("cmap", direction="forward", part=None)
     extra = (f"method.cmap_run={fwd.dir / 'results.json'}",) if fwd is not None else ()
     return [Job("model_diff", "pair", (f"circuit.path={study.circuit_path('finetuned')}", *extra,
                                        *study.sizes("model_diff")),
@@ -137,9 +182,42 @@ def knockout_jobs(study: Study) -> list[Job]:
     return per_member(study, "knockout")
 
 
+def completeness_jobs(study: Study) -> list[Job]:
+    """Each member's circuit on its own model; the fine-tuned one also with K = its shared and its added heads."""
+    jobs = []
+    for m in MEMBERS:
+        named = [study.split_circuit(p) for p in split_parts(study)] if m == "finetuned" else []
+        extra = (f"method.k_circuits={hydra_value(named)}",) if named else ()
+        jobs.append(Job("completeness", m, (f"model={m}", f"circuit.path={study.circuit_path(m)}", *extra,
+                                            *study.sizes("completeness"), *study.ablation()),
+                        member=m, circuit_of=m))
+    return jobs
+
+
+def attention_patterns_jobs(study: Study) -> list[Job]:
+    """Where each member's circuit heads look (the paper's Fig. 1)."""
+    return [Job("attention_patterns", m, (f"model={m}", f"circuit.path={study.circuit_path(m)}",
+                                          *study.sizes("attention_patterns")), member=m, circuit_of=m)
+            for m in MEMBERS]
+
+
+def causal_impact_jobs(study: Study) -> list[Job]:
+    """The fine-tuned circuit's heads scored by path patching in both members (no model is loaded)."""
+    pp = {m: study.result("path_patching", member=m) for m in MEMBERS}
+    if any(r is None for r in pp.values()):
+        study.note("causal_impact: needs both members' path patching; skipped")
+        return []
+    return [Job("causal_impact", "pair", (f"circuit.path={study.circuit_path('finetuned')}",
+                                          f"method.base_circuit={study.circuit_path('base')}",
+                                          f"method.finetuned_scores={pp['finetuned'].dir}",
+                                          f"method.base_scores={pp['base'].dir}"),
+                circuit_of="finetuned", reads=(("path_patching", "base"), ("path_patching", "finetuned")))]
+
+
 STEP_JOBS: dict[str, Callable[[Study], list[Job]]] = {
     "eval": eval_jobs, "path_patching": path_patching_jobs, "minimality": minimality_jobs,
     "faithfulness": faithfulness_jobs, "faithfulness_curve": curve_jobs, "circuit_search": search_jobs,
     "dcm": dcm_jobs, "activation_patching": activation_patching_jobs, "cmap": cmap_jobs,
-    "model_diff": model_diff_jobs, "knockout": knockout_jobs,
+    "model_diff": model_diff_jobs, "knockout": knockout_jobs, "completeness": completeness_jobs,
+    "attention_patterns": attention_patterns_jobs, "causal_impact": causal_impact_jobs,
 }

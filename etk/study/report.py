@@ -47,7 +47,7 @@ def write_report(root: Path, cfg, steps: list[str], graph: list[tuple[Job, Resul
     sections = [s for s in (get(step).section(ctx) for step in steps if get(step).section) if s]
     findings = [f for s in sections for f in s.findings]
     answer = answer_finding(ctx.task, cfg.data, ctx.result("eval", member="base"), ctx.result("eval", member="finetuned"),
-                            ctx.result("cmap", direction="forward"), ctx.qualifier())
+                            ctx.result("cmap", direction="forward", part=None), ctx.qualifier())
     if answer:
         findings.insert(0, answer)
     lines = [f"# {ctx.task.title}: `{ctx.base}` → `{ctx.ft}` (pair `{cfg.pair.name}`)", "",

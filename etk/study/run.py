@@ -24,7 +24,7 @@ from etk.models.loading import reuse_models
 from etk.models.pair import load_pair
 from etk.results import Job, Result, member_circuit, select
 from etk.runtime import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
-from etk.study.plan import STEP_JOBS
+from etk.study.plan import SPLIT_PARTS, STEP_JOBS
 from etk.study.report import write_report
 from etk.tasks import task_of
 
@@ -88,6 +88,32 @@ class Study:
             return str(path)
         raise ConfigError(f"the study has no circuit of the {member} member: run path_patching (and minimality) "
                           "before the steps that use circuits")
+
+    def split_circuit(self, part: str) -> str:
+        """The fine-tuned circuit's `part`: `shared` (its heads the base circuit has in the same group) or `added`
+        (the rest), written once to `<run dir>/circuits/<part>.json` from the two members' circuits."""
+        from etk.circuits import load_circuit
+
+        ft, base = (load_circuit(self.circuit_path(m)) for m in ("finetuned", "base"))
+        if part not in SPLIT_PARTS:
+            raise ConfigError(f"unknown part {part!r} of the fine-tuned circuit: {', '.join(SPLIT_PARTS)}")
+        circuit = ft.intersect(base) if part == "shared" else ft.minus(base)
+        path = self.root / "circuits" / f"{part}.json"
+        circuit.save(path)
+        return str(path)
+
+    def available_models(self, names: list[str], step: str) -> list[str]:
+        """The model configs among `names` whose weights are on this machine; each missing one noted with why."""
+        from etk.models.loading import missing_weights
+
+        out = []
+        for name in names:
+            why = missing_weights(compose("patching", [f"model={name}", "logger=none"]).model)
+            if why:
+                self.note(f"{step}: model {name} skipped: {why}")
+            else:
+                out.append(name)
+        return out
 
     def note(self, line: str) -> None:
         self.log.append(line)

@@ -80,7 +80,7 @@ def across_rows(tasks: list[str], studies: dict[str, Study]) -> tuple[list[list[
                        f"{fmt(shared / size_ft if size_ft else None, 2)}")
         f_ft_on_base = s.result("faithfulness", circuit_of="finetuned", member="base")
         f_base_on_ft = s.result("faithfulness", circuit_of="base", member="finetuned")
-        fwd = s.result("cmap", direction="forward")
+        fwd = s.result("cmap", direction="forward", part=None)
         allg = ((fwd.results.get("all") or {}).get("share_of_gap") if fwd is not None else None) or {}
         rows.append([task.name, *(with_ci(acc[m]) if acc[m] else "" for m in MEMBERS), ov_text,
                      with_ci(f_ft_on_base, "faithfulness") if f_ft_on_base else "",

@@ -12,7 +12,7 @@ from etk.tasks import task_of
 
 def activation_findings(ap: list[tuple[Job, ActivationPatchingResult]], base: str) -> list[str]:
     """The fine-tuned circuit's DCM heads patched inside the base model: same heads, same information?"""
-    rows = [d for j, d in ap if d.model == base and j.circuit_of == "finetuned"]
+    rows = [d for j, d in ap if d.model == base and j.circuit_of == "finetuned" and not is_variant(d)]
     if not rows:
         return []
     parts = []
@@ -22,6 +22,26 @@ def activation_findings(ap: list[tuple[Job, ActivationPatchingResult]], base: st
                      f"{s['selected_heads']['mean']:.0f}% (random {s['random_heads']['mean']:.0f}%, floor "
                      f"{s['unpatched_floor']['mean']:.0f}%)")
     return [f"**Same heads, same information.** The fine-tuned model's DCM heads patched inside `{base}`: " + "; ".join(parts) + "."]
+
+
+def is_variant(d: ActivationPatchingResult) -> bool:
+    """Patched under another desideratum than its DCM run's (`method.desideratum`, e.g. a positional variant)."""
+    return bool(((d.config or {}).get("method") or {}).get("desideratum"))
+
+
+def variant_findings(ap: list[tuple[Job, ActivationPatchingResult]]) -> list[str]:
+    """Each head set under the variants of its desideratum: which keep the heads' effect above the random floor."""
+    out = []
+    for model in dict.fromkeys(d.model for _, d in ap):
+        rows = [d for _, d in ap if d.model == model and is_variant(d)]
+        if not rows:
+            continue
+        task = task_of(rows[0].config)
+        parts = [f"{task.short.get(d.group, d.group)} {d.desideratum} {d.accuracy_percent['selected_heads']['mean']:.0f}% "
+                 f"(random {d.accuracy_percent['random_heads']['mean']:.0f}%)" for d in rows]
+        out.append(f"**Variants, in `{model}`.** The DCM heads patched with each variant's sources and targets: "
+                   + "; ".join(parts) + ".")
+    return out
 
 
 def functionality_findings(dc: list[DCMResult], ap: list[ActivationPatchingResult], base: str) -> list[str]:
@@ -48,7 +68,7 @@ def functionality_findings(dc: list[DCMResult], ap: list[ActivationPatchingResul
 
 
 def section(ctx: ReportContext) -> Section | None:
-    ap, dc = ctx.results("activation_patching"), ctx.of("dcm")
+    ap, dc = ctx.results("activation_patching"), ctx.of("dcm", part=None)
     if dc and not ap:
         return Section("Activation patching of the DCM heads",
                        ["No DCM run selected any head, so there is nothing to patch (see the DCM section).", ""])
@@ -58,12 +78,13 @@ def section(ctx: ReportContext) -> Section | None:
     for j, d in ap:
         s = d.accuracy_percent
         dcm_job = j.reads[0][1] if j.reads else f"{d.group}-{d.desideratum}"
-        rows.append([dcm_job, d.model,
+        rows.append([dcm_job, d.desideratum, d.model,
                      f"{s['selected_heads']['mean']:.1f} ± {s['selected_heads']['sd']:.1f}",
                      f"{s['random_heads']['mean']:.1f} ± {s['random_heads']['sd']:.1f}",
                      f"{s['unpatched_floor']['mean']:.1f} ± {s['unpatched_floor']['sd']:.1f}"])
     lines = ["The fine-tuned circuit's DCM head sets patched (fully, binary) inside each model: do the same heads carry "
              "the same information there? A random head set of the same size and the unpatched model give the floors.",
-             "", markdown(["DCM heads", "patched in", "selected heads %", "random heads %", "unpatched floor %"], rows)]
+             "", markdown(["DCM heads", "desideratum", "patched in", "selected heads %", "random heads %", "unpatched floor %"], rows)]
     return Section("Activation patching of the DCM heads (mean ± sd over resampled sources)", lines,
-                   activation_findings(ap, ctx.base) + functionality_findings(dc, [d for _, d in ap], ctx.base))
+                   activation_findings(ap, ctx.base) + functionality_findings(dc, [d for _, d in ap], ctx.base)
+                   + variant_findings(ap))

@@ -65,7 +65,7 @@ def cmap_findings(cm: list[CMAPResult], qualifier: str | None = None) -> list[st
 
 
 def section(ctx: ReportContext) -> Section | None:
-    cm = ctx.of("cmap")
+    cm = ctx.of("cmap", part=None)
     if not cm:
         return None
     lines = []

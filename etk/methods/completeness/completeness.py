@@ -17,11 +17,16 @@ Evaluate = Callable[[list[Ablation]], torch.Tensor]
 
 
 def completeness(evaluate: Evaluate, circuit: Circuit, dims: Dims, n_random: int = 10, p: float = 0.5,
-                 seed: int = 5, vital: Sequence[str] | None = None) -> dict[str, Any]:
+                 seed: int = 5, vital: Sequence[str] | None = None,
+                 named: dict[str, Circuit] | None = None) -> dict[str, Any]:
+    """Incompleteness for `n_random` random K, each whole group, and each `named` circuit's heads that this circuit
+    has (e.g. the heads a fine-tune shares with the base circuit, and those it adds)."""
     items = circuit.units()
     rng = random.Random(seed)
     Ks: list[tuple[str, list]] = [(f"random{i}", [it for it in items if rng.random() < p]) for i in range(n_random)]
     Ks += [(g, [(group_role(g), int(lay), int(h)) for lay, h in hs]) for g, hs in circuit.groups.items()]
+    mine = set(items)
+    Ks += [(name, [u for u in other.units() if u in mine]) for name, other in (named or {}).items()]
     circ, model = circuit_ablation(circuit, dims, True, vital=vital), full_model(dims)
     ablations = []
     for name, K in Ks:
@@ -32,5 +37,7 @@ def completeness(evaluate: Evaluate, circuit: Circuit, dims: Dims, n_random: int
     rand = torch.tensor([[r["F_C_minus_K"], r["F_M_minus_K"], r["incompleteness"]] for r in rows[:n_random]])
     summary = {k: {"mean": float(rand[:, i].mean()), "sd": float(rand[:, i].std(unbiased=False))}
                for i, k in enumerate(["F_C_minus_K", "F_M_minus_K", "incompleteness"])} if n_random else {}
-    return {"random": summary, "draws": rows[:n_random], "groups": {r["K"]: r for r in rows[n_random:]},
-            "n_random": n_random, "p": p, "seed": seed}
+    n_groups = len(circuit.groups)
+    return {"random": summary, "draws": rows[:n_random],
+            "groups": {r["K"]: r for r in rows[n_random:n_random + n_groups]},
+            "named": {r["K"]: r for r in rows[n_random + n_groups:]}, "n_random": n_random, "p": p, "seed": seed}

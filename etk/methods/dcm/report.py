@@ -48,7 +48,7 @@ def dcm_findings(dc: list[DCMResult]) -> list[str]:
 
 
 def section(ctx: ReportContext) -> Section | None:
-    dc = ctx.of("dcm")
+    dc = ctx.of("dcm", part=None)
     if not dc:
         return None
     q = ctx.qualifier()

@@ -1,4 +1,4 @@
-"""`method=attention circuit.path=<circuit.json>` (the paper's Fig. 1): where each group's heads attend, from the
+"""`method=attention_patterns circuit.path=<circuit.json>` (the paper's Fig. 1): where each group's heads attend, from the
 group's role to every scalar role of the task (IOI: do the name movers at END look at IO rather than S1/S2?) and the
 share on each token role (correct object, query label, the other boxes' objects, the template's words, ...), per head
 and per group, with 95% intervals over prompts; a heads x token-roles figure per group."""
@@ -13,16 +13,16 @@ from omegaconf import DictConfig
 from etk.circuits import circuit_label, resolve_circuit
 from etk.data.datasets import prompt_loader
 from etk.interventions.components import check_heads
-from etk.methods.attention.module import AttentionModule
+from etk.methods.attention_patterns.module import AttentionModule
 from etk.metrics import fmt, mean_ci
 from etk.models.loading import load
 from etk.report.plots import matrix_heatmap
-from etk.results import AttentionResult
+from etk.results import AttentionPatternsResult
 from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
 from etk.tasks import group_role, task_of
 
 
-def run_attention(cfg: DictConfig) -> AttentionResult:
+def run_attention_patterns(cfg: DictConfig) -> AttentionPatternsResult:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
     task = task_of(cfg)
@@ -62,4 +62,4 @@ def run_attention(cfg: DictConfig) -> AttentionResult:
         payload = {"model": cfg.model.name, "circuit": circuit_label(spec, circuit), "circuit_spec": str(spec),
                    "n": int(p.shape[0]), "key_roles": names, "token_roles": token_roles, "groups": out,
                    "figures": [f"attention_{g}.png" for g in groups], "config": plain_config(cfg)}
-        return emit(AttentionResult.from_payload(payload), logger)
+        return emit(AttentionPatternsResult.from_payload(payload), logger)

@@ -1,1 +1,0 @@
-"""`method=attention`: where a circuit's heads look (attention probabilities from their role to the task's roles)."""
