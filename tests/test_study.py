@@ -39,6 +39,16 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
     assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"
     assert json.loads((tmp_path / "cmap" / "reverse" / "results.json").read_text())["target_model"] == "tiny_other"
     assert not any("skipped" in line for line in res["log"])
+    # the split: shared = the fine-tuned circuit's heads the base circuit has in the same group, added = the rest
+    from etk.circuits import load_circuit
+
+    ft, base = (load_circuit(str(tmp_path / f"minimality/{m}/circuit.json")) for m in ("finetuned", "base"))
+    shared, added = (load_circuit(str(tmp_path / f"circuits/{p}.json")) for p in ("shared", "added"))
+    for g, heads in ft.groups.items():
+        assert sorted(shared.groups[g] + added.groups[g]) == sorted(heads), g
+        assert set(shared.groups[g]) <= set(base.groups.get(g, [])) and not set(added.groups[g]) & set(base.groups.get(g, []))
+    comp = json.loads((tmp_path / "completeness" / "finetuned" / "results.json").read_text())
+    assert {k: v["size"] for k, v in comp["named"].items()} == {"shared": len(shared.units()), "added": len(added.units())}
     assert res["log"][-1].startswith("total compute time")
     # every job's result loads as its method's type; its tables are rectangular and its headline numbers floats
     from etk.results import load_result
@@ -81,3 +91,49 @@ def test_mismatched_pair_fails_before_any_work(tmp_path):
         compose_run(tmp_path, ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetuned.tiny.n_layers=2",
                                "logger=none"])
     assert not (tmp_path / "accuracy").exists()
+
+
+def test_activation_patching_jobs_cover_extra_models_and_variants(tmp_path):
+    """plan.ap_models adds a job per head set in each model whose weights are there (others noted); plan.ap_variants
+    adds one per variant of the head set's desideratum, with method.desideratum=<variant>; empty selections none."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from etk.results import Job
+    from etk.study.plan import activation_patching_jobs
+
+    dcm = [(Job("dcm", "finetuned-pos_transmitter-position", member="finetuned", group="pos_transmitter",
+                desideratum="position"), SimpleNamespace(selected_heads=[[1, 2]], dir=tmp_path / "pt")),
+           (Job("dcm", "finetuned-value_fetcher-object", member="finetuned", group="value_fetcher",
+                desideratum="object"), SimpleNamespace(selected_heads=[], dir=tmp_path / "vf"))]
+    notes = []
+    study = SimpleNamespace(
+        plan=OmegaConf.create({"ap_desiderata": ["object", "position"], "ap_members": ["base"],
+                               "ap_models": ["llama_7b", "tiny"], "ap_variants": {"position": ["add_comma", "no_comma"]}}),
+        task=None, results=lambda step, **m: [jr for jr in dcm if jr[0].matches(**m)], sizes=lambda step: [],
+        note=notes.append, available_models=lambda names, step: [n for n in names if n != "llama_7b"])
+    jobs = activation_patching_jobs(study)
+    assert [j.name for j in jobs] == [f"finetuned-pos_transmitter-position{v}-in-{m}" for m in ("base", "tiny")
+                                      for v in ("", "-add_comma", "-no_comma")]
+    assert [j.member for j in jobs] == ["base"] * 3 + [None] * 3
+    assert "method.desideratum=no_comma" in jobs[2].overrides and not any("desideratum" in o for o in jobs[0].overrides)
+    assert "model=tiny" in jobs[3].overrides and notes == ["activation_patching/finetuned-value_fetcher-object: DCM "
+                                                            "selected no heads, nothing to patch"]
+
+
+def test_missing_weights_names_what_is_missing(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from etk.models.loading import missing_weights as missing_of
+
+    def missing_weights(cfg):
+        return missing_of(OmegaConf.create(cfg))
+
+    monkeypatch.delenv("ETK_MODEL_ROOT", raising=False)
+    assert "needs local weights" in missing_weights({"name": "x", "source": "local", "root_subdir": "llama-7b"})
+    (tmp_path / "config.json").write_text("{}")
+    here = {"name": "x", "source": "local", "path": str(tmp_path)}
+    assert missing_weights(here) is None
+    assert "adapter" in missing_weights({**here, "adapters": [str(tmp_path / "lora")]})
+    assert missing_weights({"name": "tiny", "source": "tiny"}) is None
