@@ -2,7 +2,7 @@
 
     python benchmarks/mean_ablation.py [--model smollm2_tracker] [--prompts 60] [--configs 48]
 
-Configurations are the ceiling (every head at the three vital positions) and random circuits of its vital
+Configurations are the all-heads reference (every head at the three vital positions) and random circuits of its vital
 positions (each head kept with p = 1/2), i.e. what faithfulness, curves, minimality and completeness evaluate.
 Both paths run every configuration on the same prompts; the vital path includes its one background forward.
 Last line: speedup_vital_vs_full=<x> max_abs_logit_diff=<d> argmax_agreement=<a>"""
@@ -22,7 +22,7 @@ from omegaconf import open_dict  # noqa: E402
 
 from etk.data.datasets import prompt_loader
 from etk.interventions.hooks import Capture, hooked  # noqa: E402
-from etk.methods.mean_ablation.ablation import ablation_patches, ceiling_ablation, keep_rows  # noqa: E402
+from etk.methods.mean_ablation.ablation import ablation_patches, all_heads_ablation, keep_rows  # noqa: E402
 from etk.methods.mean_ablation.vital import background, vital_logits  # noqa: E402
 from etk.models.arch import LlamaFamily  # noqa: E402
 from etk.models.forward import last_logits  # noqa: E402
@@ -53,8 +53,8 @@ def main() -> None:
         data.n_examples, data.seed = args.prompts, 1
     batch = next(iter(prompt_loader(task_named("entity_tracking"), tok, task_examples(data, tok), args.prompts)))
     rng = random.Random(0)
-    ceiling = ceiling_ablation(dims)
-    abls = [ceiling] + [ceiling.without([(r, lay, h) for r in task_named("entity_tracking").vital_roles for lay in range(dims.n_layers)
+    reference = all_heads_ablation(dims)
+    abls = [reference] + [reference.without([(r, lay, h) for r in task_named("entity_tracking").vital_roles for lay in range(dims.n_layers)
                                          for h in range(dims.n_heads) if rng.random() < 0.5])
                         for _ in range(args.configs - 1)]
     t0 = time.perf_counter()

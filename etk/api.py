@@ -106,7 +106,7 @@ def minimality(model: LoadedModel, circuit: Any, out_dir: str | Path | None = No
 
 def faithfulness(model: LoadedModel, circuit: Any, out_dir: str | Path | None = None,
                  **overrides: Any) -> FaithfulnessResult:
-    """F(circuit)/F(model) under mean ablation, with its interval, ceiling and random circuits."""
+    """F(circuit)/F(model) under mean ablation, with its interval, all-heads reference and random circuits."""
     return _run("faithfulness", {"model": model}, overrides, out_dir, circuit)
 
 

@@ -6,7 +6,7 @@ by key. A result declares as fields what its consumers read (nested records are 
 records travels in `extra` and is written back unchanged, so `results.json` keeps its full content.
 
     res = FaithfulnessResult.load(run_dir)      # DataError when the file is missing, invalid or of another schema
-    res.faithfulness, res.ci_low, res.ceiling["faithfulness"]
+    res.faithfulness, res.ci_low, res.all_heads["faithfulness"]
     res.save(other_dir)                         # atomic, NaN-free JSON: {"schema": ..., **fields, **extra}
     res.log(logger)                             # headline scalars, tables and figures, the same way for every method
 """
@@ -251,6 +251,30 @@ class AttentionPatternsResult(Result):
 
 
 @dataclass(kw_only=True)
+class PositionalHypothesesResult(Result):
+    schema = "etk.positional_hypotheses/v1"
+    method = "positional_hypotheses"
+    model: str
+    group: str
+    role: str
+    heads: list[list[int]]
+    random_heads: list[list[int]]
+    hypotheses: list[str]
+    probes: dict[str, Any]  # probe -> {n, disagreeing_pairs, hypotheses: {h: {row: AccuracyCI}}, base_answer: {...}}
+    pooled: dict[str, Any]  # h -> {unpatched | selected | random: AccuracyCI} over the pairs that tell them apart
+    n_pooled: int
+
+    def headline(self):
+        return {f"pooled/{h}": v["selected"]["accuracy"] for h, v in self.pooled.items()
+                if v["selected"]["accuracy"] is not None}
+
+    def tables(self):
+        return {"probes": (["probe", "hypothesis", "selected", "random", "unpatched", "n"],
+                           [[p, h, v["selected"]["accuracy"], v["random"]["accuracy"], v["unpatched"]["accuracy"],
+                             v["selected"]["n"]] for p, d in self.probes.items() for h, v in d["hypotheses"].items()])}
+
+
+@dataclass(kw_only=True)
 class CausalImpactResult(Result):
     schema = "etk.causal_impact/v1"
     method = "causal_impact"
@@ -351,8 +375,8 @@ class FaithfulnessResult(_CircuitRun):
     ci_high: float | None
     accuracy_model: float
     accuracy_circuit: float
-    ceiling: dict[str, Any]  # {accuracy, faithfulness}
-    relative_to_ceiling: float | None
+    all_heads: dict[str, Any]  # {accuracy, faithfulness}
+    relative_to_all_heads: float | None
     random: dict[str, Any]  # random circuits: accuracy per draw, faithfulness_mean/sd, ci_low/ci_high
     n: int
     heads_per_role: dict[str, int]
@@ -361,8 +385,8 @@ class FaithfulnessResult(_CircuitRun):
     def headline(self):
         out = super().headline()
         for k in ("faithfulness", "accuracy"):
-            if self.ceiling.get(k) is not None:
-                out[f"faithfulness/ceiling_{k}"] = float(self.ceiling[k])
+            if self.all_heads.get(k) is not None:
+                out[f"faithfulness/all_heads_{k}"] = float(self.all_heads[k])
         return out
 
 
@@ -392,7 +416,7 @@ class CurveResult(Result):
     points: list[dict[str, Any]]  # per fraction: {fraction, heads, faithfulness, ci_low, ci_high, ...}
     cpr: float | None
     cmd: float | None
-    ceiling: dict[str, Any]
+    all_heads: dict[str, Any]
     accuracy_model: float
     n: int
     reason: str | None = _optional()
@@ -411,7 +435,7 @@ class CircuitSearchResult(Result):
     faithfulness: float | None
     ci_low: float | None = _optional()
     ci_high: float | None = _optional()
-    ceiling: dict[str, Any] | None = _optional()
+    all_heads: dict[str, Any] | None = _optional()
     accuracy_model: float
     units_kept: int
     units_total: int | None = _optional()
@@ -567,4 +591,5 @@ class FinetuneResult(Result):
 RESULT_TYPES: dict[str, type[Result]] = {c.schema: c for c in (
     EvalResult, PathPatchingResult, MinimalityResult, FaithfulnessResult, CompletenessResult, CurveResult,
     CircuitSearchResult, OverlapResult, DCMResult, ActivationPatchingResult, CMAPResult, ModelDiffResult,
-    KnockoutResult, FinetuneResult, SpecificityResult, AttentionPatternsResult, CausalImpactResult)}
+    KnockoutResult, FinetuneResult, SpecificityResult, AttentionPatternsResult, CausalImpactResult,
+    PositionalHypothesesResult)}

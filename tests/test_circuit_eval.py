@@ -8,7 +8,7 @@ import torch
 
 from etk.circuits import Circuit, load_circuit, overlap
 from etk.methods.completeness.completeness import completeness
-from etk.methods.mean_ablation.ablation import ceiling_ablation, circuit_ablation, full_model
+from etk.methods.mean_ablation.ablation import all_heads_ablation, circuit_ablation, full_model
 from etk.methods.mean_ablation.summary import faithfulness, random_ablation
 from etk.methods.minimality.minimality import minimality
 from etk.models.arch import LlamaFamily
@@ -219,6 +219,6 @@ def test_vital_only_is_detected_from_the_kept_roles(setup):
 
     _, _, _, dims = setup
     circ = circuit_ablation(Circuit({"value_fetcher": [[0, 1]]}), dims)
-    assert vital_only(circ) and vital_only(ceiling_ablation(dims))
+    assert vital_only(circ) and vital_only(all_heads_ablation(dims))
     assert not vital_only(circuit_ablation(Circuit({"value_fetcher": [[0, 1]]}), dims, ablate_non_vital=False))
     assert not vital_only(circ.plus([("correct_object", 0, 1)]))

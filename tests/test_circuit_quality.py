@@ -1,4 +1,4 @@
-"""Circuit quality: the three-position ceiling, faithfulness curves (CPR/CMD), and the position-aware circuit search,
+"""Circuit quality: the all-heads reference, faithfulness curves (CPR/CMD), and the position-aware circuit search,
 on planted tiny models whose mechanism is known."""
 
 import json
@@ -12,7 +12,7 @@ from etk.data.roles import ROLE_ID, ROLE_VOCAB
 from etk.interventions.hooks import hooked
 from etk.methods.circuit_search.search import UnitAttribution, exact_removal_effects, grow_and_prune
 from etk.methods.faithfulness_curve.curve import curve_circuits, integrated, ranked_heads
-from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, ceiling_ablation, empty_keep, full_model
+from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, all_heads_ablation, empty_keep, full_model
 from etk.methods.mean_ablation.summary import faithfulness
 from etk.models.arch import LlamaFamily
 from etk.models.forward import last_logits
@@ -34,29 +34,29 @@ def logp_of(model, batch, means, ablations):
     return logits.log_softmax(-1).gather(-1, batch.answer[None, :, None].expand(len(ablations), -1, 1))[..., 0]
 
 
-def test_ceiling_is_below_one_when_the_answer_needs_a_non_vital_position(relay):
+def test_all_heads_reference_is_below_one_when_the_answer_needs_a_non_vital_position(relay):
     model, batch, means, dims = relay
     ev = evaluator(model, batch, means)
     every = Circuit({g: [[lay, h] for lay in range(dims.n_layers) for h in range(dims.n_heads)] for g in task_named("entity_tracking").group_names})
     r = faithfulness(ev, every, dims, n_random=0)
     assert r["accuracy_model"] == 1.0
-    assert r["ceiling"]["faithfulness"] < 0.2  # the relay head at the object position is mean-ablated
-    assert r["faithfulness"] == pytest.approx(r["ceiling"]["faithfulness"])  # keeping every head there IS the ceiling
-    if r["ceiling"]["faithfulness"] == 0:
-        assert r["relative_to_ceiling"] is None and "reason_relative_to_ceiling" in r  # 0/0: undefined, never NaN
+    assert r["all_heads"]["faithfulness"] < 0.2  # the relay head at the object position is mean-ablated
+    assert r["faithfulness"] == pytest.approx(r["all_heads"]["faithfulness"])  # keeping every head there IS the all_heads
+    if r["all_heads"]["faithfulness"] == 0:
+        assert r["relative_to_all_heads"] is None and "reason_relative_to_all_heads" in r  # 0/0: undefined, never NaN
     else:
-        assert r["relative_to_ceiling"] == pytest.approx(1.0)
+        assert r["relative_to_all_heads"] == pytest.approx(1.0)
     loose = faithfulness(ev, every, dims, n_random=0, ablate_non_vital=False)
-    assert loose["ceiling"]["faithfulness"] == 1.0  # no position is ablated: the identity
+    assert loose["all_heads"]["faithfulness"] == 1.0  # no position is ablated: the identity
     # the planted unit alone restores it: it is the non-vital position that matters
     two = Ablation(empty_keep(dims)).plus([("correct_object", 0, 1), ("last", 1, 2)])
     assert float(ev([two]).mean()) == 1.0
 
 
-def test_ceiling_without_ablating_other_positions_is_the_unpatched_model(relay):
+def test_all_heads_reference_without_ablating_other_positions_is_the_unpatched_model(relay):
     model, batch, means, dims = relay
     plain = last_logits(model, batch)
-    assert torch.equal(run_ablations(model, batch, means, [ceiling_ablation(dims, ablate_non_vital=False)])[0], plain)
+    assert torch.equal(run_ablations(model, batch, means, [all_heads_ablation(dims, ablate_non_vital=False)])[0], plain)
 
 
 def test_search_finds_the_planted_units_from_exact_and_from_attribution_scores(relay):
@@ -113,7 +113,7 @@ def test_ranked_heads_put_unscored_heads_last():
     assert ranked_heads(s, scored) == [(0, 1), (0, 0), (1, 0), (1, 1)]
 
 
-def test_curve_circuits_remove_pt_from_vf_and_end_at_the_ceiling(relay):
+def test_curve_circuits_remove_pt_from_vf_and_end_at_the_all_heads_reference(relay):
     _, _, _, dims = relay
     g = torch.Generator().manual_seed(0)
     scores = {grp: -torch.rand(dims.n_layers, dims.n_heads, generator=g) for grp in task_named("entity_tracking").group_names}
@@ -126,7 +126,7 @@ def test_curve_circuits_remove_pt_from_vf_and_end_at_the_ceiling(relay):
         "last": n, "query_label": n, "prev_query_label": n}
 
 
-def test_curve_on_the_planted_model_is_monotone_and_its_last_point_is_the_ceiling(tok):
+def test_curve_on_the_planted_model_is_monotone_and_its_last_point_is_the_all_heads_reference(tok):
     model = planted_model(tok, head=2)  # the answer rests on (1, 2) at `last`
     batch, _ = batch_of(tok, n=24, n_boxes=1, seed=3)
     ab_batch, _ = batch_of(tok, n=24, n_boxes=1, seed=4)
@@ -138,8 +138,8 @@ def test_curve_on_the_planted_model_is_monotone_and_its_last_point_is_the_ceilin
     fracs = [0.125, 0.25, 0.5, 1.0]
     fs = [faithfulness(ev, c, dims, n_random=0)["faithfulness"] for _, c in curve_circuits(scores, None, fracs)]
     assert all(b >= a - 1e-9 for a, b in zip(fs, fs[1:]))
-    ceiling = faithfulness(ev, Circuit({}), dims, n_random=0)["ceiling"]["faithfulness"]
-    assert fs[-1] == pytest.approx(ceiling) and fs[0] == 1.0
+    reference = faithfulness(ev, Circuit({}), dims, n_random=0)["all_heads"]["faithfulness"]
+    assert fs[-1] == pytest.approx(reference) and fs[0] == 1.0
 
 
 def test_cpr_and_cmd_of_a_known_curve():
@@ -160,7 +160,7 @@ def test_circuit_search_cli_finds_the_planted_units(tmp_path):
                                  "method.exact_max_units=0", "method.n_verify=8", "method.verify_prompts=12"] + SMALL)
     circ = load_circuit(tmp_path / "circuit.json")
     assert set(circ.units()) == {("correct_object", 0, 1), ("last", 1, 2)}
-    assert res.faithfulness == 1.0 and res.ceiling["faithfulness"] < 0.2
+    assert res.faithfulness == 1.0 and res.all_heads["faithfulness"] < 0.2
     assert res.unit_fraction == pytest.approx(2 / res.units_total)
     assert res.extra["scoring"] == "attribution" and res.extra["verification"]["units"] == 8
     doc = json.loads((tmp_path / "results.json").read_text())
@@ -174,7 +174,7 @@ def test_faithfulness_curve_cli_from_a_path_patching_run(tmp_path):
                                            f"scores={tmp_path / 'pp'}", "method.n_examples=24", "method.n_random=1"] + SMALL)
     curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
     assert [p["fraction"] for p in curve["points"]] == sorted(p["fraction"] for p in curve["points"])
-    assert curve["points"][-1]["faithfulness"] == pytest.approx(curve["ceiling"]["faithfulness"])
+    assert curve["points"][-1]["faithfulness"] == pytest.approx(curve["all_heads"]["faithfulness"])
     # CPR and CMD recomputed from the written points: trapezoids over log(fraction) rescaled to [0, 1], under the
     # faithfulness curve (CPR) and between it and 1 (CMD)
     xs = [math.log(p["fraction"]) for p in curve["points"]]

@@ -66,7 +66,8 @@ STUDY = ["method=study", "pair=tiny_planted", "data.n_boxes=3", "data.n_examples
          "method.cmap.batch_size=4", "method.knockout.n_examples=9", "method.knockout.batch_size=4",
          "method.model_diff.n_examples=9", "method.model_diff.batch_size=4", "method.completeness.n_examples=9",
          "method.completeness.batch_size=4", "method.completeness.n_random=2", "method.attention_patterns.n_examples=9",
-         "method.attention_patterns.batch_size=4", "method.plan.split_dcm=[[value_fetcher,object]]"]
+         "method.attention_patterns.batch_size=4", "method.plan.split_dcm=[[value_fetcher,object]]",
+         "method.positional_hypotheses.n_examples=9", "method.positional_hypotheses.batch_size=9"]
 
 
 @pytest.mark.slow

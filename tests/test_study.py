@@ -21,7 +21,8 @@ SMALL = ["method=study", "pair=tiny", "pair.base.tiny.n_layers=3", "pair.finetun
          "method.activation_patching.n_examples=8", "method.activation_patching.repeats=1", "method.cmap.n_examples=8",
          "method.knockout.n_examples=4", "method.knockout.batch_size=4", "method.model_diff.n_examples=6",
          "method.model_diff.batch_size=3", "method.completeness.n_examples=8", "method.completeness.n_random=2",
-         "method.attention_patterns.n_examples=8", "method.plan.split_dcm=[[value_fetcher,object]]"]
+         "method.attention_patterns.n_examples=8", "method.plan.split_dcm=[[value_fetcher,object]]",
+         "method.positional_hypotheses.n_examples=8", "method.positional_hypotheses.batch_size=8"]
 
 
 def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
@@ -33,7 +34,7 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
                     "## 11. Completeness", "## 12. Attention patterns", "## 13. Causal impact", "causal_impact.png",
                     "**CMAP by part**", "**DCM by part**", "**Attention patterns (finetuned).**",
                     "**What fine-tuning changed (model diffing).**", "## Findings", "**Accuracy.**",
-                    "**CMAP", "**Knockout last->correct_object.**", "curves.png", "ceiling"):
+                    "**CMAP", "**Knockout last->correct_object.**", "curves.png", "all_heads"):
         assert section in report, section
     assert (tmp_path / "faithfulness_matrix.md").exists()
     assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"

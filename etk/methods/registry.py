@@ -40,6 +40,8 @@ from etk.methods.model_diff import report as model_diff_report
 from etk.methods.model_diff.run import run_model_diff
 from etk.methods.overlap.run import run_overlap
 from etk.methods.path_patching import report as pp_report
+from etk.methods.positional_hypotheses import report as positional_report
+from etk.methods.positional_hypotheses.run import run_positional_hypotheses
 from etk.methods.path_patching.run import run_path_patching
 from etk.methods.specificity.run import run_specificity
 from etk.report.context import ReportContext, Section
@@ -60,6 +62,7 @@ from etk.results import (
     ModelDiffResult,
     OverlapResult,
     PathPatchingResult,
+    PositionalHypothesesResult,
     Result,
     SpecificityResult,
 )
@@ -92,7 +95,7 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="the paper's significance pruning of candidate sets"),
     MethodSpec("faithfulness", run_faithfulness, FaithfulnessResult, faithfulness_report.section,
                faithfulness_report.collect, "faithfulness matrix",
-               summary="F(circuit)/F(model) under mean ablation, with its ceiling and random circuits"),
+               summary="F(circuit)/F(model) under mean ablation, with its all-heads reference and random circuits"),
     MethodSpec("faithfulness_curve", run_faithfulness_curve, CurveResult, curve_report.section,
                summary="faithfulness of top-x% circuits, CPR and CMD"),
     MethodSpec("circuit_search", run_circuit_search, CircuitSearchResult, search_report.section,
@@ -113,6 +116,9 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="attention probabilities of a circuit's heads from their role to the task's roles"),
     MethodSpec("causal_impact", run_causal_impact, CausalImpactResult, causal_impact_report.section,
                summary="the fine-tuned circuit's heads scored in both members, shared vs added heads"),
+    MethodSpec("positional_hypotheses", run_positional_hypotheses, PositionalHypothesesResult, positional_report.section,
+               summary="which positional information a head set carries: variants and cross-length pairs scored "
+                       "against ordinal / token-offset hypotheses"),
     MethodSpec("specificity", run_specificity, SpecificityResult,
                summary="a circuit of one task ablated everywhere, measured on another task, against random heads"),
     MethodSpec("finetune", run_finetune, FinetuneResult, entry="finetune", summary="LoRA or full fine-tuning"),

@@ -55,7 +55,7 @@ class ReportContext:
         return path.relative_to(self.root)
 
     def qualifier(self) -> str | None:
-        """'fine-tuned circuit explains F [lo, hi]; three-position ceiling C', for every circuit claim."""
+        """'fine-tuned circuit explains F [lo, hi]; every head at its positions C', for every circuit claim."""
         from etk.report.findings import explains
 
         text = explains(self.result("faithfulness", circuit_of="finetuned", member="finetuned"))

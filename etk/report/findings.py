@@ -54,9 +54,9 @@ def share_text(v: Doc) -> str:
 
 
 def explains(res: Any) -> str | None:
-    """'circuit explains F [lo, hi]; three-position ceiling C' for a faithfulness result."""
+    """'circuit explains F [lo, hi]; every head at its positions C' for a faithfulness result."""
     if res is None or res.faithfulness is None:
         return None
-    c = (res.ceiling or {}).get("faithfulness")
+    c = (res.all_heads or {}).get("faithfulness")
     return (f"circuit explains {res.faithfulness:.2f} [{fmt(res.ci_low, 2)}, {fmt(res.ci_high, 2)}]"
-            + (f"; three-position ceiling {c:.2f}" if c is not None else ""))
+            + (f"; every head at its positions {c:.2f}" if c is not None else ""))

@@ -102,7 +102,7 @@ def mask_plot(values: torch.Tensor, names: Sequence[str], path: str | Path, titl
 
 def curve_plot(curves: dict[str, dict], path: str | Path, title: str) -> Path:
     """Faithfulness vs circuit size (log x) for one or more models' `curve.json` documents: 95% CI bands, each
-    model's ceiling (dashed) and random circuits of the same sizes (dotted)."""
+    model's all-heads reference (dashed) and random circuits of the same sizes (dotted)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     xs = [100 * p["fraction"] for c in curves.values() for p in c["points"]]
     for i, (name, c) in enumerate(curves.items()):
@@ -115,8 +115,8 @@ def curve_plot(curves: dict[str, dict], path: str | Path, title: str) -> Path:
         rnd = [p.get("random_faithfulness_mean") for p in pts]
         if all(r is not None for r in rnd):
             ax.plot(x, rnd, ls=":", color=col, label=f"{name}: random circuits")
-        if c.get("ceiling", {}).get("faithfulness") is not None:
-            ax.axhline(c["ceiling"]["faithfulness"], ls="--", lw=1, color=col, label=f"{name}: ceiling (all heads at the 3 positions)")
+        if c.get("all_heads", {}).get("faithfulness") is not None:
+            ax.axhline(c["all_heads"]["faithfulness"], ls="--", lw=1, color=col, label=f"{name}: all heads at the circuit's positions")
     ax.axhline(1.0, color="black", lw=0.6)
     ax.set_xscale("log")
     if xs:

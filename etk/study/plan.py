@@ -201,6 +201,20 @@ def attention_patterns_jobs(study: Study) -> list[Job]:
             for m in MEMBERS]
 
 
+def positional_hypotheses_jobs(study: Study) -> list[Job]:
+    """Each DCM head set of a desideratum in plan.hypotheses_desiderata (null = the task's; entity tracking:
+    position) scored against the positional hypotheses in the member it came from; none for a task without them."""
+    wanted = set(study.plan.get("hypotheses_desiderata") or study.task.hypotheses_desiderata)
+    jobs = []
+    for dj, res in sorted(study.results("dcm", part=None), key=lambda jr: jr[0].name):
+        if dj.desideratum in wanted and res.selected_heads:
+            jobs.append(Job("positional_hypotheses", dj.name, (f"model={dj.member}", f"method.heads={res.dir / 'results.json'}",
+                                                              *study.sizes("positional_hypotheses")),
+                            member=dj.member, circuit_of=dj.member, group=dj.group, desideratum=dj.desideratum,
+                            reads=(("dcm", dj.name),)))
+    return jobs
+
+
 def causal_impact_jobs(study: Study) -> list[Job]:
     """The fine-tuned circuit's heads scored by path patching in both members (no model is loaded)."""
     pp = {m: study.result("path_patching", member=m) for m in MEMBERS}
@@ -220,4 +234,5 @@ STEP_JOBS: dict[str, Callable[[Study], list[Job]]] = {
     "dcm": dcm_jobs, "activation_patching": activation_patching_jobs, "cmap": cmap_jobs,
     "model_diff": model_diff_jobs, "knockout": knockout_jobs, "completeness": completeness_jobs,
     "attention_patterns": attention_patterns_jobs, "causal_impact": causal_impact_jobs,
+    "positional_hypotheses": positional_hypotheses_jobs,
 }

@@ -77,6 +77,7 @@ class Task:
     cmap_choice: tuple[tuple[str, str], ...] = ()  # (group, desideratum config file) whose DCM heads CMAP patches
     study_desiderata: tuple[str, ...] = ()  # desideratum config files the study's DCM step trains
     study_ap_desiderata: tuple[str, ...] = ()  # those whose DCM heads the study activation-patches (default: all)
+    hypotheses_desiderata: tuple[str, ...] = ()  # those whose DCM heads `positional_hypotheses` scores (none: skip)
     # the report's words
     title: str = ""  # "Entity-tracking study"
     skill: str = ""  # "tracking": "Fine-tuning does not change <skill> significantly"

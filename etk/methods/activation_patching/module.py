@@ -40,6 +40,15 @@ class ActivationPatchingModule(ModelHost):
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
         self.acc.reset()
+        self._predicted = []
+
+    def predictions(self, n: int) -> torch.Tensor:
+        """The argmax token of every row (unpatched, then each head set) for base prompts 0..n-1: [1 + sets, n]
+        (one process; -1 where a prompt was not seen)."""
+        out = torch.full((1 + len(self.head_sets), n), -1, dtype=torch.long)
+        for index, argmax in self._predicted:
+            out[:, index.cpu()] = argmax.cpu()
+        return out
 
     def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
         n_heads = LlamaFamily.of(self.net).dims.n_heads
@@ -49,5 +58,7 @@ class ActivationPatchingModule(ModelHost):
         for hs in self.head_sets.values():  # the patched runs share each base prompt's unpatched prefix
             rows.append(patched_last_logits(self.net, batch.base, hs.patches(src, batch.base, n_heads),
                                             earliest(batch.base, list(hs.roles)), rows=own))
+        if self.record:
+            self._predicted.append((batch.base.index, torch.stack([r.argmax(-1) for r in rows])))
         self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]),
                         torch.stack([answer_logp(r, batch.base.answer) for r in rows]), batch.base.index)

@@ -16,21 +16,21 @@ def section(ctx: ReportContext) -> Section | None:
     if not search:
         return None
     lines = ["Units (head, position role) at every token role of the prompt, grown to a target faithfulness on a search "
-             "split; faithfulness on held-out prompts, with the three-position ceiling on the same prompts.", ""]
+             "split; faithfulness on held-out prompts, with the all-heads reference on the same prompts.", ""]
     rows, findings = [], []
     for name, d in search.items():
         f = with_ci(d, "faithfulness") if d.ci_low is not None else fmt(d.faithfulness)
         units = (f"{d.units_kept} of {d.units_total} ({100 * d.unit_fraction:.1f}%)"
                  if d.unit_fraction is not None else "")
-        rows.append([f"`{name}`", f, fmt((d.ceiling or {}).get("faithfulness"), 2), units])
+        rows.append([f"`{name}`", f, fmt((d.all_heads or {}).get("faithfulness"), 2), units])
         if d.faithfulness is not None:
             roles = sorted(d.heads_per_role.items(), key=lambda kv: -kv[1])
             findings.append(f"**Position-aware circuit, `{name}`.** {d.units_kept} (head, position) units "
                             f"({100 * d.unit_fraction:.1f}% of them) keep {d.faithfulness:.2f} [{fmt(d.ci_low, 2)}, "
-                            f"{fmt(d.ci_high, 2)}] on held-out prompts (three-position ceiling "
-                            f"{fmt(d.ceiling['faithfulness'], 2)}), with most heads at "
+                            f"{fmt(d.ci_high, 2)}] on held-out prompts (all-heads reference "
+                            f"{fmt(d.all_heads['faithfulness'], 2)}), with most heads at "
                             + ", ".join(f"{r} ({k})" for r, k in roles[:4]) + ".")
-    lines += [markdown(["model", "held-out F [95% CI]", "three-position ceiling", "units kept"], rows)]
+    lines += [markdown(["model", "held-out F [95% CI]", "all-heads reference", "units kept"], rows)]
     roles = sorted({r for d in search.values() for r in d.heads_per_role}, key=ROLE_VOCAB.index)
     lines += ["Heads kept per position role:", "",
               markdown(["role"] + [f"`{m}`" for m in search],

@@ -1,5 +1,5 @@
 """`method=circuit_search`: a position-aware circuit of (head, position role) units grown and pruned to a target
-faithfulness on a search split (`search.py`), reported on held-out prompts with its ceiling and random circuits."""
+faithfulness on a search split (`search.py`), reported on held-out prompts with its all-heads reference and random circuits."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from etk.methods.circuit_search.search import (
     grow_and_prune,
     verify_subset,
 )
-from etk.methods.mean_ablation.ablation import Ablation, ceiling_ablation, full_model
+from etk.methods.mean_ablation.ablation import Ablation, all_heads_ablation, full_model
 from etk.methods.mean_ablation.runner import run_evaluated
 from etk.methods.mean_ablation.summary import random_ablation, summarise
 from etk.metrics import fmt, spearman
@@ -100,12 +100,12 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
                                    u % dims.n_heads], "attribution": float(scores[u]), "removal_from_model": float(e)}
                          for u, e in zip(sub, from_model)],
             }
-        # held-out prompts: faithfulness with CI, the three-position ceiling, random circuits of the same sizes
+        # held-out prompts: faithfulness with CI, the all-heads reference, random circuits of the same sizes
         ev.use(int(m.n_heldout), start=n_search)
         circ = Ablation(keep, "circuit", vital)
         rng = random.Random(int(m.random_seed))
         rand = [random_ablation(circ, dims, rng, f"random{i}") for i in range(int(m.n_random))]
-        c = ev([full, circ, ceiling_ablation(dims, vital=vital)] + rand)
+        c = ev([full, circ, all_heads_ablation(dims, vital=vital)] + rand)
         doc = summarise(c[0], c[1], c[2], c[3:], circ.heads_per_role(), False, int(m.n_bootstrap),
                         {"n_draws": int(m.n_random), "seed": int(m.random_seed)})
         kept = int(keep.sum())
@@ -116,11 +116,11 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
         print(f"[etk] circuit search on {cfg.model.name}: {kept} of {n_units} units ({100 * kept / n_units:.1f}%), "
               f"faithfulness {fmt(doc['faithfulness'])} [{fmt(doc['ci_low'])}, {fmt(doc['ci_high'])}] on "
               f"{doc['n']} held-out prompts (search split {f_search:.3f}, target {float(m.target)}); three-position "
-              f"ceiling {fmt(doc['ceiling']['faithfulness'])}; random circuits {fmt(doc['random']['faithfulness_mean'])}"
+              f"all heads at its positions {fmt(doc['all_heads']['faithfulness'])}; random circuits {fmt(doc['random']['faithfulness_mean'])}"
               + (f"; attribution vs exact Spearman {fmt(verification['spearman_vs_removal_from_model'], 2)}"
                  if verification else ""))
         return {"faithfulness": doc["faithfulness"], "ci_low": doc["ci_low"], "ci_high": doc["ci_high"],
-                "ceiling": doc["ceiling"], "relative_to_ceiling": doc["relative_to_ceiling"],
+                "all_heads": doc["all_heads"], "relative_to_all_heads": doc["relative_to_all_heads"],
                 "accuracy_model": doc["accuracy_model"], "accuracy_circuit": doc["accuracy_circuit"],
                 "random": doc["random"], "n_heldout": doc["n"], "n_search": n_search,
                 "faithfulness_search": f_search, "target": float(m.target), "target_reached_heldout":

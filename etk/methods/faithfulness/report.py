@@ -15,9 +15,9 @@ from etk.results import FaithfulnessResult
 
 
 def faithfulness_cell(d: FaithfulnessResult) -> str:
-    """'F [lo, hi] (random r; ceiling c, x of it)': the circuit, its baseline and the three-position ceiling."""
-    c = d.ceiling
-    ceil = f"; ceiling {fmt(c['faithfulness'], 2)}, {fmt(d.relative_to_ceiling, 2)} of it" if c else ""
+    """'F [lo, hi] (random r; all heads c, x of it)': the circuit, its baseline and the all-heads reference."""
+    c = d.all_heads
+    ceil = f"; all heads {fmt(c['faithfulness'], 2)}, {fmt(d.relative_to_all_heads, 2)} of it" if c else ""
     return f"{with_ci(d, 'faithfulness')} (random {fmt(d.random['faithfulness_mean'])}{ceil})"
 
 
@@ -58,7 +58,7 @@ def reuse_findings(ctx: ReportContext) -> list[str]:
              else "explains less of it than the fine-tuned model's own circuit"
              if above(own, borrowed) else "explains more of it than its own circuit")
     above_random = "well above" if above(borrowed, rb) else "not clearly above"
-    ceil = (own.ceiling or {}).get("faithfulness")
+    ceil = (own.all_heads or {}).get("faithfulness")
     out = [f"**Circuit reuse.** On the fine-tuned model, the base model's circuit has faithfulness "
            f"{borrowed.faithfulness:.2f} [{borrowed.ci_low:.2f}, {borrowed.ci_high:.2f}] ({above_random} random "
            f"circuits of the same sizes, {fmt(rb['faithfulness_mean'], 2)}); the fine-tuned model's own circuit has "
@@ -81,7 +81,7 @@ def section(ctx: ReportContext) -> Section | None:
     write_table(ctx.root, "faithfulness_matrix", header, rows)
     return Section("Faithfulness under mean ablation (circuit × model)",
                    ["F(circuit)/F(model) with paired-bootstrap 95% CI; in parentheses random circuits of the same sizes, "
-                    "the three-position ceiling on that model and the share of it the circuit reaches.", "",
+                    "the all-heads reference on that model and the share of it the circuit reaches.", "",
                     markdown(header, rows)], reuse_findings(ctx))
 
 

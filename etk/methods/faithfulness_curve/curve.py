@@ -3,7 +3,7 @@ and the two integrated measures of the MIB circuit-localisation benchmark (Muell
 
 At fraction x every group takes its round(x * n_heads) best heads (scored heads by ascending score, then the
 heads its stage could not score), of two groups at one role the later's heads are removed from the earlier's (PT's
-from VF as in the paper's construction, both at `last`), and each group acts at its role. At x = 1 every head is kept at every vital role: the ceiling.
+from VF as in the paper's construction, both at `last`), and each group acts at its role. At x = 1 every head is kept at every vital role: the all-heads reference.
 
 CPR = the area under the faithfulness curve, CMD = the area between the curve and 1 (|1 - F|), both over the
 log-spaced fractions rescaled to [0, 1] (trapezoids), so a curve at 1 everywhere has CPR 1 and CMD 0."""

@@ -14,7 +14,7 @@ from etk.artifacts import write_json
 from etk.circuits import load_score_map
 from etk.errors import ConfigError
 from etk.methods.faithfulness_curve.curve import curve_circuits, curve_points, integrated
-from etk.methods.mean_ablation.ablation import ceiling_ablation, circuit_ablation, full_model
+from etk.methods.mean_ablation.ablation import all_heads_ablation, circuit_ablation, full_model
 from etk.methods.mean_ablation.runner import run_evaluated
 from etk.methods.mean_ablation.summary import random_ablation, summarise
 from etk.metrics import fmt
@@ -63,7 +63,7 @@ def run_faithfulness_curve(cfg: DictConfig) -> CurveResult:
         fr = sorted(float(x) for x in m.fractions)
         points = curve_circuits(scores, scored, fr)
         rng = random.Random(int(m.random_seed))
-        abls = [full_model(dims), ceiling_ablation(dims, bool(m.ablate_non_vital), ev.vital)]
+        abls = [full_model(dims), all_heads_ablation(dims, bool(m.ablate_non_vital), ev.vital)]
         circs = [circuit_ablation(c, dims, bool(m.ablate_non_vital), f"{x}", ev.vital) for x, c in points]
         rand = [[random_ablation(a, dims, rng, f"random{i}@{a.name}") for i in range(int(m.n_random))] for a in circs]
         correct = ev(abls + circs + [r for rs in rand for r in rs])  # one batch of every configuration
@@ -74,10 +74,10 @@ def run_faithfulness_curve(cfg: DictConfig) -> CurveResult:
         pts = curve_points(fr, [c for _, c in points], docs)
         for p, d in zip(pts, docs):
             p["random_faithfulness_mean"] = d["random"]["faithfulness_mean"]
-        ceiling = docs[0]["ceiling"]
+        reference = docs[0]["all_heads"]
         defined = all(p["faithfulness"] is not None for p in pts)
         area = integrated(fr, [p["faithfulness"] for p in pts]) if defined else {"cpr": None, "cmd": None}
-        curve = {"model": cfg.model.name, "scores": str(cfg.scores), "points": pts, **area, "ceiling": ceiling,
+        curve = {"model": cfg.model.name, "scores": str(cfg.scores), "points": pts, **area, "all_heads": reference,
                  "accuracy_model": docs[0]["accuracy_model"], "n": docs[0]["n"],
                  "ablate_non_vital": bool(m.ablate_non_vital)}
         if not defined:
@@ -86,6 +86,6 @@ def run_faithfulness_curve(cfg: DictConfig) -> CurveResult:
         curve_plot({cfg.model.name: curve}, output_dir() / "curve.png", f"{cfg.model.name}: faithfulness vs circuit size")
         print(f"[etk] faithfulness curve of {cfg.model.name}: " + ", ".join(
             f"{100 * p['fraction']:g}% {fmt(p['faithfulness'], 2)}" for p in pts)
-              + f"; CPR {fmt(area['cpr'])}, CMD {fmt(area['cmd'])}; ceiling {fmt(ceiling['faithfulness'])}")
+              + f"; CPR {fmt(area['cpr'])}, CMD {fmt(area['cmd'])}; all heads {fmt(reference['faithfulness'])}")
         return {k: v for k, v in curve.items() if k != "model"}
     return run_evaluated(cfg, CurveResult, body, needs_circuit=False)

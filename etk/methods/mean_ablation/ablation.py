@@ -97,14 +97,14 @@ def circuit_ablation(circuit: Circuit, dims: Dims, ablate_non_vital: bool = True
     return Ablation(keep | circuit.head_set().keep(dims), name, vital)
 
 
-def ceiling_ablation(dims: Dims, ablate_non_vital: bool = True, vital: Sequence[str] | None = None) -> Ablation:
+def all_heads_ablation(dims: Dims, ablate_non_vital: bool = True, vital: Sequence[str] | None = None) -> Ablation:
     """The best any circuit of the task's vital positions can do: every head kept at the vital roles (`vital`, else
     the default task's), everything else as in `circuit_ablation` (so with ablate_non_vital=False it is the
     identity)."""
     vital = vital_roles(None, vital)
     keep = _base(dims, vital, ablate_non_vital)
     keep[[ROLE_ID[r] for r in vital]] = True
-    return Ablation(keep, "ceiling", vital)
+    return Ablation(keep, "all_heads", vital)
 
 
 def keep_rows(ablations: Sequence[Ablation], batch: PromptBatch) -> torch.Tensor:

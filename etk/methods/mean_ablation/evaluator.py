@@ -19,7 +19,7 @@ from etk.tasks import task_of
 class Evaluator:
     """Loads the model, computes the per-position means on the task's ablation set, and evaluates ablations on the
     task's evaluation prompts (`data` with `n_examples`, default `method.n_examples`). `vital`: the task's vital
-    roles, which group circuits and ceilings are built on."""
+    roles, which group circuits and all-heads references are built on."""
 
     def __init__(self, cfg: DictConfig, circuit: Circuit | None = None, n_examples: int | None = None,
                  model: LoadedModel | None = None):

@@ -59,6 +59,7 @@ class EntityTracking(Task):
     cmap_choice = (("value_fetcher", "object"), ("pos_transmitter", "position"), ("pos_detector", "position"))
     study_desiderata = ("object", "position", "label")  # desideratum config files the study's DCM step trains
     study_ap_desiderata = ("object", "position")
+    hypotheses_desiderata = ("position",)
     title = "Entity-tracking study"
     skill = "tracking"
     vital_phrase = "the paper's three positions (last, query label, the queried box's label)"

@@ -1,0 +1,104 @@
+"""`method=positional_hypotheses method.heads=<positional DCM results.json>` (the paper's third open question): the
+head set patched from each probe's sources into its bases (as activation patching does, with a random head set of the
+same size and the unpatched model beside it), and every patched answer scored against each hypothesis of
+`etk.tasks.entity_tracking.hypotheses` at once. Probes: the paper's positional variants (`method.variants`) and
+cross-length pairs (`method.source_boxes`: sources with another box count). Per probe and hypothesis the share of
+pairs answered with that hypothesis's object (95% Wilson interval), counted only on pairs where that object is not
+the base's own answer; pooled over the pairs where the hypotheses disagree, which one the heads follow."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, open_dict
+
+from etk.circuits import load_dcm_selection
+from etk.data.datasets import pair_loader
+from etk.data.vocab import single_token_id
+from etk.errors import ConfigError, DataError
+from etk.interventions.heads import HeadSet
+from etk.methods.activation_patching.module import ActivationPatchingModule
+from etk.metrics import accuracy_ci, fmt
+from etk.models.loading import load
+from etk.results import PositionalHypothesesResult
+from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
+from etk.tasks import group_role, task_of
+
+ROWS = ("unpatched", "selected", "random")  # the module's rows: the model itself, the head set, a random head set
+
+
+def score(pred: torch.Tensor, targets: list[dict[str, str | None]], answers: list[str], tokenizer,
+          hypotheses: tuple[str, ...]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """Per hypothesis and row: the share of pairs whose answer is the hypothesis's object, over the pairs where that
+    object exists and is not the base's own answer. Also, per pair, the hypotheses' target ids [H, N] (-1: none /
+    the base answer) for pooling. `pred`: [rows, N] argmax ids."""
+    ids = torch.tensor([[single_token_id(tokenizer, t[h]) if t[h] is not None and t[h] != a else -1
+                         for t, a in zip(targets, answers)] for h in hypotheses], dtype=torch.long)  # [H, N]
+    out = {}
+    for i, h in enumerate(hypotheses):
+        valid = ids[i] >= 0
+        out[h] = {r: accuracy_ci(pred[j][valid] == ids[i][valid]) for j, r in enumerate(ROWS)}
+    return out, ids, pred
+
+
+def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
+    from etk.tasks.entity_tracking.hypotheses import HYPOTHESES, cross_length_pairs, hypothesis_targets
+
+    m = cfg.method
+    task = task_of(cfg)
+    if task.name != "entity_tracking":
+        raise ConfigError(f"method=positional_hypotheses scores entity tracking's positional hypotheses; task "
+                          f"{task.name!r} has none (use task=entity_tracking)")
+    if not m.get("heads"):
+        raise ConfigError("method=positional_hypotheses needs method.heads=<a positional DCM run's results.json>")
+    selection = load_dcm_selection(m.heads)
+    if selection.group is None:
+        raise ConfigError(f"method.heads={m.heads}: the selection does not say its group; give a DCM run's results.json")
+    if not selection.heads:
+        raise DataError(f"method.heads={m.heads}: the DCM run selected no heads, so there is nothing to patch")
+    L.seed_everything(cfg.seed, verbose=False)
+    model = load(cfg.model)
+    dims, tok = model.arch.dims, model.tokenizer
+    selected = HeadSet.from_circuit({selection.group: selection.heads}).check(dims)
+    rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
+    module = ActivationPatchingModule(model.cfg, {"selected": selected, "random": rand_set}, float(m.cache_mb), model)
+    module.record = True
+    data_cfg = data_config(cfg, m.n_examples)
+    bases = task.examples(data_cfg, tok)
+    probes: dict[str, list] = {v: task.desideratum_pairs(v, bases, int(m.random_seed)) for v in m.variants}
+    for n in m.source_boxes:
+        pool_cfg = data_cfg.copy()
+        with open_dict(pool_cfg):  # a fresh pool of prompts with n boxes, seeded apart from the bases
+            pool_cfg.n_boxes, pool_cfg.seed = int(n), int(data_cfg.seed) + 1000 + int(n)
+        probes[f"{n}_box_sources"] = cross_length_pairs(bases, task.examples(pool_cfg, tok), random.Random(int(m.random_seed)))
+    with run_logger(cfg) as logger:
+        trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, logger=False)
+        result, pooled_ids, pooled_pred = {}, [], []
+        for name, pairs in probes.items():
+            trainer.predict(module, pair_loader(task, tok, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
+                            return_predictions=False)
+            pred = module.predictions(len(pairs))  # [rows, N]
+            targets = [hypothesis_targets(p, task.encode(tok, p.base), task.encode(tok, p.source)) for p in pairs]
+            per, ids, _ = score(pred, targets, [p.base.answer for p in pairs], tok, HYPOTHESES)
+            distinct = (ids >= 0).sum(0) >= 1
+            split = torch.tensor([len({t[h] for h in HYPOTHESES}) > 1 for t in targets]) & distinct  # [N]
+            result[name] = {"n": len(pairs), "disagreeing_pairs": int(split.sum()), "hypotheses": per,
+                            "base_answer": {r: accuracy_ci(pred[j] == torch.tensor([single_token_id(tok, p.base.answer)
+                                                                                      for p in pairs]))
+                                            for j, r in enumerate(ROWS)}}
+            pooled_ids.append(ids[:, split])
+            pooled_pred.append(pred[:, split])
+            print(f"[etk] {selection.group} heads, probe {name}: " + ", ".join(
+                f"{h} {fmt(per[h]['selected']['accuracy'], 2)}" for h in HYPOTHESES)
+                  + f" ({int(split.sum())} of {len(pairs)} pairs tell the hypotheses apart)")
+        ids, pred = torch.cat(pooled_ids, 1), torch.cat(pooled_pred, 1)  # [H, M], [rows, M]
+        pooled = {h: {r: accuracy_ci(pred[j][ids[i] >= 0] == ids[i][ids[i] >= 0]) for j, r in enumerate(ROWS)}
+                  for i, h in enumerate(HYPOTHESES)}
+        payload = {"model": cfg.model.name, "group": selection.group, "role": group_role(selection.group),
+                   "heads": [list(h) for h in selection.heads], "random_heads": [list(h) for h in rand_set.heads(group_role(selection.group))],
+                   "hypotheses": list(HYPOTHESES), "probes": result, "pooled": pooled,
+                   "n_pooled": int(ids.shape[1]), "config": plain_config(cfg)}
+        return emit(PositionalHypothesesResult.from_payload(payload), logger)
