@@ -38,6 +38,12 @@ def _optional() -> Any:
     return field(default=None, metadata={"omit_none": True})
 
 
+RENAMED_KEYS = {  # results.json keys of earlier etk versions -> today's (the "ceiling" was not one: circuits exceed it)
+    "ceiling": "all_heads", "relative_to_ceiling": "relative_to_all_heads",
+    "reason_relative_to_ceiling": "reason_relative_to_all_heads",
+}
+
+
 @dataclass(kw_only=True)
 class Result:
     """What every method's result has: the resolved config, the run's resources, the rest of its record (`extra`)
@@ -98,8 +104,9 @@ class Result:
 
     @classmethod
     def from_record(cls, doc: dict[str, Any], path: Path) -> "Result":
-        """The result of a results.json already read (`doc`, checked to be of this schema) found at `path`."""
-        res = cls.from_payload(doc)
+        """The result of a results.json already read (`doc`, checked to be of this schema) found at `path`; keys that
+        earlier etk versions wrote under another name are read under today's (`RENAMED_KEYS`)."""
+        res = cls.from_payload({RENAMED_KEYS.get(k, k): v for k, v in doc.items()})
         res.dir = path.parent
         return res
 

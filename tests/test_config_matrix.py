@@ -104,3 +104,19 @@ def test_study_steps_are_registered_methods_with_study_jobs():
         for step in cfg.method.steps:
             assert step in REGISTRY and step in STEP_JOBS, step
     assert {p.stem for p in (CONF / "method").glob("*.yaml")} - set(STUDY_METHODS) <= set(REGISTRY)
+
+
+def test_study_paper_plans_the_four_model_matrix_and_the_eleven_variants(tmp_path, monkeypatch):
+    """study_paper's activation patching: the paper's 4 models (each skipped with a note where its weights are
+    absent, as here) and the 11 positional variants for the positional head sets."""
+    from etk.study.run import Study
+    from etk.tasks.entity_tracking.pairs import POSITIONAL_VARIANTS
+
+    monkeypatch.delenv("ETK_MODEL_ROOT", raising=False)
+    cfg, _ = composed("patching", ["method=study_paper", "pair=tiny"])
+    plan = cfg.method.plan
+    assert list(plan.ap_models) == ["llama_7b", "vicuna_7b", "goat_7b", "float_7b"]
+    assert sorted(plan.ap_variants.position) == sorted(POSITIONAL_VARIANTS) and len(POSITIONAL_VARIANTS) == 11
+    study = Study(cfg, tmp_path, [])
+    assert study.available_models([*plan.ap_models, "tiny"], "activation_patching") == ["tiny"]
+    assert [line.split(":")[1].strip() for line in study.log] == [f"model {m} skipped" for m in plan.ap_models]

@@ -61,6 +61,15 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
         for header, rows in r.tables().values():
             assert all(len(row) == len(header) for row in rows), p
         assert all(isinstance(v, float) for v in r.headline().values()), p
+    # a results.json of an earlier etk (the all-heads reference under its old name, "ceiling") still loads
+    f = tmp_path / "faithfulness" / "base_circuit-on-base" / "results.json"
+    doc = json.loads(f.read_text())
+    old = {("ceiling" if k == "all_heads" else "relative_to_ceiling" if k == "relative_to_all_heads" else k): v
+           for k, v in doc.items()}
+    assert "ceiling" in old and "all_heads" not in old
+    f.write_text(json.dumps(old))
+    again = load_result(f.parent)
+    assert again.all_heads == doc["all_heads"] and again.relative_to_all_heads == doc["relative_to_all_heads"]
     # a rerun skips every finished job; a corrupt result is recomputed
     (tmp_path / "knockout" / "base" / "results.json").write_text(json.dumps({"schema": "something/else"}))
     again = compose_run(tmp_path, SMALL)

@@ -115,8 +115,8 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
         role_head_heatmap(keep, present, output_dir() / "circuit.png", f"{cfg.model.name}: position-aware circuit")
         print(f"[etk] circuit search on {cfg.model.name}: {kept} of {n_units} units ({100 * kept / n_units:.1f}%), "
               f"faithfulness {fmt(doc['faithfulness'])} [{fmt(doc['ci_low'])}, {fmt(doc['ci_high'])}] on "
-              f"{doc['n']} held-out prompts (search split {f_search:.3f}, target {float(m.target)}); three-position "
-              f"all heads at its positions {fmt(doc['all_heads']['faithfulness'])}; random circuits {fmt(doc['random']['faithfulness_mean'])}"
+              f"{doc['n']} held-out prompts (search split {f_search:.3f}, target {float(m.target)}); every head at "
+              f"the three positions {fmt(doc['all_heads']['faithfulness'])}; random circuits {fmt(doc['random']['faithfulness_mean'])}"
               + (f"; attribution vs exact Spearman {fmt(verification['spearman_vs_removal_from_model'], 2)}"
                  if verification else ""))
         return {"faithfulness": doc["faithfulness"], "ci_low": doc["ci_low"], "ci_high": doc["ci_high"],
