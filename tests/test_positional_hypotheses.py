@@ -87,3 +87,20 @@ def test_the_method_end_to_end_on_tiny(tmp_path):
         assert set(p["hypotheses"]) == set(HYPOTHESES)
         assert all(0 <= v["selected"]["accuracy"] <= 1 for v in p["hypotheses"].values() if v["selected"]["n"])
     assert r.group == "pos_transmitter" and r.role == "last"
+
+
+def test_the_verdict_follows_the_intervals():
+    from types import SimpleNamespace
+
+    from etk.methods.positional_hypotheses.report import verdict
+
+    def ci(lo, hi):
+        return {"selected": {"accuracy": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}}
+
+    d = SimpleNamespace(model="m", n_pooled=400, pooled={"ordinal_start": ci(0.37, 0.47), "offset_start": ci(0.41, 0.51),
+                                                         "ordinal_end": ci(0.27, 0.36), "offset_end": ci(0.17, 0.26)})
+    text = verdict(d, "PT")
+    assert "the token offset from the start leads but is not distinguishable from the ordinal from the first box" in text
+    assert text.endswith("ruled out (interval below the leader's): ordinal from the last box, token offset from the end.")
+    d.pooled = {"ordinal_start": ci(0.6, 0.7), "ordinal_end": ci(0.1, 0.2)}
+    assert "the heads follow the ordinal from the first box; ruled out" in verdict(d, "PT")

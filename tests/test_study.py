@@ -34,7 +34,7 @@ def test_study_report_end_to_end_and_resumable(tmp_path, capsys):
                     "## 11. Completeness", "## 12. Attention patterns", "## 13. Causal impact", "causal_impact.png",
                     "**CMAP by part**", "**DCM by part**", "**Attention patterns (finetuned).**",
                     "**What fine-tuning changed (model diffing).**", "## Findings", "**Accuracy.**",
-                    "**CMAP", "**Knockout last->correct_object.**", "curves.png", "all_heads"):
+                    "**CMAP", "**Knockout last->correct_object.**", "curves.png", "all-heads reference"):
         assert section in report, section
     assert (tmp_path / "faithfulness_matrix.md").exists()
     assert json.loads((tmp_path / "cmap" / "forward" / "results.json").read_text())["direction"] == "forward"

@@ -203,11 +203,14 @@ def attention_patterns_jobs(study: Study) -> list[Job]:
 
 def positional_hypotheses_jobs(study: Study) -> list[Job]:
     """Each DCM head set of a desideratum in plan.hypotheses_desiderata (null = the task's; entity tracking:
-    position) scored against the positional hypotheses in the member it came from; none for a task without them."""
+    position) that carries it (its test interval above the unpatched floor), scored against the positional
+    hypotheses in the member it came from; none for a task without them."""
+    from etk.methods.dcm.report import encodes
+
     wanted = set(study.plan.get("hypotheses_desiderata") or study.task.hypotheses_desiderata)
     jobs = []
     for dj, res in sorted(study.results("dcm", part=None), key=lambda jr: jr[0].name):
-        if dj.desideratum in wanted and res.selected_heads:
+        if dj.desideratum in wanted and encodes(res):
             jobs.append(Job("positional_hypotheses", dj.name, (f"model={dj.member}", f"method.heads={res.dir / 'results.json'}",
                                                               *study.sizes("positional_hypotheses")),
                             member=dj.member, circuit_of=dj.member, group=dj.group, desideratum=dj.desideratum,

@@ -19,12 +19,15 @@ def verdict(d: PositionalHypothesesResult, short: str) -> str:
     ranked = sorted(sel, key=lambda h: -sel[h]["accuracy"])
     best, rest = ranked[0], ranked[1:]
     parts = "; ".join(f"{WORDS.get(h, h)} {with_ci(sel[h])}" for h in ranked)
-    if all(above(sel[best], sel[h]) for h in rest):
+    ties = [h for h in rest if not above(sel[best], sel[h])]
+    below = [h for h in rest if above(sel[best], sel[h])]
+    if not ties:
         said = f"the heads follow the {WORDS.get(best, best)}"
     else:
-        ties = [h for h in rest if not above(sel[best], sel[h])]
         said = (f"the {WORDS.get(best, best)} leads but is not distinguishable from the "
                 + ", ".join(WORDS.get(h, h) for h in ties) + " at this sample size")
+    if below:
+        said += "; ruled out (interval below the leader's): " + ", ".join(WORDS.get(h, h) for h in below)
     return (f"**Which position ({short}, `{d.model}`).** On the {d.n_pooled} pairs where the hypotheses name different "
             f"objects, the patched heads answer with the object of: {parts} — {said}.")
 
