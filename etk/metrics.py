@@ -155,6 +155,27 @@ def mean_ci(values: torch.Tensor) -> dict[str, float | int | None]:
     return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
+class PerExample(ExampleMetric):
+    """Named per-example rows [B, ...] kept per process and gathered in dataset order (`gathered(name)`): for methods
+    that keep raw per-prompt values (attention shares, patched predictions) rather than a score."""
+
+    def __init__(self, *names: str) -> None:
+        super().__init__()
+        self.names = names
+        for n in names:
+            self.add_state(n, default=[], dist_reduce_fx="cat")
+
+    def update(self, index: torch.Tensor | None, **rows: torch.Tensor) -> None:
+        n = None
+        for name, v in rows.items():
+            getattr(self, name).append(v)
+            n = len(v)
+        self._add_index(index, int(n or 0), next(iter(rows.values())).device)
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.gathered(*self.names)))
+
+
 class LogitDifference(ExampleMetric):
     """Per-example logit(answer) - logit(distractor) at the last position (IOI: IO - S), for prompts with a
     distractor; gathered in dataset order."""

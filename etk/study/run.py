@@ -99,7 +99,8 @@ class Study:
             raise ConfigError(f"unknown part {part!r} of the fine-tuned circuit: {', '.join(SPLIT_PARTS)}")
         circuit = ft.intersect(base) if part == "shared" else ft.minus(base)
         path = self.root / "circuits" / f"{part}.json"
-        circuit.save(path)
+        circuit.save(path)  # rank 0 writes; every process reads it after the barrier
+        barrier()
         return str(path)
 
     def available_models(self, names: list[str], step: str) -> list[str]:

@@ -12,6 +12,7 @@ from etk.interventions.heads import HeadSet, capture
 from etk.interventions.prefix import RowCache, earliest, patched_last_logits, row_logits, unpatched_rows
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.module import AblationAccuracy, answer_logp
+from etk.metrics import PerExample
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval
 from etk.models.loading import LoadedModel
@@ -28,6 +29,8 @@ class ActivationPatchingModule(ModelHost):
         self.head_sets: HeadSets = dict(head_sets)  # configuration name -> head set (patched rows, in order)
         self.acc = AblationAccuracy()
         self.cache = RowCache(cache_mb)  # per base prompt: unpatched logits and unpatched prefix, across repeats
+        self.record = False  # keep every row's argmax token per base prompt (`predictions()`), for other targets
+        self.predicted = PerExample("argmax")  # per base prompt: [1 + sets] argmax token ids, gathered
 
     def unpatched(self, batch: PairBatch) -> list:
         """Per base prompt: the model's own logits and its prefix K/V (`unpatched_rows`), computed once and reused
@@ -40,14 +43,15 @@ class ActivationPatchingModule(ModelHost):
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
         self.acc.reset()
-        self._predicted = []
+        self.predicted.reset()
 
     def predictions(self, n: int) -> torch.Tensor:
-        """The argmax token of every row (unpatched, then each head set) for base prompts 0..n-1: [1 + sets, n]
-        (one process; -1 where a prompt was not seen)."""
+        """The argmax token of every row (unpatched, then each head set) for base prompts 0..n-1: [1 + sets, n],
+        gathered from every process (-1 where a prompt was not seen)."""
         out = torch.full((1 + len(self.head_sets), n), -1, dtype=torch.long)
-        for index, argmax in self._predicted:
-            out[:, index.cpu()] = argmax.cpu()
+        index, argmax = self.predicted.gathered("index", "argmax")
+        if index.numel():
+            out[:, index.long().cpu()] = argmax.long().cpu().T
         return out
 
     def predict_step(self, batch: PairBatch, batch_idx: int) -> None:
@@ -59,6 +63,6 @@ class ActivationPatchingModule(ModelHost):
             rows.append(patched_last_logits(self.net, batch.base, hs.patches(src, batch.base, n_heads),
                                             earliest(batch.base, list(hs.roles)), rows=own))
         if self.record:
-            self._predicted.append((batch.base.index, torch.stack([r.argmax(-1) for r in rows])))
+            self.predicted.update(batch.base.index, argmax=torch.stack([r.argmax(-1) for r in rows], 1))  # [B, 1 + sets]
         self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]),
                         torch.stack([answer_logp(r, batch.base.answer) for r in rows]), batch.base.index)

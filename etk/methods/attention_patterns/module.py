@@ -17,6 +17,7 @@ from etk.tasks import collapsed_index, collapsed_roles
 from etk.interventions.components import HeadId
 from etk.methods.base import ModelHost
 from etk.models.forward import assert_eval
+from etk.metrics import PerExample
 from etk.models.loading import LoadedModel
 
 
@@ -42,8 +43,7 @@ class AttentionModule(ModelHost):
                  model: LoadedModel | None = None):
         super().__init__(model_cfg, model)
         self.units, self.key_roles = list(units), list(key_roles)
-        self.rows: list[torch.Tensor] = []
-        self.share_rows: list[torch.Tensor] = []
+        self.seen = PerExample("probs", "shares")  # per prompt: [U, K + 1] and [U, R], gathered across processes
         self._collapse = collapsed_index()  # token role id -> its collapsed_roles() row
 
     @staticmethod
@@ -52,7 +52,7 @@ class AttentionModule(ModelHost):
 
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
-        self.rows, self.share_rows = [], []
+        self.seen.reset()
 
     @torch.no_grad()
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
@@ -61,22 +61,27 @@ class AttentionModule(ModelHost):
         B = len(batch)
         b = torch.arange(B, device=batch.input_ids.device)
         keys = torch.stack([batch.roles[r] for r in self.key_roles], 1)  # [B, K]
-        out = torch.zeros(B, len(self.units), len(self.key_roles) + 1, device=keys.device)
         R = len(self.token_roles())
+        layers = sorted({h.layer for _, h in self.units})
+        stacked = torch.stack([att[j] for j in layers])  # [L', B, H, T, T] the layers with a unit
+        li = torch.tensor([layers.index(h.layer) for _, h in self.units], device=keys.device)  # [U]
+        hi = torch.tensor([h.head for _, h in self.units], device=keys.device)  # [U]
+        q = torch.stack([batch.roles[role] for role, _ in self.units], 1)  # [B, U] query position of each unit
+        rows = stacked[li[None, :], b[:, None], hi[None, :], q]  # [B, U, T]: each unit's row from its query position
+        on = rows.gather(2, keys.clamp_min(0)[:, None, :].expand(-1, len(self.units), -1)) * (keys >= 0)[:, None, :]
+        out = torch.cat([on, (1 - on.sum(2))[:, :, None]], 2)  # [B, U, K + 1]
         tr = batch.token_roles  # [B, T]
         col = self._collapse.to(tr.device)[tr.clamp_min(0)]  # [B, T] collapsed role of every token
-        shares = torch.zeros(B, len(self.units), R, device=keys.device)
-        for u, (role, h) in enumerate(self.units):
-            row = att[h.layer][b, h.head, batch.roles[role]]  # [B, T]: from the query position
-            on = row.gather(1, keys.clamp_min(0)) * (keys >= 0)  # [B, K]
-            out[:, u, :-1] = on
-            out[:, u, -1] = 1 - on.sum(1)
-            shares[:, u] = torch.zeros(B, R, device=row.device).scatter_add(1, col, row * (tr >= 0))  # [B, R]
-        self.rows.append(out.cpu())
-        self.share_rows.append(shares.cpu())
+        shares = torch.zeros(B, len(self.units), R, device=rows.device, dtype=rows.dtype).scatter_add(
+            2, col[:, None, :].expand(-1, len(self.units), -1), rows * (tr >= 0)[:, None, :])  # [B, U, R]
+        self.seen.update(batch.index, probs=out.float(), shares=shares.float())
 
     def shares(self) -> torch.Tensor:
-        return torch.cat(self.share_rows) if self.share_rows else torch.zeros(0, len(self.units), len(self.token_roles()))
+        """[N, U, R] over every process's prompts, in dataset order."""
+        out = self.seen.gathered("shares")[0]
+        return out.cpu() if out.numel() else torch.zeros(0, len(self.units), len(self.token_roles()))
 
     def probs(self) -> torch.Tensor:
-        return torch.cat(self.rows) if self.rows else torch.zeros(0, len(self.units), len(self.key_roles) + 1)
+        """[N, U, K + 1] over every process's prompts, in dataset order."""
+        out = self.seen.gathered("probs")[0]
+        return out.cpu() if out.numel() else torch.zeros(0, len(self.units), len(self.key_roles) + 1)

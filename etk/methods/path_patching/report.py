@@ -35,12 +35,15 @@ def section(ctx: ReportContext) -> Section | None:
     if all(paths.values()):
         base_c, ft_c = load_circuit(paths["base"]), load_circuit(paths["finetuned"])
         ov = overlap(base_c, ft_c)
-        lines += ["Overlap of the two circuits (base ∩ fine-tuned):", "",
-                  markdown(["group", "shared", "precision", "recall"],
-                           [[SHORT.get(g, g), str(v["shared"]), fmt(v["precision"], 2), fmt(v["recall"], 2)]
-                            for g, v in ov.items()])]
-        sizes = ft_c.sizes()
-        per = ", ".join(f"{SHORT.get(g, g)} {v['shared']}/{sizes.get(g, 0)}" for g, v in ov.items())
-        findings.append(f"**Overlap.** {sum(v['shared'] for v in ov.values())} of the fine-tuned circuit's "
-                        f"{sum(sizes.values())} heads are also in the base circuit ({per}).")
+        lines += ["Overlap of the two circuits, both directions (shared heads per group over each circuit's size):", "",
+                  markdown(["group", "shared", "of the base circuit (kept by the fine-tune)",
+                            "of the fine-tuned circuit (already in the base)"],
+                           [[SHORT.get(g, g), str(v["shared"]), f"{v['shared']}/{v['size_a']} ({fmt(v['precision'], 2)})",
+                             f"{v['shared']}/{v['size_b']} ({fmt(v['recall'], 2)})"] for g, v in ov.items()])]
+        shared = sum(v["shared"] for v in ov.values())
+        kept = ", ".join(f"{SHORT.get(g, g)} {v['shared']}/{v['size_a']}" for g, v in ov.items())
+        had = ", ".join(f"{SHORT.get(g, g)} {v['shared']}/{v['size_b']}" for g, v in ov.items())
+        findings.append(f"**Overlap.** The fine-tune keeps {shared} of the base circuit's "
+                        f"{sum(v['size_a'] for v in ov.values())} heads ({kept}); {shared} of the fine-tuned circuit's "
+                        f"{sum(v['size_b'] for v in ov.values())} heads were already in the base circuit ({had}).")
     return Section("Circuits found by path patching", lines, findings)
