@@ -170,11 +170,14 @@ class Job:
     group: str | None = None  # DCM / activation patching: the circuit group
     desideratum: str | None = None
     direction: str | None = None  # CMAP: forward (fine-tuned -> base) | reverse
-    part: str | None = None  # the shared/added split: the part of the fine-tuned circuit it runs on (None: all of it)
+    part: str | None = None  # SPLIT_PARTS: the part of the fine-tuned circuit it runs on (None: all of it)
     reads: tuple[tuple[str, str], ...] = ()  # (step, name) of the earlier jobs whose results it reads
 
     def matches(self, **fields: Any) -> bool:
         return all(getattr(self, k) == v for k, v in fields.items())
+
+
+SPLIT_PARTS = ("shared", "added")  # the fine-tuned circuit's heads the base circuit has (per group), and the rest
 
 
 def member_circuit(graph: list[tuple[Job, Result]], member: str) -> Path | None:

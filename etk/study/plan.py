@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 from etk.data.roles import MEMBERS
-from etk.results import Job, Result
+from etk.results import SPLIT_PARTS, Job, Result
 from etk.runtime import hydra_value
 
 
@@ -25,9 +25,6 @@ class Study(Protocol):
     def split_circuit(self, part: str) -> str: ...
     def available_models(self, names: list[str], step: str) -> list[str]: ...
     def note(self, line: str) -> None: ...
-
-
-SPLIT_PARTS = ("shared", "added")  # the fine-tuned circuit's heads the base circuit has (per group), and the rest
 
 
 def split_parts(study: Study) -> tuple[str, ...]:

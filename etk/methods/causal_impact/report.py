@@ -8,9 +8,8 @@ from etk.metrics import fmt
 from etk.report.context import ReportContext, Section
 from etk.report.findings import share_text
 from etk.report.tables import markdown, with_ci
-from etk.results import CausalImpactResult
+from etk.results import SPLIT_PARTS, CausalImpactResult
 from etk.methods.dcm.report import encodes
-from etk.study.plan import SPLIT_PARTS
 
 
 def impact_rows(ci: CausalImpactResult, short: dict[str, str]) -> list[list[str]]:
