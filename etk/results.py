@@ -273,6 +273,8 @@ class PositionalHypothesesResult(Result):
     probes: dict[str, Any]  # probe -> {n, disagreeing_pairs, hypotheses: {h: {row: AccuracyCI}}, base_answer: {...}}
     pooled: dict[str, Any]  # h -> {unpatched | selected | random: AccuracyCI} over the pairs that tell them apart
     n_pooled: int
+    pairwise: dict[str, Any] = field(default_factory=dict)  # "a|b" -> {n, a: {row: AccuracyCI}, b: {...}} over the
+    # pairs where a and b name different objects (the fair comparison of two hypotheses)
 
     def headline(self):
         return {f"pooled/{h}": v["selected"]["accuracy"] for h, v in self.pooled.items()

@@ -82,14 +82,17 @@ def test_the_method_end_to_end_on_tiny(tmp_path):
                                        "logger=none", "trainer.enable_progress_bar=false"])
     assert list(r.probes) == ["add_seg_start", "no_comma", "3_box_sources"]
     assert r.n_pooled == sum(p["disagreeing_pairs"] for p in r.probes.values()) > 0
-    assert r.probes["3_box_sources"]["disagreeing_pairs"] == 12  # 3 of 5 boxes: from the start != from the end
+    # 3-box sources in 5-box bases: from the start and from the end always name different boxes, so every pair
+    # where neither is the base's own answer tells them apart
+    cross = r.probes["3_box_sources"]
+    assert 0 < cross["pairwise"]["ordinal_start|ordinal_end"]["n"] <= cross["disagreeing_pairs"] <= 12
     for p in r.probes.values():
         assert set(p["hypotheses"]) == set(HYPOTHESES)
         assert all(0 <= v["selected"]["accuracy"] <= 1 for v in p["hypotheses"].values() if v["selected"]["n"])
     assert r.group == "pos_transmitter" and r.role == "last"
 
 
-def test_the_verdict_follows_the_intervals():
+def test_the_verdict_compares_each_hypothesis_head_to_head():
     from types import SimpleNamespace
 
     from etk.methods.positional_hypotheses.report import verdict
@@ -97,10 +100,27 @@ def test_the_verdict_follows_the_intervals():
     def ci(lo, hi):
         return {"selected": {"accuracy": (lo + hi) / 2, "ci_low": lo, "ci_high": hi}}
 
-    d = SimpleNamespace(model="m", n_pooled=400, pooled={"ordinal_start": ci(0.37, 0.47), "offset_start": ci(0.41, 0.51),
-                                                         "ordinal_end": ci(0.27, 0.36), "offset_end": ci(0.17, 0.26)})
+    pooled = {"ordinal_start": ci(0.37, 0.47), "offset_start": ci(0.41, 0.51), "ordinal_end": ci(0.27, 0.36)}
+    pairwise = {  # offset_start vs each other, over the pairs where the two differ
+        "ordinal_start|offset_start": {"n": 80, "ordinal_start": ci(0.2, 0.4), "offset_start": ci(0.3, 0.5)},
+        "ordinal_end|offset_start": {"n": 96, "ordinal_end": ci(0.1, 0.2), "offset_start": ci(0.6, 0.8)},
+        "ordinal_start|ordinal_end": {"n": 96, "ordinal_start": ci(0.6, 0.8), "ordinal_end": ci(0.1, 0.2)}}
+    d = SimpleNamespace(model="m", n_pooled=400, pooled=pooled, pairwise=pairwise)
     text = verdict(d, "PT")
     assert "the token offset from the start leads but is not distinguishable from the ordinal from the first box" in text
-    assert text.endswith("ruled out (interval below the leader's): ordinal from the last box, token offset from the end.")
+    assert text.endswith("; ruled out: ordinal from the last box.")
+    assert "vs ordinal from the first box: 0.400 [0.300, 0.500] against 0.300 [0.200, 0.400] on 80 pairs" in text
     d.pooled = {"ordinal_start": ci(0.6, 0.7), "ordinal_end": ci(0.1, 0.2)}
-    assert "the heads follow the ordinal from the first box; ruled out" in verdict(d, "PT")
+    assert "the heads follow the ordinal from the first box; ruled out: ordinal from the last box" in verdict(d, "PT")
+
+
+def test_apart_and_pairwise_count_only_pairs_where_the_objects_differ():
+    from etk.methods.positional_hypotheses.run import apart_of, pairwise
+
+    ids = torch.tensor([[5, 5, -1, 7], [5, 6, 6, 8]])  # [H=2, N=4]: pair 0 agrees, pair 2 has one valid object
+    pred = torch.tensor([[0, 0, 0, 0], [5, 6, 6, 7], [9, 9, 9, 9]])  # unpatched, selected, random
+    assert apart_of(ids).tolist() == [False, True, False, True]
+    pw = pairwise(ids, pred, ("a", "b"))["a|b"]
+    assert pw["n"] == 2
+    assert pw["a"]["selected"]["accuracy"] == 0.5 and pw["b"]["selected"]["accuracy"] == 0.5
+    assert pw["a"]["random"]["accuracy"] == 0.0

@@ -31,7 +31,14 @@ def test_the_ioi_study_end_to_end(tmp_path):
     assert list(pp["stages"]) == ["name_mover", "s_inhibition", "induction", "previous_token"]
     assert pp["config"]["task"]["name"] == "ioi"
     dcm = sorted(p.parent.name for p in (tmp_path / "dcm").glob("*/results.json"))
-    assert dcm == ["finetuned-name_mover-io_name", "finetuned-name_mover-s_position"]
+    whole = [d for d in dcm if "-shared-" not in d and "-added-" not in d]
+    assert whole == ["finetuned-name_mover-io_name", "finetuned-name_mover-s_position"]
+    # the split's masks: IOI's CMAP choice (NM io_name, SI s_position) on each part that has heads in the group
+    assert set(dcm) - set(whole) <= {f"finetuned-{p}-{g}" for p in ("shared", "added")
+                                     for g in ("name_mover-io_name", "s_inhibition-s_position")}
+    for text in ("## 11. Completeness", "## 12. Attention patterns", "## 13. Causal impact", "**CMAP by part**"):
+        assert text in report, text
+    assert not (tmp_path / "positional_hypotheses").exists()  # IOI has no positional hypotheses
     ko = json.loads((tmp_path / "knockout" / "base" / "results.json").read_text())
     assert set(ko["edges"]) == {"last->IO", "last->S2", "last->random", "S2->S1", "S2->S1+1", "S2->random"}
     assert res["log"][-1].startswith("total compute time")

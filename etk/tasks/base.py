@@ -78,6 +78,7 @@ class Task:
     study_desiderata: tuple[str, ...] = ()  # desideratum config files the study's DCM step trains
     study_ap_desiderata: tuple[str, ...] = ()  # those whose DCM heads the study activation-patches (default: all)
     hypotheses_desiderata: tuple[str, ...] = ()  # those whose DCM heads `positional_hypotheses` scores (none: skip)
+    hypotheses: tuple[str, ...] = ()  # positional hypotheses `hypothesis_targets` names (none: the method refuses)
     # the report's words
     title: str = ""  # "Entity-tracking study"
     skill: str = ""  # "tracking": "Fine-tuning does not change <skill> significantly"
@@ -167,6 +168,14 @@ class Task:
     def ablation_examples(self, cfg, tokenizer) -> list:
         """The prompts whose per-position mean activations mean ablation uses (`cfg.ablation`, `cfg.data`); one shape."""
         raise NotImplementedError
+
+    def hypothesis_targets(self, pair: Pair, base, source) -> dict[str, str | None]:
+        """Each of `hypotheses`' target word for a pair (None where it names none), from the two prompts' encodings."""
+        raise ConfigError(f"task {self.name!r} has no positional hypotheses")
+
+    def cross_length_pairs(self, bases: Sequence, pool: Sequence, rng: random.Random) -> list[Pair]:
+        """Pairs whose sources (from `pool`) have another size than their bases."""
+        raise ConfigError(f"task {self.name!r} has no cross-length pairs")
 
     def desideratum_pairs(self, name: str, bases: Sequence, seed: int, legacy: bool = False) -> list[Pair]:
         """DCM / activation-patching pairs of one split; sources from the same split."""

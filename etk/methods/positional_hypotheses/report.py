@@ -11,25 +11,39 @@ WORDS = {"ordinal_start": "ordinal from the first box", "ordinal_end": "ordinal 
          "offset_start": "token offset from the start", "offset_end": "token offset from the end"}
 
 
+def head_to_head(d: PositionalHypothesesResult, a: str, b: str) -> tuple[dict, dict, int] | None:
+    """The selected heads' rates for a and b over the pairs where the two name different objects."""
+    pw = (d.pairwise or {}).get(f"{a}|{b}") or {}
+    if pw:
+        return pw[a]["selected"], pw[b]["selected"], pw["n"]
+    pw = (d.pairwise or {}).get(f"{b}|{a}") or {}
+    return (pw[a]["selected"], pw[b]["selected"], pw["n"]) if pw else None
+
+
 def verdict(d: PositionalHypothesesResult, short: str) -> str:
-    """The hypothesis the heads follow on the pairs that tell the hypotheses apart, judged on 95% intervals."""
+    """The hypothesis the heads follow, each other hypothesis compared with it head to head (over the pairs where
+    the two name different objects) and judged on 95% intervals."""
     sel = {h: v["selected"] for h, v in d.pooled.items() if v["selected"]["accuracy"] is not None}
     if not sel:
         return f"**Which position ({short}).** No pair tells the hypotheses apart."
     ranked = sorted(sel, key=lambda h: -sel[h]["accuracy"])
-    best, rest = ranked[0], ranked[1:]
-    parts = "; ".join(f"{WORDS.get(h, h)} {with_ci(sel[h])}" for h in ranked)
-    ties = [h for h in rest if not above(sel[best], sel[h])]
-    below = [h for h in rest if above(sel[best], sel[h])]
+    best, ties, below, said_pairs = ranked[0], [], [], []
+    for h in ranked[1:]:
+        hh = head_to_head(d, best, h)
+        if hh is None or not hh[2]:
+            continue
+        a, b, n = hh
+        said_pairs.append(f"vs {WORDS.get(h, h)}: {with_ci(a)} against {with_ci(b)} on {n} pairs")
+        (below if above(a, b) else ties).append(h)
     if not ties:
         said = f"the heads follow the {WORDS.get(best, best)}"
     else:
         said = (f"the {WORDS.get(best, best)} leads but is not distinguishable from the "
                 + ", ".join(WORDS.get(h, h) for h in ties) + " at this sample size")
     if below:
-        said += "; ruled out (interval below the leader's): " + ", ".join(WORDS.get(h, h) for h in below)
-    return (f"**Which position ({short}, `{d.model}`).** On the {d.n_pooled} pairs where the hypotheses name different "
-            f"objects, the patched heads answer with the object of: {parts} — {said}.")
+        said += "; ruled out: " + ", ".join(WORDS.get(h, h) for h in below)
+    return (f"**Which position ({short}, `{d.model}`).** Head to head with the {WORDS.get(best, best)} (the share "
+            f"answered with each one's object where the two differ): " + "; ".join(said_pairs) + f" — {said}.")
 
 
 def section(ctx: ReportContext) -> Section | None:

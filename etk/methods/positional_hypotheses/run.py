@@ -44,14 +44,37 @@ def score(pred: torch.Tensor, targets: list[dict[str, str | None]], answers: lis
     return out, ids, pred
 
 
-def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
-    from etk.tasks.entity_tracking.hypotheses import HYPOTHESES, cross_length_pairs, hypothesis_targets
+def apart_of(ids: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the pairs on which at least two hypotheses name different objects (neither the base's answer).
+    `ids`: [H, N] target ids, -1 where a hypothesis names none or the base's own answer."""
+    valid = ids >= 0  # [H, N]
+    lo = torch.where(valid, ids, torch.iinfo(ids.dtype).max).min(0).values  # [N] smallest valid id
+    hi = torch.where(valid, ids, -1).max(0).values  # [N] largest valid id
+    return valid.any(0) & (lo != hi)
 
+
+def pairwise(ids: torch.Tensor, pred: torch.Tensor, hypotheses: tuple[str, ...]) -> dict[str, Any]:
+    """For every two hypotheses, over the pairs where both name an object (not the base's own answer) and the objects
+    differ: the share answered with each one's object, per row. `ids`: [H, N] target ids (-1: none); `pred`:
+    [rows, N] argmax ids."""
+    out = {}
+    for i, a in enumerate(hypotheses):
+        for j in range(i + 1, len(hypotheses)):
+            b = hypotheses[j]
+            apart = (ids[i] >= 0) & (ids[j] >= 0) & (ids[i] != ids[j])  # [N]
+            out[f"{a}|{b}"] = {"n": int(apart.sum()), **{h: {r: accuracy_ci(pred[k][apart] == ids[t][apart])
+                                                           for k, r in enumerate(ROWS)}
+                                                       for h, t in ((a, i), (b, j))}}
+    return out
+
+
+def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
     m = cfg.method
     task = task_of(cfg)
-    if task.name != "entity_tracking":
-        raise ConfigError(f"method=positional_hypotheses scores entity tracking's positional hypotheses; task "
-                          f"{task.name!r} has none (use task=entity_tracking)")
+    if not task.hypotheses:
+        raise ConfigError(f"method=positional_hypotheses: task {task.name!r} has no positional hypotheses "
+                          "(entity tracking has: task=entity_tracking)")
+    HYPOTHESES = task.hypotheses
     if not m.get("heads"):
         raise ConfigError("method=positional_hypotheses needs method.heads=<a positional DCM run's results.json>")
     selection = load_dcm_selection(m.heads)
@@ -73,7 +96,7 @@ def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
         pool_cfg = data_cfg.copy()
         with open_dict(pool_cfg):  # a fresh pool of prompts with n boxes, seeded apart from the bases
             pool_cfg.n_boxes, pool_cfg.seed = int(n), int(data_cfg.seed) + 1000 + int(n)
-        probes[f"{n}_box_sources"] = cross_length_pairs(bases, task.examples(pool_cfg, tok), random.Random(int(m.random_seed)))
+        probes[f"{n}_box_sources"] = task.cross_length_pairs(bases, task.examples(pool_cfg, tok), random.Random(int(m.random_seed)))
     with run_logger(cfg) as logger:
         trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, logger=False)
         result, pooled_ids, pooled_pred = {}, [], []
@@ -81,24 +104,25 @@ def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
             trainer.predict(module, pair_loader(task, tok, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
                             return_predictions=False)
             pred = module.predictions(len(pairs))  # [rows, N]
-            targets = [hypothesis_targets(p, task.encode(tok, p.base), task.encode(tok, p.source)) for p in pairs]
+            targets = [task.hypothesis_targets(p, task.encode(tok, p.base), task.encode(tok, p.source)) for p in pairs]
             per, ids, _ = score(pred, targets, [p.base.answer for p in pairs], tok, HYPOTHESES)
-            distinct = (ids >= 0).sum(0) >= 1
-            split = torch.tensor([len({t[h] for h in HYPOTHESES}) > 1 for t in targets]) & distinct  # [N]
+            split = apart_of(ids)  # [N]
             result[name] = {"n": len(pairs), "disagreeing_pairs": int(split.sum()), "hypotheses": per,
                             "base_answer": {r: accuracy_ci(pred[j] == torch.tensor([single_token_id(tok, p.base.answer)
                                                                                       for p in pairs]))
                                             for j, r in enumerate(ROWS)}}
-            pooled_ids.append(ids[:, split])
-            pooled_pred.append(pred[:, split])
+            pooled_ids.append(ids)
+            pooled_pred.append(pred)
+            result[name]["pairwise"] = pairwise(ids, pred, HYPOTHESES)
             print(f"[etk] {selection.group} heads, probe {name}: " + ", ".join(
                 f"{h} {fmt(per[h]['selected']['accuracy'], 2)}" for h in HYPOTHESES)
                   + f" ({int(split.sum())} of {len(pairs)} pairs tell the hypotheses apart)")
-        ids, pred = torch.cat(pooled_ids, 1), torch.cat(pooled_pred, 1)  # [H, M], [rows, M]
-        pooled = {h: {r: accuracy_ci(pred[j][ids[i] >= 0] == ids[i][ids[i] >= 0]) for j, r in enumerate(ROWS)}
-                  for i, h in enumerate(HYPOTHESES)}
+        ids, pred = torch.cat(pooled_ids, 1), torch.cat(pooled_pred, 1)  # [H, M], [rows, M] every probe's pairs
+        apart = apart_of(ids)  # [M]
+        pooled = {h: {r: accuracy_ci(pred[j][apart & (ids[i] >= 0)] == ids[i][apart & (ids[i] >= 0)])
+                      for j, r in enumerate(ROWS)} for i, h in enumerate(HYPOTHESES)}
         payload = {"model": cfg.model.name, "group": selection.group, "role": group_role(selection.group),
                    "heads": [list(h) for h in selection.heads], "random_heads": [list(h) for h in rand_set.heads(group_role(selection.group))],
                    "hypotheses": list(HYPOTHESES), "probes": result, "pooled": pooled,
-                   "n_pooled": int(ids.shape[1]), "config": plain_config(cfg)}
+                   "n_pooled": int(apart.sum()), "pairwise": pairwise(ids, pred, HYPOTHESES), "config": plain_config(cfg)}
         return emit(PositionalHypothesesResult.from_payload(payload), logger)

@@ -25,6 +25,7 @@ from etk.tasks.entity_tracking.encode import (
     encode_example,
 )
 from etk.tasks.entity_tracking.pairs import POSITIONAL_VARIANTS, mean_ablation_examples, path_patching_pairs
+from etk.tasks.entity_tracking.hypotheses import HYPOTHESES, cross_length_pairs, hypothesis_targets
 
 
 class EntityTracking(Task):
@@ -60,6 +61,7 @@ class EntityTracking(Task):
     study_desiderata = ("object", "position", "label")  # desideratum config files the study's DCM step trains
     study_ap_desiderata = ("object", "position")
     hypotheses_desiderata = ("position",)
+    hypotheses = HYPOTHESES
     title = "Entity-tracking study"
     skill = "tracking"
     vital_phrase = "the paper's three positions (last, query label, the queried box's label)"
@@ -97,6 +99,12 @@ class EntityTracking(Task):
 
     def desideratum_pairs(self, name: str, bases: Sequence[Example], seed: int, legacy: bool = False) -> list[Pair]:
         return desideratum_pairs(name, bases, seed, legacy)
+
+    def hypothesis_targets(self, pair: Pair, base, source) -> dict[str, str | None]:
+        return hypothesis_targets(pair, base, source)
+
+    def cross_length_pairs(self, bases: Sequence[Example], pool: Sequence[Example], rng: random.Random) -> list[Pair]:
+        return cross_length_pairs(bases, pool, rng)
 
     def unit(self, data_cfg) -> int:
         return int(data_cfg.n_boxes)
