@@ -345,3 +345,19 @@ def test_causal_impact_on_hand_made_score_maps(tmp_path):
     assert vf["shared"]["base_mean"] == pytest.approx(-0.35)
     assert vf["added"] == {"n": 1, "finetuned_mean": pytest.approx(-0.2), "base_mean": pytest.approx(0.1)}
     assert (tmp_path / "run" / "causal_impact.png").exists()
+
+
+def test_cmap_on_no_prompts_is_a_data_error_not_a_division_by_zero(tmp_path, monkeypatch):
+    """Reachable from the Python API with an empty prompt set: a one-paragraph DataError, and the accuracy helper
+    itself gives None on no prompts."""
+    import torch
+
+    from etk.errors import DataError
+    from etk.metrics import accuracy_ci
+    from etk.tasks.entity_tracking import EntityTracking
+
+    assert accuracy_ci(torch.zeros(0)) == {"accuracy": None, "ci_low": None, "ci_high": None, "n": 0}
+    monkeypatch.setattr(EntityTracking, "examples", lambda self, data_cfg, tokenizer: [])
+    with pytest.raises(DataError, match="no prompt"):
+        compose_run(tmp_path, ["method=cmap", "pair=tiny_self", "data.n_boxes=3", "logger=none",
+                               "trainer.enable_progress_bar=false"])
