@@ -52,7 +52,7 @@ def test_cross_length_pairs_always_name_a_base_box():
 
 def test_score_counts_each_hypothesis_on_its_own_valid_pairs(tok):
     from etk.data.vocab import single_token_id
-    from etk.methods.positional_hypotheses.run import score
+    from etk.methods.positional_hypotheses.run import rates, target_ids
 
     words = ["apple", "book", "cup"]
     ids = {w: single_token_id(tok, w) for w in words}
@@ -62,7 +62,8 @@ def test_score_counts_each_hypothesis_on_its_own_valid_pairs(tok):
     pred = torch.tensor([[ids["apple"], ids["book"], ids["apple"]],   # unpatched: the base answers
                          [ids["book"], ids["book"], ids["cup"]],      # selected
                          [ids["cup"], ids["apple"], ids["apple"]]])   # random
-    out, tid, _ = score(pred, targets, answers, tok, ("h1", "h2"))
+    tid = target_ids(targets, answers, tok, ("h1", "h2"))
+    out = rates(pred, tid, ("h1", "h2"))
     assert out["h1"]["selected"]["accuracy"] == 1.0 and out["h1"]["selected"]["n"] == 1
     assert out["h2"]["selected"]["accuracy"] == 0.5 and out["h2"]["selected"]["n"] == 2
     assert out["h2"]["random"]["accuracy"] == 0.5 and out["h1"]["unpatched"]["accuracy"] == 0.0

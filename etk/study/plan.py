@@ -157,8 +157,8 @@ def cmap_jobs(study: Study) -> list[Job]:
                             f"method.dcm_runs={runs}", *study.sizes("cmap")),
                 circuit_of="finetuned", direction=d, reads=tuple(("dcm", dj.name) for dj, _ in chosen))
             for d in study.plan.cmap_directions]
-    # the shared/added split: each part's whole groups patched forward, so the two shares of the gap add up against
-    # the same source and target accuracies
+    # the shared/added split: each part's whole groups patched forward, on the same prompts as the main forward run
+    # (its shares of the gap are measured against the same source and target; the parts' shares need not add up)
     jobs += [Job("cmap", f"forward-{part}", (f"circuit.path={study.split_circuit(part)}", "method.direction=forward",
                                               *study.sizes("cmap")),
                  circuit_of="finetuned", direction="forward", part=part) for part in split_parts(study)]

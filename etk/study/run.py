@@ -45,6 +45,7 @@ class Study:
         self.seconds = 0.0  # compute time of all jobs, including those finished by an earlier run
         self.inherited = list(inherited) if inherited is not None else inherited_overrides(cfg)
         self.graph: list[tuple[Job, Result]] = []  # every job run (or found done) so far, with its result
+        self.split_paths: dict[str, str] = {}  # part of the fine-tuned circuit -> its circuit file (`split_circuit`)
 
     # -- what the plan's job functions read -------------------------------------------------------------------
     def member(self, member: str) -> DictConfig:
@@ -91,17 +92,19 @@ class Study:
 
     def split_circuit(self, part: str) -> str:
         """The fine-tuned circuit's `part`: `shared` (its heads the base circuit has in the same group) or `added`
-        (the rest), written once to `<run dir>/circuits/<part>.json` from the two members' circuits."""
+        (the rest), written once per run to `<run dir>/circuits/<part>.json` from the two members' circuits."""
         from etk.circuits import load_circuit
 
-        ft, base = (load_circuit(self.circuit_path(m)) for m in ("finetuned", "base"))
         if part not in SPLIT_PARTS:
             raise ConfigError(f"unknown part {part!r} of the fine-tuned circuit: {', '.join(SPLIT_PARTS)}")
-        circuit = ft.intersect(base) if part == "shared" else ft.minus(base)
-        path = self.root / "circuits" / f"{part}.json"
-        circuit.save(path)  # rank 0 writes; every process reads it after the barrier
-        barrier()
-        return str(path)
+        if part not in self.split_paths:
+            ft, base = (load_circuit(self.circuit_path(m)) for m in ("finetuned", "base"))
+            circuit = ft.intersect(base) if part == "shared" else ft.minus(base)
+            path = self.root / "circuits" / f"{part}.json"
+            circuit.save(path)  # rank 0 writes; every process reads it after the barrier
+            barrier()
+            self.split_paths[part] = str(path)
+        return self.split_paths[part]
 
     def available_models(self, names: list[str], step: str) -> list[str]:
         """The model configs among `names` whose weights are on this machine; each missing one noted with why."""

@@ -62,7 +62,8 @@ class ActivationPatchingModule(ModelHost):
         for hs in self.head_sets.values():  # the patched runs share each base prompt's unpatched prefix
             rows.append(patched_last_logits(self.net, batch.base, hs.patches(src, batch.base, n_heads),
                                             earliest(batch.base, list(hs.roles)), rows=own))
+        argmax = torch.stack([r.argmax(-1) for r in rows])  # [1 + sets, B]
         if self.record:
-            self.predicted.update(batch.base.index, argmax=torch.stack([r.argmax(-1) for r in rows], 1))  # [B, 1 + sets]
-        self.acc.update(torch.stack([(r.argmax(-1) == batch.base.answer) for r in rows]),
+            self.predicted.update(batch.base.index, argmax=argmax.T)  # rows [B, 1 + sets]
+        self.acc.update(argmax == batch.base.answer,
                         torch.stack([answer_logp(r, batch.base.answer) for r in rows]), batch.base.index)

@@ -30,18 +30,23 @@ from etk.tasks import group_role, task_of
 ROWS = ("unpatched", "selected", "random")  # the module's rows: the model itself, the head set, a random head set
 
 
-def score(pred: torch.Tensor, targets: list[dict[str, str | None]], answers: list[str], tokenizer,
-          hypotheses: tuple[str, ...]) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """Per hypothesis and row: the share of pairs whose answer is the hypothesis's object, over the pairs where that
-    object exists and is not the base's own answer. Also, per pair, the hypotheses' target ids [H, N] (-1: none /
-    the base answer) for pooling. `pred`: [rows, N] argmax ids."""
-    ids = torch.tensor([[single_token_id(tokenizer, t[h]) if t[h] is not None and t[h] != a else -1
-                         for t, a in zip(targets, answers)] for h in hypotheses], dtype=torch.long)  # [H, N]
+def target_ids(targets: list[dict[str, str | None]], answers: list[str], tokenizer,
+               hypotheses: tuple[str, ...]) -> torch.Tensor:
+    """[H, N] each hypothesis's target token per pair; -1 where it names no object or the base's own answer."""
+    return torch.tensor([[single_token_id(tokenizer, t[h]) if t[h] is not None and t[h] != a else -1
+                          for t, a in zip(targets, answers)] for h in hypotheses], dtype=torch.long)
+
+
+def rates(pred: torch.Tensor, ids: torch.Tensor, hypotheses: tuple[str, ...],
+          among: torch.Tensor | None = None) -> dict[str, Any]:
+    """Per hypothesis and row: the share of pairs answered with the hypothesis's object (95% Wilson interval), over
+    the pairs (of `among` [N] bool, default all) where that object exists and is not the base's own answer.
+    `pred`: [rows, N] argmax ids; `ids`: [H, N] target ids (`target_ids`)."""
     out = {}
     for i, h in enumerate(hypotheses):
-        valid = ids[i] >= 0
+        valid = ids[i] >= 0 if among is None else (ids[i] >= 0) & among  # [N]
         out[h] = {r: accuracy_ci(pred[j][valid] == ids[i][valid]) for j, r in enumerate(ROWS)}
-    return out, ids, pred
+    return out
 
 
 def apart_of(ids: torch.Tensor) -> torch.Tensor:
@@ -55,16 +60,14 @@ def apart_of(ids: torch.Tensor) -> torch.Tensor:
 
 def pairwise(ids: torch.Tensor, pred: torch.Tensor, hypotheses: tuple[str, ...]) -> dict[str, Any]:
     """For every two hypotheses, over the pairs where both name an object (not the base's own answer) and the objects
-    differ: the share answered with each one's object, per row. `ids`: [H, N] target ids (-1: none); `pred`:
-    [rows, N] argmax ids."""
+    differ: the share answered with each one's object, per row (`rates`). `ids`: [H, N] target ids (-1: none);
+    `pred`: [rows, N] argmax ids."""
     out = {}
     for i, a in enumerate(hypotheses):
         for j in range(i + 1, len(hypotheses)):
             b = hypotheses[j]
             apart = (ids[i] >= 0) & (ids[j] >= 0) & (ids[i] != ids[j])  # [N]
-            out[f"{a}|{b}"] = {"n": int(apart.sum()), **{h: {r: accuracy_ci(pred[k][apart] == ids[t][apart])
-                                                           for k, r in enumerate(ROWS)}
-                                                       for h, t in ((a, i), (b, j))}}
+            out[f"{a}|{b}"] = {"n": int(apart.sum()), **rates(pred, ids[[i, j]], (a, b), apart)}
     return out
 
 
@@ -105,7 +108,8 @@ def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
                             return_predictions=False)
             pred = module.predictions(len(pairs))  # [rows, N]
             targets = [task.hypothesis_targets(p, task.encode(tok, p.base), task.encode(tok, p.source)) for p in pairs]
-            per, ids, _ = score(pred, targets, [p.base.answer for p in pairs], tok, HYPOTHESES)
+            ids = target_ids(targets, [p.base.answer for p in pairs], tok, HYPOTHESES)  # [H, N]
+            per = rates(pred, ids, HYPOTHESES)
             split = apart_of(ids)  # [N]
             result[name] = {"n": len(pairs), "disagreeing_pairs": int(split.sum()), "hypotheses": per,
                             "base_answer": {r: accuracy_ci(pred[j] == torch.tensor([single_token_id(tok, p.base.answer)
@@ -119,8 +123,7 @@ def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
                   + f" ({int(split.sum())} of {len(pairs)} pairs tell the hypotheses apart)")
         ids, pred = torch.cat(pooled_ids, 1), torch.cat(pooled_pred, 1)  # [H, M], [rows, M] every probe's pairs
         apart = apart_of(ids)  # [M]
-        pooled = {h: {r: accuracy_ci(pred[j][apart & (ids[i] >= 0)] == ids[i][apart & (ids[i] >= 0)])
-                      for j, r in enumerate(ROWS)} for i, h in enumerate(HYPOTHESES)}
+        pooled = rates(pred, ids, HYPOTHESES, apart)
         payload = {"model": cfg.model.name, "group": selection.group, "role": group_role(selection.group),
                    "heads": [list(h) for h in selection.heads], "random_heads": [list(h) for h in rand_set.heads(group_role(selection.group))],
                    "hypotheses": list(HYPOTHESES), "probes": result, "pooled": pooled,
