@@ -3,7 +3,10 @@ below NEW, recursively, and report.md without its run log. Paths are compared af
 timings and resources are left out (`IGNORED`). Prints every difference and a last line
 `files=<n> values=<n> differences=<n>`; exit status 1 when anything differs.
 
-    python benchmarks/compare_results.py outputs/before outputs/after
+    python benchmarks/compare_results.py outputs/before outputs/after [--ignore-config] [--tol 1e-5]
+
+`--ignore-config` leaves out each result's resolved `config` (a version that adds settings changes it, not the
+results); `--tol` accepts float differences up to it (counted as `within_tol=<n>`; exact equality otherwise).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 IGNORED = {"resources", "wall_s", "seconds", "train_seconds"}  # measured times and memory, not results
+TOL = {"tol": 0.0, "within": 0}  # set by --tol
 
 
 def _norm(v: Any, root: str) -> Any:
@@ -40,6 +44,10 @@ def compare(a: Any, b: Any, where: str, roots: tuple[str, str], out: list[str]) 
         return sum(compare(x, y, f"{where}[{i}]", roots, out) for i, (x, y) in enumerate(zip(a, b)))
     x, y = _norm(a, roots[0]), _norm(b, roots[1])
     same = x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y))
+    if not same and isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool) \
+            and abs(x - y) <= TOL["tol"]:
+        TOL["within"] += 1
+        same = True
     if not same:
         out.append(f"{where}: {x!r} vs {y!r}")
     return 1
@@ -51,6 +59,13 @@ def report_body(path: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    if "--ignore-config" in argv:
+        argv = [a for a in argv if a != "--ignore-config"]
+        IGNORED.add("config")
+    if "--tol" in argv:
+        i = argv.index("--tol")
+        TOL["tol"] = float(argv[i + 1])
+        argv = argv[:i] + argv[i + 2:]
     if len(argv) != 2:
         raise SystemExit(__doc__)
     old, new = (Path(a).resolve() for a in argv)
@@ -76,7 +91,7 @@ def main(argv: list[str]) -> int:
                 diffs.append(f"{name}: {len(a)} vs {len(b)} lines")
     for d in diffs:
         print(d)
-    print(f"files={files} values={values} differences={len(diffs)}")
+    print(f"files={files} values={values} differences={len(diffs)}" + (f" within_tol={TOL['within']}" if TOL["tol"] else ""))
     return 1 if diffs else 0
 
 

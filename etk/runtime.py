@@ -61,6 +61,7 @@ def build_logger(cfg: DictConfig):
     return logger
 
 
+_STUDY: list[str] = []  # non-empty inside a study (`inside_study`): its jobs print no run line, the study one per job
 _RUNS: list[tuple[float, DictConfig]] = []  # (start time, config) of the runs in progress (a study nests them)
 
 
@@ -73,12 +74,75 @@ def run_logger(cfg: DictConfig):
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     _RUNS.append((time.time(), cfg))
+    saved_precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision(cfg))
+    announce(cfg)
     logger = build_logger(cfg)
     try:
         yield logger
     finally:
         _RUNS.pop()
+        torch.set_float32_matmul_precision(saved_precision)
         finish_logger(logger)
+
+
+MATMUL_PRECISIONS = ("highest", "high", "medium")
+
+
+def matmul_precision(cfg: DictConfig) -> str:
+    """The run's fp32 matmul precision (`model.matmul_precision`; a pair's members': the lower of the two):
+    `highest` (default: exact fp32), `high` (TF32 on Ampere+ GPUs: ~6x faster GEMMs; see the README for when it is
+    safe: `python benchmarks/precision.py --tf32`) or `medium` (bf16 inputs). CPUs ignore it."""
+    found = [str(m.get("matmul_precision") or "highest")
+             for m in ([cfg.get("model")] + [cfg.get("pair", {}).get(k) for k in ("base", "finetuned")]) if m]
+    bad = [p for p in found if p not in MATMUL_PRECISIONS]
+    if bad:
+        from etk.errors import ConfigError
+
+        raise ConfigError(f"model.matmul_precision={bad[0]!r} is not one of {', '.join(MATMUL_PRECISIONS)}: use highest "
+                          "(exact fp32, the default), high (TF32 on GPUs) or medium")
+    return max(found, key=MATMUL_PRECISIONS.index) if found else "highest"
+
+
+def run_device(cfg: DictConfig | None) -> str:
+    """The device the run's Lightning loops use: cuda when one is there and `trainer.accelerator` allows it."""
+    accel = (cfg.get("trainer") or {}).get("accelerator", "auto") if cfg is not None else "auto"
+    return "cuda" if torch.cuda.is_available() and accel in ("auto", "gpu", "cuda") else "cpu"
+
+
+def announce(cfg: DictConfig) -> None:
+    """One line per run (not per job of a study, which prints its own progress): method, model, device, dtype and
+    matmul precision."""
+    from etk.models.loading import resolve_dtype
+
+    if len(_RUNS) > 1 or _STUDY or int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) != 0:
+        return
+    dev = run_device(cfg)
+    name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
+    model = cfg.get("model") or {}
+    method = (cfg.get("method") or {}).get("name", cfg.get("entry", "run"))
+    who = (cfg.get("pair") or {}).get("name") if method in ("study", "study_paper", "cmap", "model_diff") else model.get("name")
+    print(f"[etk] {method} on {who}: device {name}, dtype {str(resolve_dtype(model.get('dtype'))).replace('torch.', '')}, "
+          f"matmul {matmul_precision(cfg)}", flush=True)
+
+
+def say(line: str, console: bool = True) -> None:
+    """A line for the user: printed (unless `console=False`) and written to the job log (`<run dir>/run.log`)."""
+    import logging
+
+    if console:
+        print(line, flush=True)
+    logging.getLogger("etk").info(line)
+
+
+@contextmanager
+def inside_study(name: str):
+    """Inside the block, runs are a study's jobs: they print no run line of their own (`announce`)."""
+    _STUDY.append(name)
+    try:
+        yield
+    finally:
+        _STUDY.pop()
 
 
 def resources(cfg: DictConfig | None = None) -> dict[str, Any]:
@@ -100,7 +164,7 @@ def resources(cfg: DictConfig | None = None) -> dict[str, Any]:
         out["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     model = (cfg.get("model") if cfg is not None else None) or {}
     if model.get("dtype") is not None:
-        out["dtype"] = str(resolve_dtype(model.get("dtype"), "cuda" if cuda else "cpu")).replace("torch.", "")
+        out["dtype"] = str(resolve_dtype(model.get("dtype"))).replace("torch.", "")
     return out
 
 
@@ -134,6 +198,68 @@ def free_model() -> None:
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     return dict(OmegaConf.to_container(cfg.trainer, resolve=True))  # type: ignore[arg-type]
+
+
+def make_trainer(cfg: DictConfig, label: str, **overrides: Any):
+    """A Lightning Trainer from `cfg.trainer` plus `overrides` (no logger unless one is passed), without Lightning's
+    banners and tips; its progress bar, when on, names what it iterates (`label`, e.g. "path patching, value_fetcher:
+    prompt batches")."""
+    import lightning as L
+
+    quiet_dependencies()
+    kw: dict[str, Any] = {**trainer_kwargs(cfg), "logger": False, **overrides}
+    kw["logger"] = kw["logger"] or False
+    if kw.get("enable_progress_bar", True):
+        kw["callbacks"] = [*(kw.get("callbacks") or []), labelled_progress_bar(label)]
+    return L.Trainer(**kw)
+
+
+def labelled_progress_bar(label: str):
+    """A tqdm progress bar whose description is `label` (fit: `label, epoch N`; validation: `label, validation`)."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    class LabelledProgressBar(TQDMProgressBar):
+        def on_train_epoch_start(self, trainer, *args: Any) -> None:
+            super().on_train_epoch_start(trainer, *args)
+            self.train_progress_bar.set_description(f"{label}, epoch {trainer.current_epoch}")
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+            super().on_validation_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+            self.val_progress_bar.set_description(f"{label}, validation")
+
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+            super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+            self.test_progress_bar.set_description(f"{label}, test")
+
+        def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+            super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+            self.predict_progress_bar.set_description(label)
+
+    return LabelledProgressBar()
+
+
+# Warnings from dependencies that say nothing about the run (message regexes, matched from the start).
+KNOWN_NOISE = (
+    r".*does not have many workers",                     # etk's loaders hold pre-tokenised batches: workers add nothing
+    r".*isinstance\(treespec, LeafSpec\)",              # lightning's pytree shim on torch >= 2.9
+    r".*predict returned None",                          # etk's predict steps accumulate metrics and return None
+    r".*You are using a CUDA device .* that has Tensor Cores",  # precision is chosen per run (`model.matmul_precision`)
+    r".*The number of training batches .* is smaller than the logging interval",
+    r".*Checkpoint directory .* exists and is not empty",  # DCM reruns overwrite their own best.ckpt
+)
+
+
+def quiet_dependencies() -> None:
+    """Drop Lightning's banners ("GPU available", "TPU available", "💡 Tip") and the known warnings above; each
+    run prints one line of its own with device and precision (`announce`). Idempotent."""
+    import logging
+    import warnings
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
 
 
 def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:

@@ -259,7 +259,7 @@ def test_minimality_paper_compat_ranks_the_papers_stored_pairs_with_bug_is():
     accuracy under [BUG-is]."""
     from etk.data.roles import ROLE_ID
     from etk.methods.mean_ablation.ablation import Ablation
-    from etk.methods.minimality.minimality import _ranking_batched
+    from etk.methods.minimality.minimality import _ranking_batched, ranking_ablations
 
     items = [("last", 0, 1), ("last", 1, 2), ("last", 2, 1)]  # heads 0 and 2 share head index 1
     acc = {frozenset([0]): 0.8, frozenset([1]): 0.7, frozenset([2]): 0.6,
@@ -270,8 +270,9 @@ def test_minimality_paper_compat_ranks_the_papers_stored_pairs_with_bug_is():
         return torch.tensor([[acc[frozenset(i for i, (role, layer, head) in enumerate(items)
                                             if not bool(a.keep[ROLE_ID[role], layer, head]))]] for a in ablations])
 
-    etk, _ = _ranking_batched(evaluate, circ, items)
-    paper, _ = _ranking_batched(evaluate, circ, items, paper_compat=True)
+    pair_acc = evaluate(ranking_ablations(circ, items, "batched")).mean(1)
+    etk = _ranking_batched(pair_acc, items)
+    paper = _ranking_batched(pair_acc, items, paper_compat=True)
     # v = 0: etk ranks u = 1 first (r = acc(C\\1) - acc(C\\{0,1}) = 0.7 - 0 = 0.7), then u = 2 (0.6 - 0.5); the paper
     # never stored pair {0, 1}, and u = 2 shares v's head index: its pair accuracy is acc(C\\0) = 0.8, r = -0.2
     assert etk[0] == [(1, pytest.approx(0.7)), (2, pytest.approx(0.1))]

@@ -160,9 +160,9 @@ def test_module_sweep_chunks_agree_and_baseline_is_the_plain_model(tok, pair):
     batch, _ = batch_of(tok, n=4)
     plain = (last_logits(model, batch).argmax(-1) == batch.answer).float()
 
-    def sweep(rows_per_forward):
+    def sweep(rows_per_forward, reference=False):
         mod = KnockoutModule({}, EDGES, None, rows_per_forward=rows_per_forward, random_seed=5,
-                             model=LoadedModel(model, tok, {}))
+                             model=LoadedModel(model, tok, {}), reference=reference)
         mod.on_predict_epoch_start()
         mod.predict_step(batch, 0)
         return mod, mod.acc.per_example()
@@ -170,9 +170,11 @@ def test_module_sweep_chunks_agree_and_baseline_is_the_plain_model(tok, pair):
     one, c_one = sweep(rows_per_forward=4)  # one configuration per forward
     many, c_many = sweep(rows_per_forward=64)  # 16 configurations per forward
     K = 1 + len(EDGES) * 3
-    # one clean forward (baseline + residuals), then per start layer its configurations' rows
-    assert c_one.shape == (K, 4) and one.forwards == K and many.forwards == 1 + 3
-    assert torch.equal(c_one, c_many)
+    ref, c_ref = sweep(rows_per_forward=64, reference=True)
+    # one clean forward (baseline + residuals), then per start layer its configurations' rows: one forward per query
+    # role (`last`, `query_label`: each runs from its own earliest blocked query), all positions in the reference
+    assert c_one.shape == (K, 4) and one.forwards == K and many.forwards == 1 + 3 * 2 and ref.forwards == 1 + 3
+    assert torch.equal(c_one, c_many) and torch.equal(c_many, c_ref)
     assert torch.equal(c_many[0], plain) and one.configs()[0] == ("baseline", 3)
 
 

@@ -155,6 +155,13 @@ class PromptBatch:
                            {n: rep(v) for n, v in self.roles.items()}, rep(self.answer), rep(self.token_roles),
                            rep(self.index), rep(self.weight), rep(self.distractor))
 
+    def rows(self, idx: torch.Tensor) -> "PromptBatch":
+        """The prompts `idx` [k] of the batch (every per-row field indexed)."""
+        take = lambda t: None if t is None else t[idx]  # noqa: E731
+        return PromptBatch(take(self.input_ids), take(self.attention_mask), take(self.position_ids),
+                           {n: take(v) for n, v in self.roles.items()}, take(self.answer), take(self.token_roles),
+                           take(self.index), take(self.weight), take(self.distractor))
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

@@ -25,22 +25,44 @@ from etk.models.forward import cache_kwargs, last_logits, output_cache
 Row = dict[Any, torch.Tensor]  # one dataset row's tensors
 
 
+def cache_budget(setting) -> float | str:
+    """A `cache_mb` setting: MB (0 = off) or `auto` (sized from free memory, `RowCache`)."""
+    if str(setting) == "auto":
+        return "auto"
+    try:
+        return float(setting)
+    except (TypeError, ValueError):
+        from etk.errors import ConfigError
+
+        raise ConfigError(f"cache_mb={setting!r} is neither a number of MB (0 = off) nor auto") from None
+
+
 class RowCache:
     """Per-row results of a frozen model on a fixed dataset, kept per split and dataset index, so that later epochs,
     validation checks, head sets and repeats read them instead of recomputing: the same tensors, so the numbers are
     unchanged. Bounded by `max_mb` (rows beyond it are recomputed each time); `max_mb=0` turns it off."""
 
-    def __init__(self, max_mb: float = 512):
-        self.max_bytes = float(max_mb) * 2 ** 20
+    def __init__(self, max_mb: float | str = "auto"):
+        """`max_mb`: the budget in MB; `auto` sizes it at the first store from the free memory of the rows' device
+        (half the CUDA device's free memory, a quarter of the host's available RAM): on a GPU a 7B model's prefix
+        rows (~57 MB each) then fit, where a fixed 512 MB held ~9 of them."""
+        self.max_bytes: float | None = None if str(max_mb) == "auto" else float(max_mb) * 2 ** 20
         self.used = 0
         self.rows: dict[str, dict[int, Row]] = {}
         self.hits = self.misses = 0
+
+    def budget(self, device: torch.device) -> float:
+        if self.max_bytes is None:
+            from etk.models.loading import free_memory_bytes
+
+            self.max_bytes = float(free_memory_bytes(device)) * (0.5 if device.type == "cuda" else 0.25)
+        return self.max_bytes
 
     def get(self, split: str | None, index: torch.Tensor | None, compute: Callable[[], list[Row]],
             valid: Callable[[int, Row], bool] | None = None) -> list[Row]:
         """The rows `index` [B] of `split`, from the cache when all of them are there (and `valid(b, row)` holds for
         each), else from `compute()` (a list of B rows, then stored while the budget lasts)."""
-        if not self.max_bytes or split is None or index is None or len(index) == 0 or bool((index < 0).any()):
+        if self.max_bytes == 0 or split is None or index is None or len(index) == 0 or bool((index < 0).any()):
             return compute()
         st = self.rows.setdefault(split, {})
         ids = index.tolist()
@@ -53,7 +75,7 @@ class RowCache:
         rows = compute()
         for i, row in zip(ids, rows):
             size = sum(t.numel() * t.element_size() for t in row.values())
-            if self.used + size <= self.max_bytes:
+            if size and self.used + size <= self.budget(next(iter(row.values())).device):
                 self.used += size - sum(t.numel() * t.element_size() for t in st.get(i, {}).values())
                 st[i] = row
         return rows
@@ -125,6 +147,28 @@ def split_position(batch: PromptBatch, until: torch.Tensor, min_prefix: float = 
     batch alone, so a cached and an uncached run make the same choice."""
     s = int(until.min())
     return s if s >= 1 and s >= min_prefix * batch.input_ids.shape[1] else 0
+
+
+def per_row_split(model, batch: PromptBatch, patches: Sequence[Patch], until: torch.Tensor,
+                  rows: list[Row]) -> torch.Tensor:
+    """[B, V] = `patched_last_logits(..., rows=rows)`, with each group of rows of one first patched position split
+    there (not all at the batch's earliest: a Structure Reader label early in one prompt no longer makes every row
+    recompute a long suffix). One forward per distinct position."""
+    values = until.unique()  # one host read per batch
+    if values.numel() == 1:
+        return patched_last_logits(model, batch, patches, until, rows=rows)
+    B = len(batch)
+    out: torch.Tensor | None = None
+    for u in values:
+        idx = (until == u).nonzero()[:, 0]
+        sub = [replace(p, source=p.source[idx] if p.source.shape[0] == B else p.source,
+                       keep=p.keep[idx] if p.keep.shape[0] == B else p.keep,
+                       pos=None if p.pos is None else p.pos[idx]) for p in patches]
+        logits = patched_last_logits(model, batch.rows(idx), sub, until[idx], rows=[rows[i] for i in idx.tolist()])
+        if out is None:
+            out = logits.new_empty(B, logits.shape[-1])
+        out[idx] = logits
+    return out
 
 
 def patched_last_logits(model, batch: PromptBatch, patches: Sequence[Patch], until: torch.Tensor,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import torch
 from omegaconf import OmegaConf
 
 from etk.models.arch import LlamaFamily
@@ -13,6 +14,24 @@ from etk.models.pair import PairModels, load_pair
 
 # constructor inputs that are objects, not settings: never saved as hyper-parameters (nor into checkpoints)
 NOT_HPARAMS = ("model", "pair", "means", "head_sets", "stage", "receivers", "senders")
+
+
+def hold_unregistered(module: L.LightningModule, name: str, net) -> None:
+    """`module.<name> = net` without registering `net` as a submodule (so `.cpu()`/`.to()` of the LightningModule,
+    and its state_dict, never touch the frozen weights)."""
+    module._modules.pop(name, None)
+    module.__dict__.pop(name, None)
+    object.__setattr__(module, name, net)
+
+
+def place_model(net, device) -> None:
+    """Move a frozen model to `device` unless it is there already (or accelerate dispatched it over devices):
+    called at every loop's start, it moves the weights once per run."""
+    if net is None or is_dispatched(net):
+        return
+    first = next(net.parameters(), None)
+    if first is not None and first.device != torch.device(device):
+        net.to(device)
 
 
 class ModelHost(L.LightningModule):
@@ -30,16 +49,27 @@ class ModelHost(L.LightningModule):
             self._attach(model.net, model.tokenizer)
 
     def _attach(self, net, tokenizer) -> None:
+        """Hold `net` as a plain attribute, not a submodule: Lightning's teardown moves the LightningModule to the
+        CPU after every loop, and a registered 7B model would cross PCIe twice per loop. `place_model` moves it
+        once, at the first loop's start, and it stays there."""
         self.tokenizer = tokenizer
-        if is_dispatched(net):  # split over devices by accelerate: not a submodule, so Lightning never moves it
-            self.__dict__.pop("net", None)
-            object.__setattr__(self, "net", net)
-        else:
-            self.net = net
+        hold_unregistered(self, "net", net)
 
     def configure_model(self) -> None:
         if self.net is None:
             self._attach(*shared_model(OmegaConf.create(self.model_cfg)))
+
+    def on_fit_start(self) -> None:
+        place_model(self.net, self.device)
+
+    def on_validation_start(self) -> None:
+        place_model(self.net, self.device)
+
+    def on_predict_start(self) -> None:
+        place_model(self.net, self.device)
+
+    def on_test_start(self) -> None:
+        place_model(self.net, self.device)
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         """etk batches are dataclasses with a `.to(device)` that moves every tensor (roles included); a dispatched
@@ -71,8 +101,7 @@ class PairHost(L.LightningModule):
 
     def on_predict_start(self) -> None:
         for m in {id(self.pair.base): self.pair.base, id(self.pair.finetuned): self.pair.finetuned}.values():
-            if not is_dispatched(m):
-                m.to(self.device)
+            place_model(m, self.device)
 
     @property
     def tokenizer(self):

@@ -9,11 +9,13 @@ Adding a method: its folder `etk/methods/<name>/` (a LightningModule in `module.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 from etk.errors import ConfigError
 from etk.methods.activation_patching import report as ap_report
-from etk.methods.activation_patching.run import run_activation_patching
+from etk.methods.activation_patching.run import batch_key as ap_batch_key
+from etk.methods.activation_patching.run import run_activation_patching, run_activation_patching_batch
 from etk.methods.attention_patterns import report as attention_report
 from etk.methods.attention_patterns.run import run_attention_patterns
 from etk.methods.causal_impact import report as causal_impact_report
@@ -25,7 +27,8 @@ from etk.methods.cmap.run import run_cmap
 from etk.methods.completeness import report as completeness_report
 from etk.methods.completeness.run import run_completeness
 from etk.methods.dcm import report as dcm_report
-from etk.methods.dcm.run import run_dcm
+from etk.methods.dcm.run import batch_key as dcm_batch_key
+from etk.methods.dcm.run import run_dcm, run_dcm_batch
 from etk.methods.eval import report as eval_report
 from etk.methods.eval.run import run_eval
 from etk.methods.faithfulness import report as faithfulness_report
@@ -80,6 +83,10 @@ class MethodSpec:
     collect_title: str = ""  # what that table is, printed above it
     entry: str = "patching"  # the primary config it runs under: patching | dcm | finetune
     summary: str = ""
+    # Jobs of a study step whose configs have the same `batch_key` (not None) share their frozen work: the study runs
+    # them together with `run_batch([(cfg, folder), ...])`, which writes each job's result into its folder.
+    batch_key: Callable[[Any], str | None] | None = None
+    run_batch: Callable[[list[tuple[Any, Path]]], list[Result]] | None = None
 
     @property
     def schema(self) -> str:
@@ -103,9 +110,10 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
     MethodSpec("completeness", run_completeness, CompletenessResult, completeness_report.section, summary="incompleteness |F(C\\K) - F(M\\K)|"),
     MethodSpec("overlap", run_overlap, OverlapResult, summary="shared heads of two circuits per group"),
     MethodSpec("dcm", run_dcm, DCMResult, dcm_report.section, dcm_report.collect, "DCM", entry="dcm",
-               summary="desiderata-based component masks"),
+               summary="desiderata-based component masks", batch_key=dcm_batch_key, run_batch=run_dcm_batch),
     MethodSpec("activation_patching", run_activation_patching, ActivationPatchingResult, ap_report.section,
-               summary="DCM head sets patched inside a model"),
+               summary="DCM head sets patched inside a model", batch_key=ap_batch_key,
+               run_batch=run_activation_patching_batch),
     MethodSpec("cmap", run_cmap, CMAPResult, cmap_report.section,
                summary="cross-model activation patching and the share of the gap"),
     MethodSpec("model_diff", run_model_diff, ModelDiffResult, model_diff_report.section,

@@ -26,13 +26,15 @@ from etk.models.embedded import ModelNotFoundError, dequantised_dir  # noqa: E40
 from etk.models.tiny import planted_llama, tiny_llama, tiny_tokenizer  # noqa: E402
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16}
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64, "fp64": torch.float64}
 
 
-def resolve_dtype(name: str | None, device: str | torch.device = "cpu") -> torch.dtype:
-    """`auto`: fp32 on CPU, bf16 on GPU."""
+def resolve_dtype(name: str | None) -> torch.dtype:
+    """The weights' dtype. `auto` is fp32 on every device: half precision changes the study's numbers (bf16
+    path-patching rankings agree with fp32 at Spearman 0.39 on the embedded model), so it is never chosen silently:
+    ask for it by name (`model.dtype=bf16`). Faster fp32 on a GPU is `model.matmul_precision` (TF32)."""
     if name in (None, "auto"):
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.float32
     if name not in _DTYPES:
         raise ConfigError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)} or 'auto'")
     return _DTYPES[name]
@@ -171,9 +173,9 @@ class CacheError(EtkError, OSError):
 def load_model(cfg: Any, device: str | torch.device | None = None):
     """(model, tokenizer) for a `model` config, in eval mode with gradients off, on `device` (default: CPU).
 
-    `dtype: auto` picks the dtype for the accelerator the run will use (bf16 on GPU, fp32 on CPU)."""
+    `dtype: auto` is fp32 (`resolve_dtype`)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    dtype = resolve_dtype(cfg.get("dtype", "auto"), default_device())
+    dtype = resolve_dtype(cfg.get("dtype", "auto"))
     source = cfg.get("source", "local")
     attn = cfg.get("attn_implementation")
     if source == "tiny":
@@ -216,6 +218,51 @@ def reuse_models(slots: int):
         _REUSE.update(saved)
 
 
+def model_bytes(cfg: Any) -> int | None:
+    """The weights' size in memory (parameters x bytes of the run's dtype) from the model's config.json, or None
+    when it cannot be read without loading (tiny and packaged models are small)."""
+    try:
+        path = local_model_dir(cfg) if cfg.get("source", "local") == "local" else None
+    except ModelNotFoundError:
+        return None
+    if path is None:
+        return None
+    c = json.loads((path / "config.json").read_text())
+    d, layers, vocab = int(c["hidden_size"]), int(c["num_hidden_layers"]), int(c["vocab_size"])
+    inter, heads = int(c["intermediate_size"]), int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    per_layer = 2 * d * d + 2 * d * (d // heads) * kv + 3 * d * inter
+    n = layers * per_layer + vocab * d * (1 if c.get("tie_word_embeddings") else 2)
+    return n * torch.empty((), dtype=resolve_dtype(cfg.get("dtype", "auto"))).element_size()
+
+
+def free_memory_bytes(device: str | torch.device) -> int:
+    """Free memory where models and caches live: the CUDA device's free memory, or the host's available RAM."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 * 2**30  # no /proc (macOS): assume a laptop's 8 GB
+
+
+def model_slots(setting: Any, member_cfgs: list[Any], device: str | torch.device | None = None) -> int:
+    """How many loaded models a study keeps between jobs (`reuse_models`): an int as given, or `auto`: both
+    members when their weights plus room for the work (a quarter of the larger one: two fp32 7B members and their
+    work fit an 80 GB GPU) fit in 80% of the free memory of the run's device, else one."""
+    if setting not in (None, "auto"):
+        return max(0, int(setting))
+    device = device if device is not None else default_device()
+    sizes = [model_bytes(c) for c in member_cfgs]
+    if any(s is None for s in sizes):
+        return len(member_cfgs)  # small models (tiny, packaged): keep them all
+    need = sum(sizes) + max(sizes) / 4  # type: ignore[arg-type, operator]
+    return len(member_cfgs) if need <= 0.8 * free_memory_bytes(device) else 1
+
+
 def _key(cfg: Any) -> str:
     """A model config as a cache key (its resolved, sorted JSON)."""
     from omegaconf import OmegaConf
@@ -241,15 +288,15 @@ def preloaded_model(cfg: Any):
     return _REUSE.get("preloaded", {}).get(_key(cfg))
 
 
-def shared_model(cfg: Any):
-    """(model, tokenizer) for a frozen-model job: `load_model(cfg)`, or inside `reuse_models` the model an earlier
-    job loaded from the same config (eval mode, no gradients; etk's interventions live in hooks that are always
-    removed, so the weights are never changed)."""
+def shared_model(cfg: Any, device: str | torch.device | None = None):
+    """(model, tokenizer) for a frozen-model job: `load_model(cfg, device)`, or inside `reuse_models` the model an
+    earlier job loaded from the same config (eval mode, no gradients; etk's interventions live in hooks that are
+    always removed, so the weights are never changed)."""
     held = preloaded_model(cfg)
     if held is not None:
         return held
     if not _REUSE["slots"]:
-        return load_model(cfg)
+        return load_model(cfg, device)
     key = _key(cfg)
     models: OrderedDict = _REUSE["models"]
     if key in models:
@@ -258,7 +305,7 @@ def shared_model(cfg: Any):
         return net.eval().requires_grad_(False), tok
     while len(models) >= _REUSE["slots"]:
         models.popitem(last=False)
-    models[key] = load_model(cfg)
+    models[key] = load_model(cfg, device)
     return models[key]
 
 
@@ -280,11 +327,11 @@ class LoadedModel:
         return LlamaFamily.of(self.net)
 
 
-def load(cfg: Any) -> LoadedModel:
-    """The one way a run gets its model: `shared_model(cfg)` (a preloaded or reused model, else loaded from disk)
-    with its plain config."""
+def load(cfg: Any, device: str | torch.device | None = None) -> LoadedModel:
+    """The one way a run gets its model: `shared_model(cfg, device)` (a preloaded or reused model, else loaded from
+    disk straight to `device`, the run's device: `etk.runtime.run_device`) with its plain config."""
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    net, tok = shared_model(cfg)
+    net, tok = shared_model(cfg, device)
     return LoadedModel(net, tok, OmegaConf.to_container(cfg, resolve=True))

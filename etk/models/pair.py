@@ -75,7 +75,7 @@ class PairModels:
 def load_pair(base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle: bool = True) -> PairModels:
     """Load and validate a pair. A LoRA fine-tune of the base member (same weights + one adapter) is run by
     toggling that adapter (`toggle=True`); otherwise each member is loaded (adapters merged at load)."""
-    from etk.models.loading import attach_adapter, load_model, preloaded_model
+    from etk.models.loading import attach_adapter, load_model, preloaded_model, shared_model
 
     names = (base_cfg["name"], finetuned_cfg["name"])
     held = preloaded_model(base_cfg), preloaded_model(finetuned_cfg)
@@ -89,8 +89,9 @@ def load_pair(base_cfg: dict[str, Any], finetuned_cfg: dict[str, Any], toggle: b
         base, tok = load_model(OmegaConf.create(base_cfg))
         shared = attach_adapter(base, extra)
         return PairModels(shared, shared, tok, tok, names, toggled=True)
-    base, tok = load_model(OmegaConf.create(base_cfg))
-    ft, ft_tok = load_model(OmegaConf.create(finetuned_cfg))
+    # two merged members: the models a study keeps loaded (`reuse_models`) when it holds them, else loaded
+    base, tok = shared_model(OmegaConf.create(base_cfg))
+    ft, ft_tok = shared_model(OmegaConf.create(finetuned_cfg))
     pair = PairModels(base, ft, tok, ft_tok, names)
     pair.check()
     return pair

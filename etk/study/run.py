@@ -20,11 +20,12 @@ from etk.artifacts import write_text
 from etk.data.roles import MEMBERS
 from etk.errors import ConfigError, DataError
 from etk.methods.registry import REGISTRY, MethodSpec, get
-from etk.models.loading import reuse_models
+from etk.models.loading import model_slots, reuse_models
 from etk.models.pair import load_pair
 from etk.results import Job, Result, member_circuit, select
-from etk.runtime import barrier, compose, data_config, free_model, output_dir, step_output, to_overrides
+from etk.runtime import announce, barrier, compose, data_config, free_model, inside_study, output_dir, run_device, say, step_output, to_overrides
 from etk.study.plan import SPLIT_PARTS, STEP_JOBS
+from etk.study.progress import StudyProgress, member_order
 from etk.study.report import write_report
 from etk.tasks import task_of
 
@@ -46,6 +47,8 @@ class Study:
         self.inherited = list(inherited) if inherited is not None else inherited_overrides(cfg)
         self.graph: list[tuple[Job, Result]] = []  # every job run (or found done) so far, with its result
         self.split_paths: dict[str, str] = {}  # part of the fine-tuned circuit -> its circuit file (`split_circuit`)
+        self.last_member: str | None = None  # the member the last job ran on (the next step starts with it)
+        self.progress = StudyProgress()
 
     # -- what the plan's job functions read -------------------------------------------------------------------
     def member(self, member: str) -> DictConfig:
@@ -128,34 +131,78 @@ class Study:
         from etk.validate import validate
 
         head = [f"method={spec.name}"] if spec.entry == "patching" else []
-        sub = compose(spec.entry, head + self.inherited + list(job.overrides) + ["logger=none"])
+        quiet = ["trainer.enable_progress_bar=false"]  # the study prints one line per job (`StudyProgress`)
+        sub = compose(spec.entry, head + quiet + self.inherited + list(job.overrides) + ["logger=none"])
         validate(sub)
         return sub
 
-    def run_job(self, spec: MethodSpec, job: Job) -> Result:
-        """Run one job in its folder unless a valid result is already there; record it in the job graph."""
+    def done_result(self, spec: MethodSpec, job: Job) -> Result | None:
+        """The job's valid result from an earlier run (noted and counted), or None when it must run."""
         folder = self.dir(job.step, job.name)
-        timing = folder / "job_seconds.json"
-        label = f"{job.step}/{job.name}"
         try:
             result = spec.result.load(folder)
-            earlier = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-            self.log.append(f"{label}: done earlier" + (f" ({earlier:.0f} s), skipped" if earlier else ", skipped"))
-            self.seconds += earlier or 0.0
         except DataError:  # not run yet, interrupted, or written by another method: run it
-            sub = self.compose(spec, job)
-            t0 = time.time()
-            with step_output(folder):
-                spec.run(sub)
-            barrier()  # in a distributed run rank 0 writes the results; every rank reads them after this
-            free_model()
-            dt = time.time() - t0
-            write_text(timing, json.dumps({"seconds": round(dt, 1)}))
+            return None
+        timing = folder / "job_seconds.json"
+        earlier = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+        self.log.append(f"{job.step}/{job.name}: done earlier" + (f" ({earlier:.0f} s), skipped" if earlier else ", skipped"))
+        self.seconds += earlier or 0.0
+        self.progress.done(job, None)
+        return result
+
+    def run_jobs(self, spec: MethodSpec, jobs: list[Job], subs: list[DictConfig]) -> list[Result]:
+        """Run jobs (one, or several of one `batch_key` as one pass) in their folders; their results. A batch's time
+        is shared equally among its jobs."""
+        folders = [self.dir(j.step, j.name) for j in jobs]
+        t0 = time.time()
+        if len(jobs) > 1:
+            spec.run_batch(list(zip(subs, folders)))
+        else:
+            with step_output(folders[0]):
+                spec.run(subs[0])
+        barrier()  # in a distributed run rank 0 writes the results; every rank reads them after this
+        free_model()
+        dt = (time.time() - t0) / len(jobs)
+        together = f" (one pass with {len(jobs) - 1} other job(s), time shared)" if len(jobs) > 1 else ""
+        out = []
+        for job, folder in zip(jobs, folders):
+            write_text(folder / "job_seconds.json", json.dumps({"seconds": round(dt, 1)}))
             self.seconds += dt
-            self.log.append(f"{label}: {dt:.0f} s")
-            result = spec.result.load(folder)
+            self.log.append(f"{job.step}/{job.name}: {dt:.0f} s{together}")
+            self.progress.done(job, dt)
+            out.append(spec.result.load(folder))
+        return out
+
+    def run_job(self, spec: MethodSpec, job: Job) -> Result:
+        """Run one job in its folder unless a valid result is already there; record it in the job graph."""
+        done = self.done_result(spec, job)
+        result = done if done is not None else self.run_jobs(spec, [job], [self.compose(spec, job)])[0]
         self.graph.append((job, result))
         return result
+
+    def run_step(self, step: str, index: int, n_steps: int) -> None:
+        """Run a step's jobs grouped by the model they load (`member_order`), jobs that share frozen work as one pass
+        (`MethodSpec.batch_key`), and record them in the job graph in the plan's order (what the report and later
+        steps read does not depend on the run order)."""
+        spec = REGISTRY[step]
+        jobs = STEP_JOBS[step](self)
+        self.progress.start_step(step, index, n_steps, len(jobs), list(self.m.steps))
+        done: dict[int, Result] = {}
+        pending: dict[str | int, list[tuple[int, DictConfig]]] = {}  # batch key (or the job's index) -> jobs
+        for i in member_order(jobs, self.last_member):
+            found = self.done_result(spec, jobs[i])
+            if found is not None:
+                done[i] = found
+                continue
+            sub = self.compose(spec, jobs[i])
+            key = spec.batch_key(sub) if spec.batch_key and spec.run_batch else None
+            pending.setdefault(i if key is None else key, []).append((i, sub))
+        for group in pending.values():
+            idx = [i for i, _ in group]
+            for i, result in zip(idx, self.run_jobs(spec, [jobs[i] for i in idx], [sub for _, sub in group])):
+                done[i] = result
+            self.last_member = jobs[idx[-1]].member or self.last_member
+        self.graph.extend((job, done[i]) for i, job in enumerate(jobs))
 
     def validate_pair(self) -> None:
         """Before any work: the two members must be comparable head by head (architecture, dims, tokenizer
@@ -174,15 +221,17 @@ class Study:
             if step not in STEP_JOBS:
                 raise ConfigError(f"method {step!r} has no study step; study steps: {', '.join(STEP_JOBS)}")
         self.validate_pair()
-        with reuse_models(int(self.m.get("reuse_models", 0))):  # jobs of the same member share its loaded weights
-            for step in steps:
-                for job in STEP_JOBS[step](self):
-                    self.run_job(REGISTRY[step], job)
+        announce(self.cfg)
+        slots = model_slots(self.m.get("reuse_models", "auto"), [self.member(m) for m in MEMBERS], run_device(self.cfg))
+        self.note(f"models kept loaded between jobs: {slots}")
+        with inside_study(self.cfg.pair.name), reuse_models(slots):  # jobs of a member share its loaded weights
+            for i, step in enumerate(steps):
+                self.run_step(step, i + 1, len(steps))
         self.log.append(f"total compute time of the study's jobs: {self.seconds / 60:.1f} min")
         report = write_report(self.root, self.cfg, steps, self.graph, self.log)
-        print(f"[etk] study of pair {self.cfg.pair.name}: {report}")
+        say(f"[etk] study of pair {self.cfg.pair.name}: {report}")
         for line in self.log:
-            print(f"[etk]   {line}")
+            say(f"[etk]   {line}", console=not line.startswith(tuple(f"{s}/" for s in steps)))  # job lines: printed already
         return {"report": str(report), "log": self.log}
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from etk.metrics import fmt
 from etk.report.context import ReportContext, Section
 from etk.report.tables import markdown
-from etk.results import AttentionPatternsResult
 
 
 def top_token_role(d: dict) -> tuple[str, dict] | None:

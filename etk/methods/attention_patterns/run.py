@@ -18,7 +18,7 @@ from etk.metrics import fmt, mean_ci
 from etk.models.loading import load
 from etk.report.plots import matrix_heatmap
 from etk.results import AttentionPatternsResult
-from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, output_dir, plain_config, run_device, run_logger
 from etk.tasks import group_role, task_of
 
 
@@ -28,7 +28,7 @@ def run_attention_patterns(cfg: DictConfig) -> AttentionPatternsResult:
     task = task_of(cfg)
     spec, circuit = resolve_circuit(cfg)
     groups = [g for g in (m.get("groups") or circuit.groups) if circuit.groups.get(g)]
-    model = load(cfg.model)
+    model = load(cfg.model, run_device(cfg))
     units = [(group_role(g), h) for g in groups for h in check_heads(circuit.groups[g], model.arch.dims)]
     keys = list(task.scalar_roles)
     module = AttentionModule(model.cfg, units, keys, model)
@@ -36,7 +36,7 @@ def run_attention_patterns(cfg: DictConfig) -> AttentionPatternsResult:
     loader = prompt_loader(task, model.tokenizer, task.examples(data_cfg, model.tokenizer), int(m.batch_size),
                            cfg.data.padding_side)
     with run_logger(cfg) as logger:
-        L.Trainer(**trainer_kwargs(cfg), logger=False).predict(module, loader, return_predictions=False)
+        make_trainer(cfg, "attention patterns: prompt batches").predict(module, loader, return_predictions=False)
         p = module.probs()  # [N, U, K + 1]
         sh = module.shares()  # [N, U, R]
         present = [j for j, _ in enumerate(module.token_roles()) if float(sh[:, :, j].sum()) > 0]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 import time
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -24,7 +23,7 @@ from etk.methods.mean_ablation.summary import random_ablation, summarise
 from etk.metrics import fmt, spearman
 from etk.report.plots import role_head_heatmap
 from etk.results import CircuitSearchResult
-from etk.runtime import output_dir, trainer_kwargs
+from etk.runtime import make_trainer, output_dir
 from etk.tasks import task_of
 
 
@@ -47,7 +46,7 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
         # roles that occur in these prompts: the unit space
         ev.use(n_search, batch_size=int(m.attribution_batch_size))
         attr_loader = ev.loader
-        attr_trainer = L.Trainer(**{**trainer_kwargs(cfg), "logger": False, "inference_mode": False})
+        attr_trainer = make_trainer(cfg, "circuit search, attribution: prompt batches", inference_mode=False)
 
         def attribution(base: torch.Tensor | None) -> UnitAttribution:
             att = UnitAttribution(ev.module.net, ev.module.means, int(m.steps), base)

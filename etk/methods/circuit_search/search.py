@@ -29,6 +29,7 @@ from etk.circuits import Circuit
 from etk.data.roles import ROLE_VOCAB, PromptBatch
 from etk.interventions.hooks import hooked
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, empty_keep
+from etk.methods.base import hold_unregistered, place_model
 from etk.metrics import all_sum
 from etk.models.arch import Dims
 from etk.models.forward import last_logits
@@ -45,7 +46,7 @@ class UnitAttribution(L.LightningModule):
 
     def __init__(self, net, means: torch.Tensor, steps: int = 4, base: torch.Tensor | None = None):
         super().__init__()
-        self.net = net
+        hold_unregistered(self, "net", net)  # never moved by Lightning's teardown (see ModelHost)
         self.means, self.steps, self.base = means, int(steps), base
         self.total: torch.Tensor | None = None
         self.role_tokens: torch.Tensor | None = None
@@ -53,6 +54,9 @@ class UnitAttribution(L.LightningModule):
 
     def transfer_batch_to_device(self, batch, device, dataloader_idx: int):
         return batch.to(device)
+
+    def on_predict_start(self) -> None:
+        place_model(self.net, self.device)
 
     def on_predict_epoch_start(self) -> None:
         self.total, self.role_tokens, self.n = None, None, 0

@@ -19,7 +19,7 @@ from etk.models.arch import LlamaFamily
 from etk.models.pair import load_pair
 from etk.report.tables import markdown, with_ci
 from etk.results import CMAPResult
-from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, output_dir, plain_config, run_logger
 from etk.tasks import task_of
 
 
@@ -77,7 +77,7 @@ def run_cmap(cfg: DictConfig) -> dict[str, Any]:
     examples = task.examples(data_cfg, module.tokenizer)
     module.pair.check([task.text(e) for e in examples[:50]])
     with run_logger(cfg) as logger:
-        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        trainer = make_trainer(cfg, "CMAP: prompt batches")
         trainer.predict(module, prompt_loader(task, module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
                         return_predictions=False)
         c = module.acc.per_example()  # [2 + n_sets, N]

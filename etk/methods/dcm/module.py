@@ -24,7 +24,7 @@ from etk.tasks import all_groups, group_role
 
 class DCMModule(ModelHost):
     def __init__(self, model_cfg: dict[str, Any], group: str, heads: list[list[int]], parametrisation: str = "clamp",
-                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float = 512, model: LoadedModel | None = None,
+                 lam: float = 0.01, lr: float = 0.1, objective: str = "logit", cache_mb: float | str = "auto", model: LoadedModel | None = None,
                  validate_at: int = 0):
         super().__init__(model_cfg, model)
         if group not in all_groups() and group not in ROLE_ID:

@@ -12,7 +12,7 @@ from etk.data.datasets import prompt_loader
 from etk.methods.eval.module import AccuracyModule
 from etk.models.loading import load
 from etk.results import EvalResult
-from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, plain_config, run_device, run_logger
 from etk.tasks import Task, task_of
 
 
@@ -52,10 +52,10 @@ def evaluate_sets(task: Task, module: AccuracyModule, data_cfg: DictConfig, meth
 def run_eval(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, verbose=False)
     task = task_of(cfg)
-    model = load(cfg.model)
+    model = load(cfg.model, run_device(cfg))
     module = AccuracyModule(model.cfg, model)
     with run_logger(cfg) as logger:
-        trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
+        trainer = make_trainer(cfg, "eval: prompt batches", logger=logger)
         n = cfg.method.get("n_examples")
         data = data_config(cfg, n) if n else cfg.data
         rows = evaluate_sets(task, module, data, cfg.method, trainer, cfg.model.name, logger)

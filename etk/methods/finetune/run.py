@@ -26,7 +26,7 @@ from etk.methods.eval.run import evaluate_sets
 from etk.methods.finetune.module import FineTuneModule, collate_lm, encode_items
 from etk.models.loading import LoadedModel, load_model, resolve_path
 from etk.results import FinetuneResult
-from etk.runtime import emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import emit, make_trainer, output_dir, plain_config, run_logger
 from etk.tasks import task_of
 
 
@@ -46,7 +46,7 @@ def evaluate_model(module: FineTuneModule, cfg: DictConfig, logger) -> list[dict
     """Accuracy of the merged fine-tuned model on the task's evaluation sets (entity tracking: per box count of
     `eval.box_counts`)."""
     acc = AccuracyModule(module.hparams.model_cfg, LoadedModel(module.merged(), module.tokenizer, module.hparams.model_cfg))
-    trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+    trainer = make_trainer(cfg, "eval of the fine-tuned model: prompt batches")
     return evaluate_sets(task_of(cfg), acc, cfg.data, cfg.eval, trainer,
                          f"fine-tuned {cfg.model.name}+{cfg.finetune_data.kind}", logger)
 
@@ -78,7 +78,7 @@ def run_finetune(cfg: DictConfig) -> dict[str, Any]:
                         collate_fn=partial(collate_lm, pad_id=pad_id(module.tokenizer)))
     with run_logger(cfg) as logger:
         ckpt = ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, every_n_train_steps=cfg.train.checkpoint_every)
-        trainer = L.Trainer(**trainer_kwargs(cfg), max_steps=steps, logger=logger or False, callbacks=[ckpt])
+        trainer = make_trainer(cfg, "fine-tuning", max_steps=steps, logger=logger, callbacks=[ckpt])
         t0 = time.time()
         trainer.fit(module, loader)
         train_s = time.time() - t0

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+from transformers import DynamicCache
 
 from etk.data.roles import PromptBatch
 from etk.errors import ConfigError
@@ -21,7 +22,7 @@ from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.ablation import repeat_batch
 from etk.methods.mean_ablation.module import AblationAccuracy
 from etk.models.arch import LlamaFamily
-from etk.models.forward import assert_eval, last_logits
+from etk.models.forward import assert_eval, last_logits, output_cache
 from etk.models.loading import LoadedModel
 from etk.models.partial import LayerInputs, forward_from_layer
 
@@ -34,7 +35,7 @@ class KnockoutModule(ModelHost):
 
     def __init__(self, model_cfg: dict[str, Any], edges: Sequence[str], start_layers: Sequence[int] | None = None,
                  rows_per_forward: int = 256, random_seed: int = 5, start_layers_every: int = 1, model: LoadedModel | None = None,
-                 scalar_roles: Sequence[str] | None = None, paper_compat: bool = False):
+                 scalar_roles: Sequence[str] | None = None, paper_compat: bool = False, reference: bool = False):
         super().__init__(model_cfg, model)
         self.every = max(1, int(start_layers_every))
         for e in edges:
@@ -44,6 +45,7 @@ class KnockoutModule(ModelHost):
         self.rows_per_forward = int(rows_per_forward)
         self.random_seed = int(random_seed)
         self.paper_compat = bool(paper_compat)  # the paper's random key: a new draw per (edge, start layer, prompt)
+        self.reference = bool(reference)  # every position from each start layer (the check of the suffix-only path)
         self.acc = AblationAccuracy()
         self.forwards = 0
         self._tables: dict[int, torch.Tensor] = {}  # per stream, the random keys' uniforms by dataset index
@@ -107,28 +109,57 @@ class KnockoutModule(ModelHost):
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> torch.Tensor:
         """Layers below a configuration's start layer compute exactly the clean run, so they are run once: one
         clean forward gives the baseline and the residual entering every start layer; each configuration then
-        runs only layers s..L-1 of its rows (many configurations per forward)."""
+        runs only layers s..L-1 of its rows (many configurations per forward). Blocking query q -> key k changes
+        nothing at positions before q (causal attention), so only positions >= the group's earliest q are run, on
+        the clean K/V of the positions before it (`reference=True`: every position, the pre-0.9 path)."""
         N, L = len(batch), self.n_layers
         arch = LlamaFamily.of(self.net)
         q, k, s = self._positions(batch)  # [K, N], [K, N], [K]
         starts = sorted(set(s.tolist()) - {L})
         with LayerInputs(arch, None, starts) as h:  # {s: [N, T, d]}
-            clean = last_logits(self.net, batch)  # [N, V]
+            if self.reference:
+                clean, cache = last_logits(self.net, batch), None
+            else:
+                out = arch.base.model(**batch.model_inputs(), use_cache=True)
+                clean = arch.lm_head(out.last_hidden_state[torch.arange(N, device=q.device), batch.roles["last"]])
+                cache = output_cache(out)  # the clean K/V of every layer [N, G, T, D]
         self.forwards += 1
         correct = torch.empty(q.shape[0], N, dtype=torch.bool, device=q.device)  # [K, N]
         correct[s == L] = clean.argmax(-1) == batch.answer
         per = max(1, self.rows_per_forward // N)  # configurations per forward
+        cfgs = self.configs()
         for start in starts:
             idx = (s == start).nonzero()[:, 0]
-            for c0 in range(0, idx.shape[0], per):
-                it = idx[c0:c0 + per]
-                n_cfg = it.shape[0]
-                rows = repeat_batch(batch, n_cfg)  # [n_cfg * N] rows, row c*N + n
-                with knockout(self.net, *config_rows(q[it], k[it], s[it])):
-                    hid = forward_from_layer(self.net, h[start].repeat(n_cfg, 1, 1), start, rows.attention_mask,
-                                             rows.position_ids, None)  # [R, T, d], final-normed
-                logits = arch.lm_head(hid[torch.arange(hid.shape[0], device=hid.device), rows.roles["last"]])
-                correct[it] = (logits.argmax(-1) == rows.answer).view(n_cfg, N)
-                self.forwards += 1
+            groups = ([idx] if self.reference else  # configurations whose query role is the same share a suffix
+                      [idx[[parse_edge(cfgs[i][0])[0] == role for i in idx.tolist()]]
+                       for role in dict.fromkeys(parse_edge(cfgs[i][0])[0] for i in idx.tolist())])
+            for group in groups:
+                for c0 in range(0, group.shape[0], per):
+                    it = group[c0:c0 + per]
+                    logits = self.knocked_logits(batch, q[it], k[it], s[it], start, h[start], cache)
+                    correct[it] = (logits.argmax(-1) == batch.answer.repeat(it.shape[0])).view(it.shape[0], N)
+                    self.forwards += 1
         self.acc.update(correct, None, batch.index)
         return correct
+
+    def knocked_logits(self, batch: PromptBatch, q: torch.Tensor, k: torch.Tensor, s: torch.Tensor, start: int,
+                       h: torch.Tensor, cache) -> torch.Tensor:
+        """[n_cfg * N, V] last-position logits (row c*N + n) of n_cfg configurations (query/key positions q, k
+        [n_cfg, N], start layers s) from layer `start`, whose clean input residual is h [N, T, d]. With the clean K/V
+        `cache` (None: every position), only positions >= p run, p = the earliest blocked query of these rows (their
+        residuals at p.. enter layer `start` clean, and the positions before p keep their clean K/V)."""
+        n_cfg, N = q.shape
+        arch = LlamaFamily.of(self.net)
+        rows = repeat_batch(batch, n_cfg)  # [n_cfg * N] rows, row c*N + n
+        real = q[q >= 0]
+        p = 0 if cache is None or real.numel() == 0 else int(real.min())  # one host read per forward
+        prefix = None
+        if p > 0:
+            kv = [(lay.keys[:, :, :p].repeat(n_cfg, 1, 1, 1), lay.values[:, :, :p].repeat(n_cfg, 1, 1, 1))
+                  for lay in cache.layers[start:]]
+            # layers below `start` are not run: their entries (the start layer's, not copied) only give the length
+            prefix = DynamicCache([kv[0]] * start + kv, config=arch.base.config)
+        with knockout(self.net, *config_rows(q, k, s)):
+            hid = forward_from_layer(self.net, h[:, p:].repeat(n_cfg, 1, 1), start, rows.attention_mask,
+                                     rows.position_ids[:, p:], prefix)  # [R, T - p, d], final-normed
+        return arch.lm_head(hid[torch.arange(hid.shape[0], device=hid.device), rows.roles["last"] - p])

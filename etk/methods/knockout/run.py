@@ -15,7 +15,7 @@ from etk.metrics import accuracy_ci
 from etk.models.loading import load
 from etk.report.plots import line_plot
 from etk.results import KnockoutResult
-from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, output_dir, plain_config, run_device, run_logger
 from etk.tasks import task_of
 
 PLOT = "knockout.png"
@@ -39,12 +39,12 @@ def run_knockout(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     task = task_of(cfg)
     edges = list(m.edges or task.knockout_edges)
-    model = load(cfg.model)
+    model = load(cfg.model, run_device(cfg))
     module = KnockoutModule(model.cfg, edges, None if m.get("start_layers") is None else list(m.start_layers),
                             int(m.rows_per_forward), int(m.random_seed), int(m.get("start_layers_every", 1)), model,
-                            task.scalar_roles, bool(m.get("paper_compat", False)))
+                            task.scalar_roles, bool(m.get("paper_compat", False)), bool(m.get("reference", False)))
     with run_logger(cfg) as logger:
-        trainer = L.Trainer(**trainer_kwargs(cfg), logger=logger or False)
+        trainer = make_trainer(cfg, "knockout: prompt batches", logger=logger)
         data_cfg = data_config(cfg, m.n_examples)
         tok = module.tokenizer
         loader = prompt_loader(task, tok, task.examples(data_cfg, tok), int(m.batch_size), cfg.data.padding_side)

@@ -3,7 +3,6 @@ ablation set (SPEC §3.1), and evaluates batches of ablations on the evaluation 
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 
@@ -12,7 +11,7 @@ from etk.data.datasets import prompt_loader
 from etk.interventions.components import check_heads
 from etk.methods.mean_ablation.module import AblationEval, MeansModule
 from etk.models.loading import LoadedModel, load
-from etk.runtime import data_config, trainer_kwargs
+from etk.runtime import data_config, make_trainer, run_device
 from etk.tasks import task_of
 
 
@@ -24,12 +23,12 @@ class Evaluator:
     def __init__(self, cfg: DictConfig, circuit: Circuit | None = None, n_examples: int | None = None,
                  model: LoadedModel | None = None):
         m = cfg.method
-        model = model or load(cfg.model)
+        model = model or load(cfg.model, run_device(cfg))
         self.dims = model.arch.dims
         for heads in (circuit.groups.values() if circuit is not None else []):
             check_heads(heads, self.dims)
         tok = model.tokenizer
-        self.trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        self.trainer = make_trainer(cfg, "mean ablation: prompt batches")
         self.task = task_of(cfg)
         self.vital = self.task.vital_roles
         abl = self.task.ablation_examples(cfg, tok)
@@ -38,7 +37,7 @@ class Evaluator:
                              return_predictions=False)
         self.module = AblationEval(model.cfg, means.means(), int(m.ablations_per_forward),
                                    int(m.get("vital_rows_per_forward", 2048)), bool(m.get("vital_fast_path", True)),
-                                   model)
+                                   model, active_fast_path=not bool(m.get("reference", False)))
         self.cfg = cfg
         self.use(n_examples if n_examples is not None else int(m.n_examples))
         self.evaluations = 0

@@ -10,7 +10,7 @@ from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, keep_rows
-from etk.methods.mean_ablation.vital import background, vital_logits, vital_only
+from etk.methods.mean_ablation.vital import active_logits, active_tokens, background, vital_logits, vital_only
 from etk.metrics import ExampleMetric, all_sum
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
@@ -78,24 +78,32 @@ class MeansModule(ModelHost):
         return (total / count.clamp_min(1)[None, :, None, None]).float().cpu()
 
 
+ACTIVE_SHARE = 0.6  # the active-token path when a call's active tokens are at most this share of the prompt
+
+
 class AblationEval(ModelHost):
     """Accuracy of ablations (`Ablation`s: which (role, head) units keep their z; the others take `means`) on every
     prompt. The ablations are the module's one per-loop input: `evaluate(trainer, loader, ablations)` runs one
     predict loop on them. Ablations that keep heads only at the vital roles take the exact vital-only path
-    (`vital.py`) unless `vital_fast_path=False`; `forwards` counts full-sequence forwards, `vital_forwards`
-    vital-only ones."""
+    (`vital.py`) unless `vital_fast_path=False`; others recompute only their active tokens (`active_logits`)
+    unless `active_fast_path=False`. `forwards` counts full-sequence forwards, `vital_forwards` vital-only ones,
+    `active_forwards` active-token ones."""
 
     def __init__(self, model_cfg: dict[str, Any], means: torch.Tensor, ablations_per_forward: int = 16,
-                 vital_rows_per_forward: int = 2048, vital_fast_path: bool = True, model: LoadedModel | None = None):
+                 vital_rows_per_forward: int = 2048, vital_fast_path: bool = True, model: LoadedModel | None = None,
+                 active_fast_path: bool = True):
         super().__init__(model_cfg, model)
         self.means = means  # [L, T, H, D]
         self.per_forward = ablations_per_forward
         self.vital_rows = vital_rows_per_forward
         self.vital_fast_path = vital_fast_path
+        # ablations keeping units at other roles: only the tokens of roles with a kept unit (and `last`) recomputed
+        # on the all-ablated background (`vital.active_logits`), when they are at most ACTIVE_SHARE of the prompt
+        self.active_fast_path = active_fast_path
         self.backgrounds: dict = {}  # per evaluation batch: the all-ablated keys/values (reused across calls)
         self.acc = AblationAccuracy()
         self.ablations: Sequence[Ablation] = ()
-        self.forwards = self.vital_forwards = 0
+        self.forwards = self.vital_forwards = self.active_forwards = 0
 
     def evaluate(self, trainer, loader, ablations: Sequence[Ablation]) -> torch.Tensor:
         """[K, N] correctness of K ablations on the loader's prompts (one predict loop); `self.acc` keeps the
@@ -107,7 +115,7 @@ class AblationEval(ModelHost):
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
         self.acc.reset()
-        self.forwards = self.vital_forwards = 0
+        self.forwards = self.vital_forwards = self.active_forwards = 0
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
         N = len(batch)
@@ -133,8 +141,22 @@ class AblationEval(ModelHost):
                 idx = fast[c0:c0 + step]
                 record(idx, vital_logits(self.net, batch, means, [self.ablations[i] for i in idx], bg))
                 self.vital_forwards += 1
+        if slow and self.active_fast_path:  # similar kept-role sets together: fewer active tokens per call
+            n_roles = [int(self.ablations[i].keep.flatten(1).any(1).sum()) for i in slow]
+            slow = [i for _, i in sorted(zip(n_roles, slow))]
         for c0 in range(0, len(slow), self.per_forward):
             idx = slow[c0:c0 + self.per_forward]
+            chunk = [self.ablations[i] for i in idx]
+            if self.active_fast_path and all(a.vital and a.vital[0] == "last" for a in chunk):
+                active = active_tokens(chunk, batch)  # [N, T]
+                if int(active.sum(1).max()) <= ACTIVE_SHARE * batch.input_ids.shape[1]:
+                    key = (batch_idx, id(self.means), tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
+                    if key not in self.backgrounds:
+                        self.backgrounds = {key: background(self.net, batch, means), **self.backgrounds}
+                        self.forwards += 1
+                    record(idx, active_logits(self.net, batch, means, chunk, self.backgrounds[key], active))
+                    self.active_forwards += 1
+                    continue
             rows = batch.repeat(len(idx))
             with hooked(self.net, patches=ablation_patches(means, keep_rows([self.ablations[i] for i in idx], batch))):
                 record(idx, last_logits(self.net, rows))  # [K*N, V]

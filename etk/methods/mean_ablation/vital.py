@@ -92,3 +92,56 @@ def vital_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: list
                         use_cache=True, **cache_kwargs(model, cache))
             hidden = out[0] if isinstance(out, tuple) else out
     return arch.lm_head(arch.final_norm(hidden[:, 0]))  # vital[0] is `last`
+
+
+def active_tokens(ablations: list[Ablation], batch: PromptBatch) -> torch.Tensor:
+    """[N, T] bool: the tokens whose role keeps a unit in any of `ablations`, and `last` (read out). Every other
+    real token is fully mean-ablated in all of them, so the background already holds its keys and values."""
+    kept_roles = torch.stack([a.keep for a in ablations]).flatten(2).any(2).any(0)  # [R]
+    tr = batch.token_roles
+    active = kept_roles.to(tr.device)[tr.clamp_min(0)] & (tr >= 0)  # [N, T]
+    active[torch.arange(len(batch), device=tr.device), batch.roles["last"]] = True
+    return active
+
+
+@torch.no_grad()
+def active_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: list[Ablation],
+                  bg: tuple[list[torch.Tensor], list[torch.Tensor]], active: torch.Tensor) -> torch.Tensor:
+    """[K*N, V] logits at `last` of K ablations keeping units at any roles, recomputing only the `active` tokens
+    [N, T] (`active_tokens`: every token whose role keeps a unit in one of them, and `last`) through all layers on
+    the all-ablated background of the others: the vital-only path's argument, for any set of roles (the tokens
+    of a role that keeps no unit depend only on themselves). Prompts have different numbers of active tokens: each
+    gets V = max slots, the unused ones hidden from every query."""
+    arch = LlamaFamily.of(model)
+    inner = arch.base.model
+    N, T = batch.input_ids.shape
+    K = len(ablations)
+    dev = batch.input_ids.device
+    counts = active.sum(1)  # [N]
+    V = int(counts.max())  # one host read per call
+    t = torch.arange(T, device=dev)
+    order = torch.where(active, t[None, :], T + t[None, :]).argsort(1)[:, :V]  # [N, V] active positions first
+    valid = torch.arange(V, device=dev)[None, :] < counts[:, None]  # [N, V]
+    last = batch.roles["last"]
+    P = torch.where(valid, order, last[:, None])  # [N, V] absolute positions (unused slots: `last`, hidden)
+    b = torch.arange(N, device=dev)
+    hidden = inner.embed_tokens(batch.input_ids[b[:, None], P]).repeat(K, 1, 1)  # [K*N, V, d]
+    pos_ids = batch.position_ids[b[:, None], P].repeat(K, 1)  # [K*N, V]
+    see_bg = (t[None, None, :] <= P[:, :, None]) & ~active[:, None, :] & batch.attention_mask.bool()[:, None, :]
+    see_new = (P[:, None, :] <= P[:, :, None]) & valid[:, None, :]  # [N, V queries, V keys]
+    allowed = torch.cat([see_bg, see_new], 2).repeat(K, 1, 1)[:, None]  # [K*N, 1, V, T + V]
+    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=dev).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+    roles = batch.token_roles[b[:, None], P].clamp_min(0)  # [N, V] role id of each slot
+    table = torch.stack([a.keep for a in ablations]).to(dev)  # [K, R, L, H]
+    keep = table[:, roles].flatten(0, 1)  # [K*N, V, L, H]
+    patches = [Patch("z", j, means[j][P].repeat(K, 1, 1, 1), keep[:, :, j]) for j in range(arch.dims.n_layers)]
+    cache = _Background(*bg, repeats=K)
+    pos_emb = inner.rotary_emb(hidden, position_ids=pos_ids)
+    with hooked(model, patches=patches):
+        for layer in arch.layers:
+            out = layer(hidden, attention_mask=mask, position_ids=pos_ids, position_embeddings=pos_emb,
+                        use_cache=True, **cache_kwargs(model, cache))
+            hidden = out[0] if isinstance(out, tuple) else out
+    at_last = (P == last[:, None]) & valid  # [N, V]: the slot holding `last`
+    slot = at_last.int().argmax(1).repeat(K)  # [K*N]
+    return arch.lm_head(arch.final_norm(hidden[torch.arange(K * N, device=dev), slot]))

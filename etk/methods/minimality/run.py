@@ -34,7 +34,8 @@ def run_minimality(cfg: DictConfig) -> MinimalityResult:
         paper = bool(m.get("paper_compat", False))
         if paper and str(m.mode) != "batched":
             raise ConfigError("method.paper_compat=true reproduces the paper's batched pair ranking: set method.mode=batched")
-        r = minimality(ev, circuit, ev.dims, threshold, str(m.mode), float(m.frac), ev.vital, paper)
+        r = minimality(ev, circuit, ev.dims, threshold, str(m.mode), float(m.frac), ev.vital, paper,
+                       bool(m.get("reference", False)))
         r["threshold_source"] = source
         pruned: Circuit = r.pop("circuit")
         pruned.meta.update({"model": cfg.model.name, "source_circuit": circuit_spec(cfg)})
@@ -44,6 +45,7 @@ def run_minimality(cfg: DictConfig) -> MinimalityResult:
         n2 = sum(g["n"] ** 2 for g in r["groups"].values())
         print(f"[etk] minimality ({m.mode}, threshold {threshold} from {source}): kept " +
               ", ".join(f"{g} {v.get('kept', 0)}/{v['n']}" for g, v in r["groups"].items()) +
-              f"; {done} evaluations (paper's procedure: {paper}; sum n^2 = {n2})")
+              f"; {done} evaluations, {r['evaluated']} of them distinct and run (paper's procedure: {paper}; "
+              f"sum n^2 = {n2})")
         return {**r, "pruned": pruned.to_json(), "evaluations_done": done, "paper_evaluations": paper, "sum_n_squared": n2}
     return run_evaluated(cfg, MinimalityResult, body)

@@ -24,7 +24,7 @@ from etk.models.arch import LlamaFamily
 from etk.models.pair import load_pair
 from etk.report.plots import head_heatmap
 from etk.results import CMAPResult, ModelDiffResult
-from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, output_dir, plain_config, run_logger
 from etk.tasks import Task, collapsed_roles, task_of
 
 
@@ -100,7 +100,7 @@ def run_model_diff(cfg: DictConfig) -> dict[str, Any]:
     cmap = CMAPResult.load(m.cmap_run) if m.get("cmap_run") else None
     out = output_dir()
     with run_logger(cfg) as logger:
-        trainer = L.Trainer(**trainer_kwargs(cfg), logger=False)
+        trainer = make_trainer(cfg, "model diff: prompt batches")
         trainer.predict(module, prompt_loader(task, module.tokenizer, examples, int(m.batch_size), cfg.data.padding_side),
                         return_predictions=False)
         t = module.gathered()

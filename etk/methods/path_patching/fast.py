@@ -66,7 +66,7 @@ def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, 
 
 
 def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tensor, start: torch.Tensor, p_s: torch.Tensor,
-                  receivers: Receivers, recv: dict, max_rows: int) -> torch.Tensor:
+                  receivers: Receivers, recv: dict, max_rows: int, clean_run: tuple[dict, object] | None = None) -> torch.Tensor:
     """Step 3 for prompts [n] sharing one (p_s, last) and every sender [S]: [n, S] answer probabilities.
 
     Only the suffix p_s..last is recomputed, attending to the prompt's clean prefix K/V in place (shared by all its
@@ -74,7 +74,8 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tenso
     the sender: below it nothing differs from the clean run). The rows of all start layers run in one pass: at
     layer j the rows of the senders with start <= j are active, the others join when j reaches their start with
     their clean residual. recv: {layer: [n, S, U_j, D]} the receivers' step-2 values. At most `max_rows` rows
-    per forward."""
+    per forward. `clean_run` = (layer inputs {j: [B, T, d]}, K/V cache) of the batch's clean forward
+    (`stage_caches`): read instead of running the prompts' clean forward again (None: run it, the reference)."""
     clean, dims = batch.clean, arch.dims
     L, U = dims.n_layers, n_units(arch.dims, receivers.site)
     ps, last = int(p_s[prompts[0]]), int(clean.roles["last"][prompts[0]])
@@ -90,10 +91,15 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tenso
     for c0 in range(0, prompts.shape[0], n_per):
         pc = prompts[c0:c0 + n_per]
         n = pc.shape[0]
-        suffix = torch.arange(ps, last + 1, device=pc.device)[None].expand(n, -1)
-        with LayerInputs(arch, suffix, range(first, L)) as h_clean:  # {j: [n, Ts, d]} clean residual entering j
-            full = output_cache(arch.base.model(**{k: v[pc] for k, v in inputs.items()}, use_cache=True))
-        kv = [(full.layers[j].keys[:, :, :ps], full.layers[j].values[:, :, :ps]) for j in range(L)]
+        if clean_run is not None:  # the batch's clean forward already holds them
+            h_all, full_kv = clean_run
+            h_clean = {j: h_all[j][pc, ps:last + 1] for j in range(first, L)}  # {j: [n, Ts, d]}
+            kv = [(full_kv.layers[j].keys[pc, :, :ps], full_kv.layers[j].values[pc, :, :ps]) for j in range(L)]
+        else:
+            suffix = torch.arange(ps, last + 1, device=pc.device)[None].expand(n, -1)
+            with LayerInputs(arch, suffix, range(first, L)) as h_clean:  # {j: [n, Ts, d]} clean residual entering j
+                full = output_cache(arch.base.model(**{k: v[pc] for k, v in inputs.items()}, use_cache=True))
+            kv = [(full.layers[j].keys[:, :, :ps], full.layers[j].values[:, :, :ps]) for j in range(L)]
         pos = clean.position_ids[pc, ps:last + 1]  # [n, Ts]
         cos, sin = arch.base.model.rotary_emb(h_clean[first], position_ids=pos)  # [n, Ts, D]
         with SharedPrefix(model, {j: a for j, (a, _) in enumerate(kv)}, {j: b for j, (_, b) in enumerate(kv)},
@@ -131,9 +137,11 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tenso
 
 @torch.no_grad()
 def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | None,
-                 draws: torch.Tensor | None = None) -> dict:
-    """One clean and one corrupt forward; everything kept is at p_s (clean) or p'_s (corrupt), on device. `draws`
-    [B, L, H] (`sender_draws`, the paper's per-sender entity): each head's corrupt z is read at its own entity."""
+                 draws: torch.Tensor | None = None, keep_clean: bool = False) -> dict:
+    """One clean and one corrupt forward; what is kept is at p_s (clean) or p'_s (corrupt), on device. `draws`
+    [B, L, H] (`sender_draws`, the paper's per-sender entity): each head's corrupt z is read at its own entity.
+    `keep_clean` (receiver stages): also the clean run's layer inputs at every position and its K/V ("clean_run"),
+    which the receiver step reads instead of a second clean forward."""
     arch = LlamaFamily.of(model)
     L = arch.dims.n_layers
     clean, y = batch.clean, batch.clean.answer
@@ -142,9 +150,13 @@ def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
     site = receivers.site if receivers else None
     caps = [Capture("z", j, p_s[:, None]) for j in range(L)]
     caps += [Capture(site, j, p_s[:, None]) for j in (receivers.layers if receivers else [])]
-    with LayerInputs(arch, p_s) as h_in, hooked(model, captures=caps) as cc:
-        hid = arch.base.model(**clean.model_inputs(), use_cache=False).last_hidden_state
-        p_clean = answer_prob(arch.lm_head(hid[torch.arange(B), clean.roles["last"]]), y)
+    clean_run = None
+    with LayerInputs(arch, None if keep_clean else p_s) as h_in, hooked(model, captures=caps) as cc:
+        out = arch.base.model(**clean.model_inputs(), use_cache=keep_clean)
+        p_clean = answer_prob(arch.lm_head(out.last_hidden_state[torch.arange(B), clean.roles["last"]]), y)
+    if keep_clean:
+        clean_run = (dict(h_in), output_cache(out))
+        h_in = {j: h[torch.arange(B), p_s] for j, h in h_in.items()}  # [B, d] at p_s
     at = p_c[:, None] if draws is None else batch.entities(stage)  # [B, 1] or [B, E]
     with hooked(model, captures=[Capture("z", j, at) for j in range(L)]) as kc:
         arch.base.model(**batch.corrupt.model_inputs(), use_cache=False)
@@ -152,7 +164,7 @@ def stage_caches(model, batch: PPBatch, stage: Stage, receivers: Receivers | Non
               else {j: corrupt_z_per_sender(kc[("z", j)], draws[:, j]) for j in range(L)})  # [B, H, D]
     z_clean = {j: cc[("z", j)][:, 0] for j in range(L)}  # [B, H, D]
     return {
-        "p_s": p_s, "p_clean": p_clean, "h_in": dict(h_in), "z_clean": z_clean,
+        "p_s": p_s, "p_clean": p_clean, "h_in": dict(h_in), "z_clean": z_clean, "clean_run": clean_run,
         "z_corr": z_corr,
         "a_clean": {j: arch.proj(j, "o_proj")(z_clean[j].flatten(-2)) for j in range(L)},  # [B, d]
         "recv_all": {j: cc[(site, j)][:, 0] for j in (receivers.layers if receivers else [])},  # [B, U, D]
@@ -170,17 +182,18 @@ def sender_values(model, caches: dict, stage: Stage, receivers: Receivers | None
 @torch.no_grad()
 def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
                 chunk_rows: int = 4096, suffix_chunk_rows: int = 512,
-                draws: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, int]]:
+                draws: torch.Tensor | None = None, reuse_clean: bool = True) -> tuple[torch.Tensor, dict[str, int]]:
     """Sum over the batch of (p_patched - p_clean) / p_clean per sender: [n_layers, n_heads]; same as `naive`.
 
     `chunk_rows` bounds the (prompt, sender) rows of one sender-step chunk; `suffix_chunk_rows` those of one
-    receiver-step forward (rows share their prompt's prefix K/V; each holds its own suffix)."""
+    receiver-step forward (rows share their prompt's prefix K/V; each holds its own suffix). `reuse_clean=False`
+    runs each receiver-step prompt's clean forward again (the reference: one forward more per prompt)."""
     arch = LlamaFamily.of(model)
     dims = arch.dims
     L, H = dims.n_layers, dims.n_heads
     clean, y = batch.clean, batch.clean.answer
     B = len(batch)
-    c = stage_caches(model, batch, stage, receivers, draws)
+    c = stage_caches(model, batch, stage, receivers, draws, keep_clean=reuse_clean and receivers is not None)
     p_s, p_clean = c["p_s"], c["p_clean"]
     senders = sorted(senders)
     out = torch.zeros(L, H, dtype=torch.float64, device=y.device)
@@ -210,9 +223,10 @@ def fast_scores(model, batch: PPBatch, stage: Stage, receivers: Receivers | None
                 loc = (inv == u).nonzero()[:, 0]
                 ps, last = uniq[u].tolist()
                 p[loc] = _suffix_probs(model, arch, batch, bb[loc], start_of[sl], p_s, receivers,
-                                       {j: v[loc] for j, v in res.items()}, suffix_chunk_rows)
-                # the rows' suffix layers, plus one clean forward per prompt (its prefix K/V and suffix residuals)
-                blocks += (int((L - start_of[sl]).sum()) * (last - ps + 1) + (last + 1) * L) * loc.shape[0]
+                                       {j: v[loc] for j, v in res.items()}, suffix_chunk_rows, c["clean_run"])
+                # the rows' suffix layers (plus, in the reference, one more clean forward per prompt)
+                again = 0 if c["clean_run"] is not None else (last + 1) * L
+                blocks += (int((L - start_of[sl]).sum()) * (last - ps + 1) + again) * loc.shape[0]
         rel = per_clean(p - p_clean[bb, None], p_clean[bb])  # [n, S]
         out.index_put_((sl, sh), rel.double().sum(0), accumulate=True)
     return out, {"forwards": 2, "token_layer_blocks": blocks, "undefined_prompts": undefined_prompts(p_clean)}

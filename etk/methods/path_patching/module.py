@@ -27,11 +27,13 @@ class PathPatchingModule(ModelHost):
 
     def __init__(self, model_cfg: dict[str, Any], stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
                  algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model: LoadedModel | None = None,
-                 per_sender_draws: int | None = None):
+                 per_sender_draws: int | None = None, reuse_clean: bool = True):
         super().__init__(model_cfg, model)
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
         self.current, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
+        if algorithm == "fast":  # the receiver step reads the stage's clean forward (False: runs it again, the reference)
+            self.chunk["reuse_clean"] = bool(reuse_clean)
         self.stage, self.receivers, self.senders = stage, receivers, list(senders)
         self.per_sender_draws = per_sender_draws  # a seed: the paper's entity per (prompt, sender) (D1); None: per pair
         self.sums: torch.Tensor | None = None

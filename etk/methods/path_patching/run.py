@@ -9,6 +9,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from etk.interventions.components import HeadId
 from omegaconf import DictConfig
 
 from etk.artifacts import save_tensor
@@ -20,7 +22,7 @@ from etk.metrics import spearman
 from etk.models.loading import load
 from etk.report.plots import head_heatmap
 from etk.results import PathPatchingResult
-from etk.runtime import data_config, emit, output_dir, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, output_dir, plain_config, run_device, run_logger
 from etk.tasks import task_of
 
 
@@ -34,13 +36,31 @@ def rank_agreement(est: torch.Tensor, exact: torch.Tensor, k: int, mask: torch.T
     return {"spearman": rho, f"top{k}_overlap": len(ke & kx) / max(1, len(kx))}
 
 
+def near_boundary(scores: torch.Tensor, ks: list[int | None], margin: float) -> list[HeadId]:
+    """Heads whose score lies within `margin` x the largest |score| of the k-th score, for each top-k boundary k of
+    `ks` (receivers, candidates): those a reduced-precision run could put on the wrong side of the cut."""
+    flat = scores.flatten().double()
+    finite = flat[torch.isfinite(flat)]
+    if finite.numel() == 0:
+        return []
+    width = margin * float(finite.abs().max())
+    ordered = finite.sort().values  # most negative (most important) first
+    near = torch.zeros_like(flat, dtype=torch.bool)
+    for k in ks:
+        if k and 0 < k <= ordered.numel():
+            cut = (float(ordered[k - 1]) + (float(ordered[k]) if k < ordered.numel() else float(ordered[k - 1]))) / 2
+            near |= torch.isfinite(flat) & ((flat - cut).abs() <= width)
+    n_heads = scores.shape[1]
+    return [HeadId(int(i) // n_heads, int(i) % n_heads) for i in near.nonzero()[:, 0].tolist()]
+
+
 def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     m = cfg.method
     L.seed_everything(cfg.seed, verbose=False)
     out = output_dir()
     task = task_of(cfg)
     short = task.short
-    model = load(cfg.model)
+    model = load(cfg.model, run_device(cfg))
     dims = model.arch.dims
     schedule = discovery_schedule(m, cfg.model, dims, task)
     seed = int(m.seed if m.get("seed") is not None else (cfg.model.get("discovery") or {}).get("seed", 20))
@@ -51,8 +71,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
     # drawn anew per (prompt, sender) (D1)
     paper = bool(m.get("paper_compat", False))
     with run_logger(cfg) as logger:
-        kw = {**trainer_kwargs(cfg), "logger": False, "inference_mode": m.algorithm != "attribution"}
-        trainer = L.Trainer(**kw)
+        kw = {"inference_mode": m.algorithm != "attribution"}
+        trainer = make_trainer(cfg, "path patching: prompt batches", **kw)
         runs = [m.algorithm] + (["fast"] if m.algorithm == "attribution" and m.compare_exact else [])
         by_alg: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -61,13 +81,32 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             report, scores = {}, {}
             for alg in runs:
                 module = PathPatchingModule(model.cfg, stage, rec, senders, alg, m.chunk_rows, m.suffix_chunk_rows, model,
-                                            seed if paper else None)
+                                            seed if paper else None, reuse_clean=not bool(m.get("reference", False)))
                 t0 = time.time()
                 trainer.predict(module, loader, return_predictions=False)
                 report[alg] = {"wall_s": round(time.time() - t0, 3), **module.total_cost()}
                 scores[alg] = module.scores()
-            by_alg[stage.group] = scores
             exact = scores.get("fast", scores.get("naive"))
+            if exact is not None and torch.get_float32_matmul_precision() != "highest":
+                near = near_boundary(exact, [schedule["receivers_top_k"].get(stage.group), schedule["candidates_top_k"].get(stage.group)],
+                                     float(m.get("rescore_margin", 0.05)))
+                near = [h for h in near if h in set(senders)]
+                if near:  # the heads whose rank TF32 rounding could flip, scored again in exact fp32
+                    module = PathPatchingModule(model.cfg, stage, rec, near, "fast", m.chunk_rows, m.suffix_chunk_rows,
+                                                model, seed if paper else None)
+                    saved = torch.get_float32_matmul_precision()
+                    torch.set_float32_matmul_precision("highest")
+                    try:
+                        trainer.predict(module, loader, return_predictions=False)
+                    finally:
+                        torch.set_float32_matmul_precision(saved)
+                    fp32 = module.scores()
+                    idx = (torch.tensor([h.layer for h in near]), torch.tensor([h.head for h in near]))
+                    exact = exact.clone()
+                    exact[idx] = fp32[idx]
+                    scores["fast" if "fast" in scores else "naive"] = exact
+                report["rescored_in_fp32"] = [list(h) for h in near]
+            by_alg[stage.group] = scores
             return (exact if exact is not None else scores["attribution"]), report
 
         graph = task_stages(task)

@@ -22,9 +22,10 @@ from etk.errors import ConfigError, DataError
 from etk.interventions.heads import HeadSet
 from etk.methods.activation_patching.module import ActivationPatchingModule
 from etk.metrics import accuracy_ci, fmt
+from etk.interventions.prefix import cache_budget
 from etk.models.loading import load
 from etk.results import PositionalHypothesesResult
-from etk.runtime import data_config, emit, plain_config, run_logger, trainer_kwargs
+from etk.runtime import data_config, emit, make_trainer, plain_config, run_device, run_logger
 from etk.tasks import group_role, task_of
 
 ROWS = ("unpatched", "selected", "random")  # the module's rows: the model itself, the head set, a random head set
@@ -86,11 +87,11 @@ def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
     if not selection.heads:
         raise DataError(f"method.heads={m.heads}: the DCM run selected no heads, so there is nothing to patch")
     L.seed_everything(cfg.seed, verbose=False)
-    model = load(cfg.model)
+    model = load(cfg.model, run_device(cfg))
     dims, tok = model.arch.dims, model.tokenizer
     selected = HeadSet.from_circuit({selection.group: selection.heads}).check(dims)
     rand_set = selected.random_like(dims, random.Random(int(m.random_seed)))
-    module = ActivationPatchingModule(model.cfg, {"selected": selected, "random": rand_set}, float(m.cache_mb), model)
+    module = ActivationPatchingModule(model.cfg, {"selected": selected, "random": rand_set}, cache_budget(m.cache_mb), model)
     module.record = True
     data_cfg = data_config(cfg, m.n_examples)
     bases = task.examples(data_cfg, tok)
@@ -101,7 +102,7 @@ def run_positional_hypotheses(cfg: DictConfig) -> PositionalHypothesesResult:
             pool_cfg.n_boxes, pool_cfg.seed = int(n), int(data_cfg.seed) + 1000 + int(n)
         probes[f"{n}_box_sources"] = task.cross_length_pairs(bases, task.examples(pool_cfg, tok), random.Random(int(m.random_seed)))
     with run_logger(cfg) as logger:
-        trainer = L.Trainer(**trainer_kwargs(cfg), use_distributed_sampler=False, logger=False)
+        trainer = make_trainer(cfg, "positional hypotheses: pair batches", use_distributed_sampler=False)
         result, pooled_ids, pooled_pred = {}, [], []
         for name, pairs in probes.items():
             trainer.predict(module, pair_loader(task, tok, pairs, int(m.batch_size), padding_side=cfg.data.padding_side),
