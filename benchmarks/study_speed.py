@@ -24,10 +24,19 @@ from typing import Any, Callable
 
 from _setup import ROOT
 
-# result keys whose values are decisions (selections, circuits, accuracies): they must be identical both ways
-EXACT = ("accuracy", "selected", "heads", "kept", "pruned", "circuit", "n_selected", "groups", "per_repeat", "mean", "k")
+# result keys whose values are decisions (selections, circuits, accuracies): identical both ways (a key matches when
+# it equals one of these or ends with "_<one of these>")
+EXACT = ("accuracy", "selected_heads", "heads", "kept", "pruned", "circuit", "n_selected", "per_repeat", "mean", "test",
+         "chance_floor_unpatched", "best_val_accuracy", "significance", "before", "after", "K", "faithfulness", "units",
+         "pooled", "selected", "candidates")
+# what each mode did (costs, counts, times), not what it found
 IGNORED = {"config", "resources", "train_seconds", "wall_s", "checkpoint_bytes", "jointly_fit_with", "validations_run",
-           "evaluated", "validated_after_steps"}
+           "evaluated", "evaluations", "forwards", "vital_forwards", "active_forwards", "token_layer_blocks",
+           "min_token_layer_blocks", "speed_of_light_pct", "seconds", "search_seconds", "elapsed_s"}
+
+
+def is_exact(key: str) -> bool:
+    return key in EXACT or any(key.endswith("_" + e) for e in EXACT)
 
 
 def newest_study() -> Path:
@@ -35,6 +44,9 @@ def newest_study() -> Path:
     if not runs:
         raise SystemExit("no finished study under outputs/patching/study/: run `make run` first (or pass --study DIR)")
     return runs[-1].parent
+
+
+WORST = {"diff": 0.0, "where": ""}  # where the largest float difference is (printed with the step's line)
 
 
 def compare(a: Any, b: Any, where: str = "", exact: bool = False) -> tuple[float, list[str]]:
@@ -47,7 +59,7 @@ def compare(a: Any, b: Any, where: str = "", exact: bool = False) -> tuple[float
             if k not in a or k not in b:
                 bad.append(f"{where}.{k}: only in one")
                 continue
-            d, e = compare(a[k], b[k], f"{where}.{k}", exact or any(x in k for x in EXACT))
+            d, e = compare(a[k], b[k], f"{where}.{k}", exact or is_exact(str(k)))
             worst, bad = max(worst, d), bad + e
         return worst, bad
     if isinstance(a, list) and isinstance(b, list):
@@ -61,6 +73,8 @@ def compare(a: Any, b: Any, where: str = "", exact: bool = False) -> tuple[float
     if isinstance(a, float) and isinstance(b, float) and not exact:
         if math.isnan(a) and math.isnan(b):
             return 0.0, []
+        if abs(a - b) > WORST["diff"]:
+            WORST.update(diff=abs(a - b), where=where)
         return abs(a - b), []
     return 0.0, ([] if a == b else [f"{where}: {a!r} vs {b!r}"])
 
@@ -99,13 +113,15 @@ class Bench:
             outs[reference] = run(reference, out)
             times[reference] = time.perf_counter() - t0
         worst, bad = 0.0, []
+        WORST.update(diff=0.0, where="")
         for ref, new in zip(outs[True], outs[False]):
             d, e = compare(read_json(ref / "results.json"), read_json(new / "results.json"), ref.name)
             worst, bad = max(worst, d), bad + e
         ratio = times[True] / times[False]
         verdict = "identical decisions" if not bad else f"{len(bad)} DIFFERENCES: " + "; ".join(bad[:5])
         self.lines.append(f"{step}: reference {times[True]:.1f} s, default {times[False]:.1f} s, x{ratio:.2f}; "
-                          f"{len(outs[True])} result(s), {verdict}, max |float diff| {worst:.2e}")
+                          f"{len(outs[True])} result(s), {verdict}, max |float diff| {worst:.2e}"
+                          + (f" (at {WORST['where']})" if worst else ""))
         print(self.lines[-1], flush=True)
         if bad:
             self.failed = True
@@ -162,8 +178,12 @@ class Bench:
     def activation_patching(self) -> tuple[float, float]:
         from etk.results import DCMResult
 
-        heads = [f for *_, f in self.dcm_jobs() if DCMResult.load(f).selected_heads
-                 and DCMResult.load(f).desideratum in ("object_value", "positional")]
+        heads = []
+        for f in sorted((self.study / "dcm").glob("*/results.json")):
+            r = DCMResult.load(f.parent)
+            whole = not r.config.get("circuit", {}).get("path", "").endswith(("shared.json", "added.json"))
+            if whole and r.selected_heads and r.desideratum in ("positional",) + (() if self.quick else ("object_value",)):
+                heads.append(f.parent)
 
         def run(reference: bool, out: Path) -> list[Path]:
             cfgs = [self.compose("patching", ["activation_patching", "model=base", f"method.heads={f / 'results.json'}",

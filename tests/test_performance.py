@@ -341,3 +341,35 @@ def test_heads_near_a_top_k_cut_are_found_and_rescored_in_fp32(tmp_path):
     assert runs["high"]["circuit"] == runs["highest"]["circuit"]
     assert any(st.get("rescored_in_fp32") for st in runs["high"]["stages"].values())
     assert not any("rescored_in_fp32" in st for st in runs["highest"]["stages"].values())
+
+
+def test_the_evaluator_groups_ablations_for_the_active_path_and_equals_full_forwards(tok):
+    """AblationEval with and without the active-token path: the same correctness and answer log-probabilities for
+    ablations keeping units at other roles (grouped by their kept roles; the whole model runs full forwards)."""
+    from etk.methods.mean_ablation.ablation import Ablation, empty_keep, full_model
+    from etk.methods.mean_ablation.module import AblationEval
+    from etk.models.arch import LlamaFamily
+    from etk.models.loading import LoadedModel
+    from tests.helpers import means_of
+
+    net = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2, seed=4)
+    dims = LlamaFamily(net).dims
+    batch, _ = batch_of(tok, n=6, n_boxes=3)
+    means = means_of(net, batch)
+    present = sorted({int(r) for r in batch.token_roles.flatten().tolist() if r >= 0})
+    ablations = [full_model(dims)]
+    for i in range(6):
+        keep = empty_keep(dims)
+        keep[present[i % len(present)], i % 3, i % 4] = True
+        keep[present[0], 2, 1] = True
+        ablations.append(Ablation(keep, f"a{i}", ("last",)))
+    out = {}
+    for active in (False, True):
+        m = AblationEval({}, means, model=LoadedModel(net, tok, {}), active_fast_path=active)
+        m.ablations = ablations
+        m.on_predict_epoch_start()
+        m.predict_step(batch, 0)
+        out[active] = (m.acc.per_example(), m.acc.per_example_logp(), m.active_forwards)
+    assert out[True][2] >= 1 and out[False][2] == 0
+    assert torch.equal(out[True][0], out[False][0])
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)

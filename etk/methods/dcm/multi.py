@@ -28,7 +28,7 @@ from etk.methods.base import ModelHost
 from etk.methods.dcm.masks import make_mask
 from etk.metrics import TaskAccuracy, weighted_mean
 from etk.models.arch import LlamaFamily
-from etk.models.forward import last_logits, output_cache
+from etk.models.forward import output_cache
 from etk.models.loading import LoadedModel
 from etk.models.partial import LayerInputs, forward_from_layer
 from etk.tasks import all_groups, group_role
@@ -38,15 +38,18 @@ DETERMINISTIC = ("clamp", "sigmoid")  # parametrisations with no sampling: the j
 
 @torch.no_grad()
 def clean_rows(model, batch: PromptBatch, starts: Sequence[int]) -> list[dict[Any, torch.Tensor]]:
-    """Per prompt, from one clean forward: "ids" [T], ("h", s) [T, d] the residual entering each layer s of
-    `starts`, and the K/V ("k"/"v", layer) [G, T, D] of every layer >= min(starts)."""
+    """Per prompt, from one clean forward: "ids" [T], "logits" [V] at `last`, ("h", s) [T, d] the residual
+    entering each layer s of `starts`, and the K/V ("k"/"v", layer) [G, T, D] of every layer >= min(starts)."""
     arch = LlamaFamily.of(model)
     with LayerInputs(arch, None, sorted(set(starts))) as h:
         out = arch.base.model(**batch.model_inputs(), use_cache=True)
     cache = output_cache(out)
+    logits = arch.lm_head(out.last_hidden_state[torch.arange(len(batch), device=batch.input_ids.device),
+                                                batch.roles["last"]])  # [B, V] the unpatched model's
     rows = []
     for b in range(len(batch)):
-        row: dict[Any, torch.Tensor] = {"ids": batch.input_ids[b].clone(), **{("h", s): h[s][b].clone() for s in h}}
+        row: dict[Any, torch.Tensor] = {"ids": batch.input_ids[b].clone(), "logits": logits[b].clone(),
+                                        **{("h", s): h[s][b].clone() for s in h}}
         for j in range(min(starts), arch.dims.n_layers):
             row[("k", j)], row[("v", j)] = cache.layers[j].keys[b].clone(), cache.layers[j].values[b].clone()
         rows.append(row)
@@ -127,11 +130,14 @@ class MultiDCMModule(ModelHost):
         run in one forward per distinct position of that role in the batch: each row from its own patched position
         and its role's start layer."""
         src, rows = self.frozen(batch)
-        pos_of: dict[str, list[int]] = {}
-        for k, j in enumerate(jobs):
-            pos_of.setdefault(self.roles[j], []).append(k)
         B = len(batch.base)
         out: list[torch.Tensor | None] = [None] * len(jobs)
+        pos_of: dict[str, list[int]] = {}
+        for k, (j, m) in enumerate(zip(jobs, masks)):
+            if m.dtype == torch.bool and bool(m.all()):  # a binary mask patching nothing: the unpatched logits
+                out[k] = rows["logits"]
+            else:
+                pos_of.setdefault(self.roles[j], []).append(k)
         for role, ks in pos_of.items():
             where = batch.base.roles[role]  # [B]
             for u in where.unique().tolist():  # one host read per role and batch
@@ -254,7 +260,7 @@ class MultiDCMModule(ModelHost):
         logits = self.patched_logits(batch, jobs, [self.binary(k) for k in jobs])
         for k in jobs:
             self.test_accs[k].update(logits[k], batch.base.answer, batch.base.index)
-        self.test_floor.update(last_logits(self.net, batch.base), batch.base.answer, batch.base.index)
+        self.test_floor.update(self.frozen(batch)[1]["logits"], batch.base.answer, batch.base.index)  # unpatched
 
     def selected_heads(self, k: int) -> list[list[int]]:
         sel = self.masks[k].selected()

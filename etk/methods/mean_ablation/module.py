@@ -10,7 +10,7 @@ from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, keep_rows
-from etk.methods.mean_ablation.vital import active_logits, active_tokens, background, vital_logits, vital_only
+from etk.methods.mean_ablation.vital import active_logits, background, vital_logits, vital_only
 from etk.metrics import ExampleMetric, all_sum
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
@@ -131,37 +131,60 @@ class AblationEval(ModelHost):
             logp[idx] = answer_logp(logits, ans).view(len(idx), N)
 
         if fast:
-            key = (batch_idx, id(self.means), tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
-            if key not in self.backgrounds:  # the background depends only on the prompts and the means
-                self.backgrounds = {key: background(self.net, batch, means), **self.backgrounds}
-                self.forwards += 1
-            bg = self.backgrounds[key]
+            bg = self.background(batch, batch_idx, means)
             step = max(1, self.vital_rows // N)
             for c0 in range(0, len(fast), step):
                 idx = fast[c0:c0 + step]
                 record(idx, vital_logits(self.net, batch, means, [self.ablations[i] for i in idx], bg))
                 self.vital_forwards += 1
-        if slow and self.active_fast_path:  # similar kept-role sets together: fewer active tokens per call
-            n_roles = [int(self.ablations[i].keep.flatten(1).any(1).sum()) for i in slow]
-            slow = [i for _, i in sorted(zip(n_roles, slow))]
+        if slow and self.active_fast_path and batch.token_roles is not None:
+            groups, slow = self.active_groups(slow, batch)
+            for idx, active in groups:
+                record(idx, active_logits(self.net, batch, means, [self.ablations[i] for i in idx],
+                                          self.background(batch, batch_idx, means), active))
+                self.active_forwards += 1
         for c0 in range(0, len(slow), self.per_forward):
             idx = slow[c0:c0 + self.per_forward]
-            chunk = [self.ablations[i] for i in idx]
-            if self.active_fast_path and all(a.vital and a.vital[0] == "last" for a in chunk):
-                active = active_tokens(chunk, batch)  # [N, T]
-                if int(active.sum(1).max()) <= ACTIVE_SHARE * batch.input_ids.shape[1]:
-                    key = (batch_idx, id(self.means), tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
-                    if key not in self.backgrounds:
-                        self.backgrounds = {key: background(self.net, batch, means), **self.backgrounds}
-                        self.forwards += 1
-                    record(idx, active_logits(self.net, batch, means, chunk, self.backgrounds[key], active))
-                    self.active_forwards += 1
-                    continue
             rows = batch.repeat(len(idx))
             with hooked(self.net, patches=ablation_patches(means, keep_rows([self.ablations[i] for i in idx], batch))):
                 record(idx, last_logits(self.net, rows))  # [K*N, V]
             self.forwards += 1
         self.acc.update(correct, logp, batch.index)
+
+    def background(self, batch: PromptBatch, batch_idx: int, means: torch.Tensor):
+        """The batch's all-ablated keys/values (`vital.background`), computed once per evaluation batch: they depend
+        only on the prompts and the means."""
+        key = (batch_idx, id(self.means), tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
+        if key not in self.backgrounds:
+            self.backgrounds = {key: background(self.net, batch, means), **self.backgrounds}
+            self.forwards += 1
+        return self.backgrounds[key]
+
+    def active_groups(self, idx: list[int], batch: PromptBatch) -> tuple[list[tuple[list[int], torch.Tensor]], list[int]]:
+        """Ablations (indices `idx`) for the active-token path, in groups whose union of kept roles leaves at most
+        ACTIVE_SHARE of the prompt's tokens active (fewest kept roles first, at most `vital_rows` rows per group),
+        with each group's active tokens [N, T]; and the ablations left for full forwards."""
+        T, N = batch.input_ids.shape[1], len(batch)
+        tr, real = batch.token_roles.clamp_min(0), batch.token_roles >= 0
+        last = torch.zeros_like(real)
+        last[torch.arange(N, device=last.device), batch.roles["last"]] = True
+        roles = {i: self.ablations[i].keep.flatten(1).any(1).to(tr.device) for i in idx}  # [R] kept roles
+        width = lambda r: int(((r[tr] & real) | last).sum(1).max())  # noqa: E731  active tokens of a role set
+        fits = [i for i in idx if self.ablations[i].vital[:1] == ("last",) and width(roles[i]) <= ACTIVE_SHARE * T]
+        rest = [i for i in idx if i not in set(fits)]
+        groups: list[tuple[list[int], torch.Tensor]] = []
+        cur: list[int] = []
+        union = None
+        for i in sorted(fits, key=lambda i: int(roles[i].sum())):
+            grown = roles[i] if union is None else union | roles[i]
+            if cur and (width(grown) > ACTIVE_SHARE * T or (len(cur) + 1) * N > self.vital_rows):
+                groups.append((cur, (union[tr] & real) | last))
+                cur, grown = [], roles[i]
+            cur.append(i)
+            union = grown
+        if cur:
+            groups.append((cur, (union[tr] & real) | last))
+        return groups, rest
 
     def forget_backgrounds(self) -> None:
         """Drop the cached backgrounds (the evaluation prompts changed)."""
