@@ -178,7 +178,6 @@ def plan_work(study: dict, m: dict, geo: Geometry, mem: dict, extra_models: list
     for part in (("shared", "added") if plan.get("split") else ()):
         for g, d in plan.get("split_dcm") or CMAP_CHOICE:
             fits.setdefault(("finetuned", d), []).append((g, start_layer(mem, "finetuned", g), part))
-    spare = 0.0
     for (owner, d), masks in fits.items():
         for g, start, _ in masks:  # now: one job per mask; source and base prefix recomputed (CPU-sized RowCache)
             t = geo.suffix(GROUPS[g], B, 0.25)
@@ -190,17 +189,13 @@ def plan_work(study: dict, m: dict, geo: Geometry, mem: dict, extra_models: list
                 s.now["plain"] += 2 * (n_steps * B + vals * ne + nt) * F
                 s.now["dcm"] += n_steps * B * t * (L - start)
                 s.now["knockout"] += (vals * ne + nt) * t * (L - start)
-        J, start = len(masks), min(st for _, st, _ in masks)  # after: one joint fit, frozen work once, memoised vals
-        blk = max(geo.suffix(GROUPS[g], B) for g, _, _ in masks) * (L - start)  # the fit's earliest position
-        s.after["plain"] += (2 * (int(dm["n_train"]) + ne + nt) + nt) * F  # source + clean rows once; test floor
-        s.after["dcm"] += n_steps * B * J * blk
-        s.after["knockout"] += (vals * ASSUMED["val_distinct"] * ne + nt) * J * blk
+        # after: one joint fit; frozen work once per pair; the masks of one role from their lowest layer, each row
+        # from its own patched position; validations of a binary mask already scored are not run again
+        own = sum(geo.suffix(GROUPS[g], 1) * (L - st) for g, st, _ in masks)
+        s.after["plain"] += 2 * (int(dm["n_train"]) + ne + nt) * F  # source + clean rows once (test floor from them)
+        s.after["dcm"] += n_steps * B * own
+        s.after["knockout"] += (vals * ASSUMED["val_distinct"] * ne + nt) * own
         s.loops[1] += 2
-        own = sum(geo.suffix(GROUPS[g], B) * (L - st) for g, st, _ in masks)  # each mask from its own position/layer
-        spare += n_steps * B * (J * blk - own)
-    s.note = (f"DCM after: the joint fit runs every mask from the fit's earliest position (SR's batch-min label) and "
-              f"lowest layer; per-mask starts would save ~{spare / 1e6:.0f}M of its {s.after['dcm'] / 1e6:.0f}M "
-              "fwd+bwd blocks (not counted)")
 
     s, am = steps["activation_patching"], m["activation_patching"]
     n, R, B = int(am["n_examples"]), int(am["repeats"]), int(am["batch_size"])
@@ -214,7 +209,9 @@ def plan_work(study: dict, m: dict, geo: Geometry, mem: dict, extra_models: list
                 s.job(model, R, 0)  # source capture + unpatched base each repeat; selected and random set patched
                 s.now["plain"] += n * R * (2 + (2 if t == T else 0)) * F
                 s.now["knockout"] += 0 if t == T else n * R * 2 * t * L
-    for model in models:  # after: one pass per (model, desideratum or variant), rows split at their own position
+    members_models = {mem[x]["model"] for x in plan["ap_members"] if x in mem}
+    after_models = list(plan["ap_members"]) + [x for x in extra_models if x not in members_models]  # no repeats
+    for model in after_models:  # after: one pass per (model, desideratum or variant), rows split at their own position
         for d in wanted:
             for _v in [d, *variants.get(d, [])]:
                 s.after["plain"] += n * (1 + R) * F  # base once, one source capture per repeat
@@ -354,8 +351,9 @@ def main() -> None:
         f"{k} {sum(s.now[k] for s in steps) / 1e6:.0f} -> {sum(s.after[k] for s in steps) / 1e6:.0f} ("
         + "/".join(f"{sec[p][k]:.2g}" for p in precs) + ")" for k in KINDS))
     ap_now = sum(1 for s in steps if s.name == "activation_patching" for _ in s.models)
-    print(f"note: activation patching runs {ap_now} jobs (head sets x models x variants)"
-          + (f"; {', '.join(extra)} repeat the members' own jobs" if set(extra) & own else ""))
+    print(f"note: activation patching runs {ap_now} jobs now (head sets x models x variants)"
+          + (f"; {', '.join(sorted(set(extra) & own))} repeat the members' own jobs (after: skipped, the study plan "
+             "leaves out plan.ap_models that are an AP member's model)" if set(extra) & own else ""))
     for s in steps:
         if s.note:
             print(f"note: {s.note}")

@@ -195,3 +195,26 @@ def test_cached_sources_give_exactly_the_uncached_run(tmp_path, monkeypatch, ref
     assert cached.cache.hits >= cached.cache.misses > 0 and plain.cache.hits == 0
     for k in ("mask_raw", "mask_last_step", "selected_heads", "best_val_accuracy", "test", "chance_floor_unpatched"):
         assert docs[512][k] == docs[0][k], k
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_mask_last_step_is_the_mask_after_the_last_step_not_the_best(tmp_path, monkeypatch, reference):
+    """[bug, etk <= 0.8] `mask_last_step` was read as a reference to the mask's parameter, which loading the best
+    checkpoint then overwrote: it always equalled `mask_raw`. It is the mask after the last training step, as the
+    module holds it when the fit ends (recorded here), for the one-mask fit and for the joint fit."""
+    import etk.methods.dcm.run as dcm_run
+
+    name = "DCMModule" if reference else "MultiDCMModule"
+    at_end = []
+
+    class Recording(getattr(dcm_run, name)):
+        def on_fit_end(self):
+            masks = [self.mask] if reference else list(self.masks)
+            at_end.append([m.state_dict()[next(iter(m.state_dict()))].detach().clone() for m in masks])
+
+    monkeypatch.setattr(dcm_run, name, Recording)
+    cfg = compose_dcm(tmp_path, ["model=tiny_planted", "data.n_boxes=2", "desideratum=object", "dcm.epochs=3",
+                                 "dcm.val_every=2", "group=value_fetcher", f"dcm.reference={str(reference).lower()}"] + SMALL)
+    res = run_dcm(cfg)
+    assert res.extra["mask_last_step"] == at_end[0][0].tolist()
+    assert res.extra["mask_last_step"] != res.mask_raw  # here the best mask is an earlier one: the old bug shows

@@ -120,16 +120,19 @@ def test_activation_patching_jobs_cover_extra_models_and_variants(tmp_path):
     notes = []
     study = SimpleNamespace(
         plan=OmegaConf.create({"ap_desiderata": ["object", "position"], "ap_members": ["base"],
-                               "ap_models": ["llama_7b", "tiny"], "ap_variants": {"position": ["add_comma", "no_comma"]}}),
+                               "ap_models": ["llama_7b", "tiny", "base_model"],
+                               "ap_variants": {"position": ["add_comma", "no_comma"]}}),
         task=None, results=lambda step, **m: [jr for jr in dcm if jr[0].matches(**m)], sizes=lambda step: [],
-        note=notes.append, available_models=lambda names, step: [n for n in names if n != "llama_7b"])
+        note=notes.append, available_models=lambda names, step: [n for n in names if n != "llama_7b"],
+        member=lambda m: OmegaConf.create({"name": f"{m}_model"}))
     jobs = activation_patching_jobs(study)
     assert [j.name for j in jobs] == [f"finetuned-pos_transmitter-position{v}-in-{m}" for m in ("base", "tiny")
                                       for v in ("", "-add_comma", "-no_comma")]
     assert [j.member for j in jobs] == ["base"] * 3 + [None] * 3
     assert "method.desideratum=no_comma" in jobs[2].overrides and not any("desideratum" in o for o in jobs[0].overrides)
-    assert "model=tiny" in jobs[3].overrides and notes == ["activation_patching/finetuned-value_fetcher-object: DCM "
-                                                            "selected no heads, nothing to patch"]
+    assert "model=tiny" in jobs[3].overrides and notes == [
+        "activation_patching: model base_model is the base member, patched there once",  # the pair's own model: once
+        "activation_patching/finetuned-value_fetcher-object: DCM selected no heads, nothing to patch"]
 
 
 def test_missing_weights_names_what_is_missing(tmp_path, monkeypatch):

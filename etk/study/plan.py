@@ -124,8 +124,15 @@ def activation_patching_jobs(study: Study) -> list[Job]:
     plan.ap_variants also under each of its variants (the paper's 11 positional variants)."""
     wanted = set(study.plan.ap_desiderata or study.task.study_ap_desiderata or study.plan.dcm_desiderata
                  or study.task.study_desiderata)
+    members = {str(study.member(m).name): m for m in study.plan.ap_members}  # model config name -> member
+    extra = []
+    for name in list(study.plan.get("ap_models") or []):
+        if name in members:  # the pair's own model: its member's jobs already patch it
+            study.note(f"activation_patching: model {name} is the {members[name]} member, patched there once")
+        else:
+            extra.append(name)
     models = [(m, m) for m in study.plan.ap_members] + [(None, name) for name in study.available_models(
-        list(study.plan.get("ap_models") or []), "activation_patching")]
+        extra, "activation_patching")]
     variants = dict(study.plan.get("ap_variants") or {})
     jobs = []
     for dj, res in sorted(study.results("dcm", part=None), key=lambda jr: jr[0].name):  # whole-group masks, by name
