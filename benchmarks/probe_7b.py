@@ -119,6 +119,10 @@ def kernels(model, dev, T: int, scale: float) -> dict:
 def loop_seconds(repeats: int) -> float:
     """One Lightning predict loop on a trivial module and one empty batch: the fixed per-loop cost."""
     import lightning as L
+
+    from etk.runtime import quiet_dependencies
+
+    quiet_dependencies()  # no banners: one loop's round trip is what is timed
     import torch
 
     class Trivial(L.LightningModule):

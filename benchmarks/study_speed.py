@@ -147,31 +147,30 @@ class Bench:
 
     # -- the steps ----------------------------------------------------------------------------------------------
     def dcm_jobs(self) -> list[tuple[str, str, str]]:
-        """(member, group, desideratum) of the study's whole-group DCM jobs (quick: the first desideratum)."""
+        """(group, desideratum config name, circuit file) of the study's DCM jobs, whole groups and the shared/added
+        split (quick: the desideratum with the most jobs, i.e. one of the study's joint fits)."""
+        import yaml
+
         from etk.results import DCMResult
 
+        desid = {yaml.safe_load(f.read_text())["name"]: f.stem for f in (ROOT / "conf" / "desideratum").glob("*.yaml")}
         jobs = []
         for f in sorted((self.study / "dcm").glob("*/results.json")):
             r = DCMResult.load(f.parent)
-            if r.config.get("circuit", {}).get("path", "").endswith(("shared.json", "added.json")):
-                continue
-            jobs.append((r.config["model"]["name"], r.group, r.config["desideratum"]["name"], f.parent))
+            jobs.append((r.group, desid.get(r.desideratum, r.desideratum), r.config["circuit"]["path"]))
         if self.quick:
-            first = jobs[0][2]
-            jobs = [j for j in jobs if j[2] == first]
+            counts = {d: sum(1 for _, x, _ in jobs if x == d) for _, d, _ in jobs}
+            top = max(counts, key=counts.get)
+            jobs = [j for j in jobs if j[1] == top]
         return jobs
 
     def dcm(self) -> tuple[float, float]:
-        circuit = self.study / "minimality" / "finetuned" / "circuit.json"
-        jobs = [(g, d) for _, g, d, _ in self.dcm_jobs()]
-        import yaml
-
-        desid = {yaml.safe_load(f.read_text())["name"]: f.stem for f in (ROOT / "conf" / "desideratum").glob("*.yaml")}
+        jobs = self.dcm_jobs()
 
         def run(reference: bool, out: Path) -> list[Path]:
-            cfgs = [self.compose("dcm", ["model=finetuned", f"circuit.path={circuit}", f"group={g}",
-                                         f"desideratum={desid.get(d, d)}", *self.sizes("dcm", "dcm"),
-                                         f"dcm.reference={str(reference).lower()}"]) for g, d in jobs]
+            cfgs = [self.compose("dcm", ["model=finetuned", f"circuit.path={c}", f"group={g}", f"desideratum={d}",
+                                         *self.sizes("dcm", "dcm"), f"dcm.reference={str(reference).lower()}"])
+                    for g, d, c in jobs]
             return self.in_dirs("dcm", cfgs, out, not reference)
         return self.both("dcm", run)
 

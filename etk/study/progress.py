@@ -9,12 +9,12 @@ from etk.data.roles import MEMBERS
 from etk.results import Job
 from etk.runtime import say
 
-# Seconds of each step of the embedded study (`make run`, 2 CPU cores): the weights of the estimate of what is left
-# (a study of another pair or size scales them by its own pace so far; steps not listed weigh one minute).
+# Seconds of each step of the embedded study (`make run`, 2 CPU cores, 2026-12-08): the weights of the estimate of
+# what is left (a study of another pair or size scales them by its own pace so far; steps not listed weigh one minute).
 STEP_SECONDS = {
-    "eval": 50, "path_patching": 300, "minimality": 150, "faithfulness": 20, "faithfulness_curve": 60,
-    "circuit_search": 380, "dcm": 310, "activation_patching": 75, "cmap": 70, "model_diff": 20, "knockout": 90,
-    "completeness": 60, "attention_patterns": 20, "causal_impact": 5, "positional_hypotheses": 60,
+    "eval": 46, "path_patching": 270, "minimality": 110, "faithfulness": 67, "faithfulness_curve": 60,
+    "circuit_search": 246, "dcm": 166, "activation_patching": 33, "cmap": 122, "model_diff": 16, "knockout": 13,
+    "completeness": 164, "attention_patterns": 16, "causal_impact": 1, "positional_hypotheses": 79,
 }
 
 
