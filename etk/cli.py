@@ -28,8 +28,10 @@ def run_method(cfg: DictConfig):
 
 @report_user_errors
 def _patching(cfg: DictConfig):
+    from etk.runtime import quiet_dependencies
     from etk.validate import validate
 
+    quiet_dependencies()
     validate(cfg)
     return run_method(cfg)
 
@@ -37,8 +39,10 @@ def _patching(cfg: DictConfig):
 @report_user_errors
 def _train_dcm(cfg: DictConfig):
     from etk.methods.dcm.run import run_dcm
+    from etk.runtime import quiet_dependencies
     from etk.validate import validate
 
+    quiet_dependencies()
     validate(cfg)
     return run_dcm(cfg)
 
@@ -46,8 +50,10 @@ def _train_dcm(cfg: DictConfig):
 @report_user_errors
 def _finetune(cfg: DictConfig):
     from etk.methods.finetune.run import run_finetune
+    from etk.runtime import quiet_dependencies
     from etk.validate import validate
 
+    quiet_dependencies()
     validate(cfg)
     return run_finetune(cfg)
 

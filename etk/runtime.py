@@ -246,6 +246,8 @@ KNOWN_NOISE = (
     r".*You are using a CUDA device .* that has Tensor Cores",  # precision is chosen per run (`model.matmul_precision`)
     r".*The number of training batches .* is smaller than the logging interval",
     r".*Checkpoint directory .* exists and is not empty",  # DCM reruns overwrite their own best.ckpt
+    r".*You are using a custom batch sampler",            # etk's RankSlicedBatches yields every index (tested)
+    r".*Found \d+ module\(s\) in eval mode",              # the frozen model is in eval mode on purpose
 )
 
 
@@ -260,6 +262,9 @@ def quiet_dependencies() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for pattern in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: each run prints its own line
 
 
 def data_config(cfg: DictConfig, n_examples: int) -> DictConfig:

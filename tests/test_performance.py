@@ -318,8 +318,10 @@ def test_the_study_prints_one_line_per_job_and_no_lightning_banner(tmp_path, cap
     assert lines[1].startswith("[etk] [step 1/2 eval 2/2] finetuned: ")
     assert lines[2].startswith("[etk] [step 2/2 path_patching 1/2] finetuned: ")
     assert lines[3].startswith("[etk] [step 2/2 path_patching 2/2] base: ")
-    for noise in ("GPU available", "TPU available", "💡 Tip", "Predicting"):
+    for noise in ("GPU available", "TPU available", "💡 Tip", "Predicting", "Loading weights", "custom batch sampler"):
         assert noise not in printed.out + printed.err
+    # what a method prints goes to its job's job.log
+    assert "accuracy=" not in printed.out and "accuracy=" in (tmp_path / "eval" / "base" / "job.log").read_text()
     assert "device cpu, dtype float32, matmul highest" in printed.out
     assert out["log"][-1].startswith("total compute time")
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from etk.methods.registry import REGISTRY, MethodSpec, get
 from etk.models.loading import model_slots, reuse_models
 from etk.models.pair import load_pair
 from etk.results import Job, Result, member_circuit, select
-from etk.runtime import announce, barrier, compose, data_config, free_model, inside_study, output_dir, run_device, say, step_output, to_overrides
+from etk.runtime import announce, barrier, quiet_dependencies, compose, data_config, free_model, inside_study, output_dir, run_device, say, step_output, to_overrides
 from etk.study.plan import SPLIT_PARTS, STEP_JOBS
 from etk.study.progress import StudyProgress, member_order
 from etk.study.report import write_report
@@ -155,11 +156,12 @@ class Study:
         is shared equally among its jobs."""
         folders = [self.dir(j.step, j.name) for j in jobs]
         t0 = time.time()
-        if len(jobs) > 1:
-            spec.run_batch(list(zip(subs, folders)))
-        else:
-            with step_output(folders[0]):
-                spec.run(subs[0])
+        with job_console(folders[0]):  # the method's own printed lines go to the job's job.log, not the console
+            if len(jobs) > 1:
+                spec.run_batch(list(zip(subs, folders)))
+            else:
+                with step_output(folders[0]):
+                    spec.run(subs[0])
         barrier()  # in a distributed run rank 0 writes the results; every rank reads them after this
         free_model()
         dt = (time.time() - t0) / len(jobs)
@@ -220,6 +222,7 @@ class Study:
             get(step)  # an unknown method: a ConfigError naming the methods
             if step not in STEP_JOBS:
                 raise ConfigError(f"method {step!r} has no study step; study steps: {', '.join(STEP_JOBS)}")
+        quiet_dependencies()
         self.validate_pair()
         announce(self.cfg)
         slots = model_slots(self.m.get("reuse_models", "auto"), [self.member(m) for m in MEMBERS], run_device(self.cfg))
@@ -233,6 +236,24 @@ class Study:
         for line in self.log:
             say(f"[etk]   {line}", console=not line.startswith(tuple(f"{s}/" for s in steps)))  # job lines: printed already
         return {"report": str(report), "log": self.log}
+
+
+@contextmanager
+def job_console(folder: Path):
+    """Inside the block, what the job prints goes to `<folder>/job.log` (a study's console keeps one line per job);
+    errors still reach the console (stderr)."""
+    import os
+    import sys
+    from contextlib import redirect_stdout
+
+    from etk.artifacts import is_main_process
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "job.log" if is_main_process() else os.devnull, "a") as f, redirect_stdout(f):
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
 
 
 def _task_overrides() -> list[str]:
