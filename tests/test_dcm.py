@@ -211,6 +211,7 @@ def test_mask_last_step_is_the_mask_after_the_last_step_not_the_best(tmp_path, m
         def on_fit_end(self):
             masks = [self.mask] if reference else list(self.masks)
             at_end.append([m.state_dict()[next(iter(m.state_dict()))].detach().clone() for m in masks])
+            assert self.training and not self.net.training  # the fit's train() never reaches the frozen model
 
     monkeypatch.setattr(dcm_run, name, Recording)
     cfg = compose_dcm(tmp_path, ["model=tiny_planted", "data.n_boxes=2", "desideratum=object", "dcm.epochs=3",

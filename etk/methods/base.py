@@ -51,7 +51,8 @@ class ModelHost(L.LightningModule):
     def _attach(self, net, tokenizer) -> None:
         """Hold `net` as a plain attribute, not a submodule: Lightning's teardown moves the LightningModule to the
         CPU after every loop, and a registered 7B model would cross PCIe twice per loop. `place_model` moves it
-        once, at the first loop's start, and it stays there."""
+        once, at the first loop's start, and it stays there. Lightning's `train()` does not reach it either: the
+        frozen model keeps the eval mode it was loaded in through fit loops."""
         self.tokenizer = tokenizer
         hold_unregistered(self, "net", net)
 

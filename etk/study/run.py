@@ -24,7 +24,8 @@ from etk.methods.registry import REGISTRY, MethodSpec, get
 from etk.models.loading import model_slots, reuse_models
 from etk.models.pair import load_pair
 from etk.results import Job, Result, member_circuit, select
-from etk.runtime import announce, barrier, quiet_dependencies, compose, data_config, free_model, inside_study, output_dir, run_device, say, step_output, to_overrides
+from etk.runtime import (announce, barrier, compose, data_config, free_model, inside_study, output_dir, quiet_dependencies,
+                         run_device, say, step_output, to_overrides)
 from etk.study.plan import SPLIT_PARTS, STEP_JOBS
 from etk.study.progress import StudyProgress, member_order
 from etk.study.report import write_report

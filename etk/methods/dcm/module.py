@@ -54,13 +54,6 @@ class DCMModule(ModelHost):
         self.net.requires_grad_(False)
         self.net.eval()
 
-    def train(self, mode: bool = True):
-        """Lightning toggles train mode; the frozen model always stays in eval mode."""
-        super().train(mode)
-        if self.net is not None:
-            self.net.eval()
-        return self
-
     def logits(self, batch: PairBatch, m: torch.Tensor, rows: list | None = None) -> torch.Tensor:
         """[B, V] base logits with the group's z at its role mixed with the source's (weights m of the base value).
         The source's z comes from the cache; the base prompts' unpatched prefix (positions before the role) is

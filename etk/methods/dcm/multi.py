@@ -104,12 +104,6 @@ class MultiDCMModule(ModelHost):
         self.net.requires_grad_(False)
         self.net.eval()
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.net is not None:
-            self.net.eval()
-        return self
-
     # -- the frozen work, once per pair -----------------------------------------------------------------------
     def frozen(self, batch: PairBatch) -> tuple[dict, dict]:
         """(source z {(role, layer): [B, 1, H, D]}, clean base rows stacked {key: [B, ...]}), from the cache."""

@@ -10,7 +10,7 @@ from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, keep_rows
-from etk.methods.mean_ablation.vital import active_logits, background, vital_logits, vital_only
+from etk.methods.mean_ablation.vital import active_logits, background, kept_roles, role_tokens, vital_logits, vital_only
 from etk.metrics import ExampleMetric, all_sum
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
@@ -165,11 +165,8 @@ class AblationEval(ModelHost):
         ACTIVE_SHARE of the prompt's tokens active (fewest kept roles first, at most `vital_rows` rows per group),
         with each group's active tokens [N, T]; and the ablations left for full forwards."""
         T, N = batch.input_ids.shape[1], len(batch)
-        tr, real = batch.token_roles.clamp_min(0), batch.token_roles >= 0
-        last = torch.zeros_like(real)
-        last[torch.arange(N, device=last.device), batch.roles["last"]] = True
-        roles = {i: self.ablations[i].keep.flatten(1).any(1).to(tr.device) for i in idx}  # [R] kept roles
-        width = lambda r: int(((r[tr] & real) | last).sum(1).max())  # noqa: E731  active tokens of a role set
+        roles = {i: kept_roles(self.ablations[i]) for i in idx}  # [R] kept roles
+        width = lambda r: int(role_tokens(r, batch).sum(1).max())  # noqa: E731  active tokens of a role set
         fits = [i for i in idx if self.ablations[i].vital[:1] == ("last",) and width(roles[i]) <= ACTIVE_SHARE * T]
         rest = [i for i in idx if i not in set(fits)]
         groups: list[tuple[list[int], torch.Tensor]] = []
@@ -178,12 +175,12 @@ class AblationEval(ModelHost):
         for i in sorted(fits, key=lambda i: int(roles[i].sum())):
             grown = roles[i] if union is None else union | roles[i]
             if cur and (width(grown) > ACTIVE_SHARE * T or (len(cur) + 1) * N > self.vital_rows):
-                groups.append((cur, (union[tr] & real) | last))
+                groups.append((cur, role_tokens(union, batch)))
                 cur, grown = [], roles[i]
             cur.append(i)
             union = grown
         if cur:
-            groups.append((cur, (union[tr] & real) | last))
+            groups.append((cur, role_tokens(union, batch)))
         return groups, rest
 
     def forget_backgrounds(self) -> None:

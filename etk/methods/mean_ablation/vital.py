@@ -80,28 +80,49 @@ def vital_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: list
     see_bg = (t[None, None, :] <= P[:, :, None]) & ~is_vital[:, None, :] & batch.attention_mask.bool()[:, None, :]
     see_new = P[:, None, :] <= P[:, :, None]  # [N, V queries, V keys]
     allowed = torch.cat([see_bg, see_new], 2).repeat(K, 1, 1)[:, None]  # [K*N, 1, V, T + V]
-    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=dev).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
     table = torch.stack([a.keep for a in ablations]).to(dev)[:, [ROLE_ID[r] for r in vital]]  # [K, V, L, H]
     keep = table[:, None].expand(K, N, *table.shape[1:]).flatten(0, 1)  # [K*N, V, L, H]
+    hidden = _slots_through_layers(model, means, P, hidden, pos_ids, allowed, keep, bg, K)
+    return arch.lm_head(arch.final_norm(hidden[:, 0]))  # vital[0] is `last`
+
+
+def _slots_through_layers(model, means: torch.Tensor, P: torch.Tensor, hidden: torch.Tensor, pos_ids: torch.Tensor,
+                          allowed: torch.Tensor, keep: torch.Tensor, bg, K: int) -> torch.Tensor:
+    """The recomputed slots (positions P [N, V] of K configurations: hidden [K*N, V, d] embeddings, pos_ids
+    [K*N, V]) through every decoder layer on the background K/V (`bg`, repeated K times), attending where
+    `allowed` [K*N, 1, V, T + V] says, with each head's z kept where keep [K*N, V, L, H] says and its mean at the
+    slot's position elsewhere. Returns the last layer's output [K*N, V, d] (not final-normed)."""
+    arch = LlamaFamily.of(model)
+    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=hidden.device).masked_fill(
+        ~allowed, torch.finfo(hidden.dtype).min)
     patches = [Patch("z", j, means[j][P].repeat(K, 1, 1, 1), keep[:, :, j]) for j in range(arch.dims.n_layers)]
     cache = _Background(*bg, repeats=K)
-    pos_emb = inner.rotary_emb(hidden, position_ids=pos_ids)
+    pos_emb = arch.base.model.rotary_emb(hidden, position_ids=pos_ids)
     with hooked(model, patches=patches):
         for layer in arch.layers:
             out = layer(hidden, attention_mask=mask, position_ids=pos_ids, position_embeddings=pos_emb,
                         use_cache=True, **cache_kwargs(model, cache))
             hidden = out[0] if isinstance(out, tuple) else out
-    return arch.lm_head(arch.final_norm(hidden[:, 0]))  # vital[0] is `last`
+    return hidden
+
+
+def kept_roles(ablation: Ablation) -> torch.Tensor:
+    """[R] bool: the roles at which the ablation keeps any unit."""
+    return ablation.keep.flatten(1).any(1)
+
+
+def role_tokens(roles: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
+    """[N, T] bool: the real tokens whose role is in `roles` [R] bool, and `last` (read out)."""
+    tr = batch.token_roles
+    active = roles.to(tr.device)[tr.clamp_min(0)] & (tr >= 0)  # [N, T]
+    active[torch.arange(len(batch), device=tr.device), batch.roles["last"]] = True
+    return active
 
 
 def active_tokens(ablations: list[Ablation], batch: PromptBatch) -> torch.Tensor:
     """[N, T] bool: the tokens whose role keeps a unit in any of `ablations`, and `last` (read out). Every other
     real token is fully mean-ablated in all of them, so the background already holds its keys and values."""
-    kept_roles = torch.stack([a.keep for a in ablations]).flatten(2).any(2).any(0)  # [R]
-    tr = batch.token_roles
-    active = kept_roles.to(tr.device)[tr.clamp_min(0)] & (tr >= 0)  # [N, T]
-    active[torch.arange(len(batch), device=tr.device), batch.roles["last"]] = True
-    return active
+    return role_tokens(torch.stack([kept_roles(a) for a in ablations]).any(0), batch)
 
 
 @torch.no_grad()
@@ -130,18 +151,10 @@ def active_logits(model, batch: PromptBatch, means: torch.Tensor, ablations: lis
     see_bg = (t[None, None, :] <= P[:, :, None]) & ~active[:, None, :] & batch.attention_mask.bool()[:, None, :]
     see_new = (P[:, None, :] <= P[:, :, None]) & valid[:, None, :]  # [N, V queries, V keys]
     allowed = torch.cat([see_bg, see_new], 2).repeat(K, 1, 1)[:, None]  # [K*N, 1, V, T + V]
-    mask = torch.zeros(allowed.shape, dtype=hidden.dtype, device=dev).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
     roles = batch.token_roles[b[:, None], P].clamp_min(0)  # [N, V] role id of each slot
     table = torch.stack([a.keep for a in ablations]).to(dev)  # [K, R, L, H]
     keep = table[:, roles].flatten(0, 1)  # [K*N, V, L, H]
-    patches = [Patch("z", j, means[j][P].repeat(K, 1, 1, 1), keep[:, :, j]) for j in range(arch.dims.n_layers)]
-    cache = _Background(*bg, repeats=K)
-    pos_emb = inner.rotary_emb(hidden, position_ids=pos_ids)
-    with hooked(model, patches=patches):
-        for layer in arch.layers:
-            out = layer(hidden, attention_mask=mask, position_ids=pos_ids, position_embeddings=pos_emb,
-                        use_cache=True, **cache_kwargs(model, cache))
-            hidden = out[0] if isinstance(out, tuple) else out
+    hidden = _slots_through_layers(model, means, P, hidden, pos_ids, allowed, keep, bg, K)
     at_last = (P == last[:, None]) & valid  # [N, V]: the slot holding `last`
     slot = at_last.int().argmax(1).repeat(K)  # [K*N]
     return arch.lm_head(arch.final_norm(hidden[torch.arange(K * N, device=dev), slot]))
