@@ -310,6 +310,8 @@ def test_minimum_blocks_counted_by_hand():
     #   per prompt each sender's chain at p_s up to the deepest receiver (layer 3): 3 + 2 + 1 = 6; 2 prompts: 12
     #   the suffixes p_s..last hold 3 (2..4) + 3 (1..3) = 6 tokens, each run from the shallowest receiver above the
     #   sender to the top: layers 2-3 for the senders in 0 and 1 (2 + 2), layer 3 for the one in 2 (1): 6 x 5 = 30
-    #   72 + 12 + 30 = 114
+    #   but at the top layer (3) only `last` is read: the 6 - 2 = 4 suffix tokens before it, for each of the 3
+    #   senders, drop out: 30 - 12 = 18
+    #   72 + 12 + 18 = 102
     rec = Receivers("v", {2: [0], 3: [1]})
-    assert minimum_blocks(b, task_stages(task_named("entity_tracking"))["pos_detector"], rec, [HeadId(0, 1), HeadId(1, 0), HeadId(2, 3)], L) == 114
+    assert minimum_blocks(b, task_stages(task_named("entity_tracking"))["pos_detector"], rec, [HeadId(0, 1), HeadId(1, 0), HeadId(2, 3)], L) == 102

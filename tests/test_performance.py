@@ -245,6 +245,62 @@ def test_path_patching_reading_the_stages_clean_forward_equals_running_it_again(
     assert cost["token_layer_blocks"] < ref_cost["token_layer_blocks"]
 
 
+def test_path_patching_stages_sharing_one_clean_and_one_corrupt_forward_equal_their_own_forwards(tok):
+    """`StageRuns`: the four stages read one clean and one corrupt forward per batch (the full clean run kept, or,
+    with no memory for it, run again per receiver stage): bit-identical scores to each stage's own two forwards,
+    with the paper's per-sender draws too; and fewer forwards."""
+    from etk.interventions.components import all_heads
+    from etk.methods.path_patching.fast import StageRuns, fast_scores
+    from etk.methods.path_patching.stages import reachable_layers, receivers_from, sender_draws, task_stages
+    from etk.models.arch import LlamaFamily
+    from etk.tasks import task_named
+    from tests.helpers import RECV, pp_batch
+
+    net = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=7)
+    batch = pp_batch(tok, n=6, n_boxes=3, side="left")
+    dims = LlamaFamily(net).dims
+    graph = task_stages(task_named("entity_tracking"))
+    for max_mb, draws_seed in (("auto", None), (0, None), ("auto", 3)):
+        runs = StageRuns(list(graph.values()), max_mb)
+        forwards = 0
+        for group, st in graph.items():
+            rec = None if st.receiver_site is None else receivers_from(RECV[:2], st.receiver_site, dims)
+            reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
+            draws = None if draws_seed is None else sender_draws(batch, st, dims.n_layers, dims.n_heads, draws_seed)
+            own, own_cost = fast_scores(net, batch, st, rec, reach, draws=draws, top_last_only=False)
+            shared, cost = fast_scores(net, batch, st, rec, reach, draws=draws, runs=runs, top_last_only=False)
+            assert torch.equal(own, shared), (group, max_mb)
+            assert own_cost["forwards"] == 2 and cost["forwards"] == (2 if group == "value_fetcher" else
+                                                                      0 if max_mb == "auto" else 1)
+            forwards += cost["forwards"]
+        assert forwards == (2 if max_mb == "auto" else 5) and len(runs.batches) == 1
+
+
+@pytest.mark.parametrize("group", ["pos_detector", "struct_reader"])
+def test_path_patching_top_layer_for_last_only_equals_the_whole_layer(tok, group):
+    """At the top layer only `last` goes through the MLP (the other suffix tokens run attention only): the same
+    scores as the whole layer at every token, with fewer blocks."""
+    from etk.interventions.components import all_heads
+    from etk.methods.path_patching.fast import fast_scores
+    from etk.methods.path_patching.stages import reachable_layers, receivers_from, task_stages
+    from etk.models.arch import LlamaFamily
+    from etk.tasks import task_named
+    from tests.helpers import RECV, assert_scores_close, pp_batch
+
+    net = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=7)
+    batch = pp_batch(tok, n=6, n_boxes=3, side="right")
+    dims = LlamaFamily(net).dims
+    st = task_stages(task_named("entity_tracking"))[group]
+    rec = receivers_from([(1, 0), (3, 2)], st.receiver_site, dims)  # a receiver in the top layer too
+    reach = [h for h in all_heads(dims) if h.layer in reachable_layers(st, rec, dims.n_layers)]
+    trimmed, cost = fast_scores(net, batch, st, rec, reach)
+    whole, whole_cost = fast_scores(net, batch, st, rec, reach, top_last_only=False)
+    assert_scores_close(trimmed, whole)
+    torch.testing.assert_close(trimmed, whole, rtol=1e-5, atol=1e-7)
+    assert cost["top_layer_attention_only_tokens"] > 0
+    assert cost["token_layer_blocks"] + cost["top_layer_attention_only_tokens"] == whole_cost["token_layer_blocks"]
+
+
 # (3) sizing, dtype, order, progress ----------------------------------------------------------------------------
 
 def test_cache_auto_is_sized_from_free_memory_and_numbers_are_off_by_nothing(tok):

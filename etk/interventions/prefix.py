@@ -37,6 +37,16 @@ def cache_budget(setting) -> float | str:
         raise ConfigError(f"cache_mb={setting!r} is neither a number of MB (0 = off) nor auto") from None
 
 
+def memory_budget(max_mb: float | str, device: torch.device) -> float:
+    """Bytes a cache may hold: `max_mb` MB, or for `auto` half the CUDA device's free memory (a quarter of the
+    host's available RAM) at the time of asking."""
+    if str(max_mb) != "auto":
+        return float(max_mb) * 2 ** 20
+    from etk.models.loading import free_memory_bytes
+
+    return float(free_memory_bytes(device)) * (0.5 if torch.device(device).type == "cuda" else 0.25)
+
+
 class RowCache:
     """Per-row results of a frozen model on a fixed dataset, kept per split and dataset index, so that later epochs,
     validation checks, head sets and repeats read them instead of recomputing: the same tensors, so the numbers are
@@ -53,9 +63,7 @@ class RowCache:
 
     def budget(self, device: torch.device) -> float:
         if self.max_bytes is None:
-            from etk.models.loading import free_memory_bytes
-
-            self.max_bytes = float(free_memory_bytes(device)) * (0.5 if device.type == "cuda" else 0.25)
+            self.max_bytes = memory_budget("auto", device)
         return self.max_bytes
 
     def get(self, split: str | None, index: torch.Tensor | None, compute: Callable[[], list[Row]],

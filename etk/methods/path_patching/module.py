@@ -11,7 +11,7 @@ from etk.errors import ConfigError
 from etk.interventions.components import HeadId
 from etk.methods.base import ModelHost
 from etk.methods.path_patching.attribution import attribution_scores
-from etk.methods.path_patching.fast import fast_scores
+from etk.methods.path_patching.fast import StageRuns, fast_scores
 from etk.methods.path_patching.naive import naive_scores
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, minimum_blocks, sender_draws
 from etk.metrics import all_sum
@@ -27,13 +27,13 @@ class PathPatchingModule(ModelHost):
 
     def __init__(self, model_cfg: dict[str, Any], stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
                  algorithm: str = "fast", chunk_rows: int = 4096, suffix_chunk_rows: int = 512, model: LoadedModel | None = None,
-                 per_sender_draws: int | None = None, reuse_clean: bool = True):
+                 per_sender_draws: int | None = None, reference: bool = False, runs: StageRuns | None = None):
         super().__init__(model_cfg, model)
         if algorithm not in ALGORITHMS:
             raise ConfigError(f"unknown path-patching algorithm {algorithm!r}; choose from {sorted(ALGORITHMS)}")
         self.current, self.chunk = algorithm, {"chunk_rows": chunk_rows, "suffix_chunk_rows": suffix_chunk_rows}
-        if algorithm == "fast":  # the receiver step reads the stage's clean forward (False: runs it again, the reference)
-            self.chunk["reuse_clean"] = bool(reuse_clean)
+        if algorithm == "fast":  # the exact trims; `reference` turns them off (the benchmark's and the checks' baseline)
+            self.chunk.update(reuse_clean=not reference, top_last_only=not reference, runs=None if reference else runs)
         self.stage, self.receivers, self.senders = stage, receivers, list(senders)
         self.per_sender_draws = per_sender_draws  # a seed: the paper's entity per (prompt, sender) (D1); None: per pair
         self.sums: torch.Tensor | None = None
@@ -49,9 +49,12 @@ class PathPatchingModule(ModelHost):
         if self.per_sender_draws is not None:
             dims = self.arch.dims
             kw["draws"] = sender_draws(batch, self.stage, dims.n_layers, dims.n_heads, self.per_sender_draws)
+        if self.current == "fast":
+            kw["batch_idx"] = batch_idx
         s, cost = fn(self.net, batch, self.stage, self.receivers, self.senders, **kw)
-        cost = {**cost, "min_token_layer_blocks": minimum_blocks(batch, self.stage, self.receivers, self.senders,
-                                                                 self.arch.dims.n_layers)}
+        shared = cost.pop("shared_forwards", 2)  # the clean and corrupt forwards this stage ran for every stage
+        cost["min_token_layer_blocks"] = minimum_blocks(batch, self.stage, self.receivers, self.senders,
+                                                        self.arch.dims.n_layers, shared)
         self.sums = s.cpu() if self.sums is None else self.sums + s.cpu()
         self.n += len(batch)
         self.cost.update(cost)

@@ -16,6 +16,8 @@ from omegaconf import DictConfig
 from etk.artifacts import save_tensor
 from etk.circuits import candidates, save_score_map, top_k
 from etk.methods.path_patching.discover import discover
+from etk.interventions.prefix import cache_budget
+from etk.methods.path_patching.fast import StageRuns
 from etk.methods.path_patching.module import PathPatchingModule
 from etk.methods.path_patching.stages import discovery_schedule, pp_loader, task_stages
 from etk.metrics import spearman
@@ -81,7 +83,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             report, scores = {}, {}
             for alg in runs:
                 module = PathPatchingModule(model.cfg, stage, rec, senders, alg, m.chunk_rows, m.suffix_chunk_rows, model,
-                                            seed if paper else None, reuse_clean=not bool(m.get("reference", False)))
+                                            seed if paper else None, reference=bool(m.get("reference", False)),
+                                            runs=shared)
                 t0 = time.time()
                 trainer.predict(module, loader, return_predictions=False)
                 report[alg] = {"wall_s": round(time.time() - t0, 3), **module.total_cost()}
@@ -110,6 +113,8 @@ def run_path_patching(cfg: DictConfig) -> dict[str, Any]:
             return (exact if exact is not None else scores["attribution"]), report
 
         graph = task_stages(task)
+        # one clean and one corrupt forward per batch for every stage (the re-score above runs its own, in fp32)
+        shared = StageRuns([graph[g] for g in (m.stages or graph) if g in graph], cache_budget(m.get("cache_mb", "auto")))
         results = discover(graph, list(m.stages or graph), dims, schedule["receivers_top_k"], score, paper)
         reports: dict[str, Any] = {}
         for r in results:

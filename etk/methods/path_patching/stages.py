@@ -123,13 +123,15 @@ def receivers_from(heads: Sequence[HeadId], site: str, dims: Dims) -> Receivers:
 
 
 def minimum_blocks(batch: "PPBatch", stage: Stage, receivers: Receivers | None, senders: Sequence[HeadId],
-                   n_layers: int) -> int:
-    """The fewest (token, layer) blocks the definition needs for this batch: the clean and the corrupt forward, and
-    per (prompt, sender): its position-local chain from the sender's layer to the deepest receiver at p_s (to the
-    top for the direct-effect stage), then, from the shallowest receiver above the sender, every layer at every
-    suffix token p_s..last (the receivers' patch reaches all of them). What a speed-of-light line compares with."""
+                   n_layers: int, cache_forwards: int = 2) -> int:
+    """The fewest (token, layer) blocks the definition needs for this batch: the clean and the corrupt forward
+    (`cache_forwards`: 2, or 0 for a stage that reads a discovery's shared ones), and per (prompt, sender): its
+    position-local chain from the sender's layer to the deepest receiver at p_s (to the top for the direct-effect
+    stage), then, from the shallowest receiver above the sender, every layer at every suffix token p_s..last (the
+    receivers' patch reaches all of them) but the top one, where only `last` is read (the others run attention only,
+    for its K/V). What a speed-of-light line compares with."""
     L = n_layers
-    base = 2 * int(batch.clean.attention_mask.sum()) * L
+    base = cache_forwards * int(batch.clean.attention_mask.sum()) * L
     if not senders:
         return base
     p_s, _ = batch.positions(stage)
@@ -141,7 +143,8 @@ def minimum_blocks(batch: "PPBatch", stage: Stage, receivers: Receivers | None, 
     rl = torch.tensor(receivers.layers)
     shallowest = torch.tensor([int(rl[rl > layer].min()) if (rl > layer).any() else L for layer in layers.tolist()])
     local = B * int((receivers.max_layer - layers).clamp_min(0).sum())
-    return base + local + suffix * int((L - shallowest).sum())
+    top_others = (suffix - B) * int((shallowest < L).sum())  # suffix tokens before `last` at the top layer
+    return base + local + suffix * int((L - shallowest).sum()) - top_others
 
 
 def reachable_layers(stage: Stage, receivers: Receivers | None, n_layers: int) -> list[int]:
