@@ -285,7 +285,7 @@ def test_path_patching_top_layer_for_last_only_equals_the_whole_layer(tok, group
     from etk.methods.path_patching.stages import reachable_layers, receivers_from, task_stages
     from etk.models.arch import LlamaFamily
     from etk.tasks import task_named
-    from tests.helpers import RECV, assert_scores_close, pp_batch
+    from tests.helpers import assert_scores_close, pp_batch
 
     net = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=7)
     batch = pp_batch(tok, n=6, n_boxes=3, side="right")
