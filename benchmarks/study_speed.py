@@ -201,6 +201,29 @@ class Bench:
             return self.in_dirs(step, cfgs, out, False)
         return self.both(step, run)
 
+    def from_study(self, step: str, batch: bool = False) -> tuple[float, float]:
+        """The study's own jobs of `step` (their circuits, directions, head selections, read from its results),
+        each alone with `method.reference=true`, then the default (`batch`: jobs of one batch key as one pass)."""
+        from etk.artifacts import read_json
+
+        folders = sorted(f.parent for f in (self.study / step).glob("*/results.json"))
+        if self.quick:
+            folders = folders[:2] if step == "cmap" else folders[-1:]
+        keys = ("direction", "dcm_runs", "k_circuits")
+
+        def overrides(f: Path) -> list[str]:
+            c = read_json(f / "results.json")["config"]
+            given = {k: c["method"][k] for k in keys if c["method"].get(k) is not None}
+            lists = [f"method.{k}=[{','.join(v)}]" if isinstance(v, list) else f"method.{k}={v}" for k, v in given.items()]
+            return [step, f"circuit.path={c['circuit']['path']}", *lists, *self.sizes(step), f"ablation.n_prompts={60}"]
+
+        def run(reference: bool, out: Path) -> list[Path]:
+            member = lambda f: f.name if f.name in ("base", "finetuned") else "finetuned"  # noqa: E731  (CMAP: a pair)
+            cfgs = [self.compose("patching", [*overrides(f), f"model={member(f)}", f"method.reference={str(reference).lower()}"])
+                    for f in folders]
+            return self.in_dirs(step, cfgs, out, batch and not reference)
+        return self.both(step, run)
+
     def run(self, steps: list[str]) -> dict[str, tuple[float, float]]:
         self.failed = False
         out: dict[str, tuple[float, float]] = {}
@@ -214,6 +237,10 @@ class Bench:
             elif step == "minimality":
                 out[step] = self.single("minimality", lambda m: [
                     f"circuit.path={self.study / 'path_patching' / m / 'circuit.json'}"])
+            elif step == "completeness":
+                out[step] = self.from_study(step)
+            elif step == "cmap":
+                out[step] = self.from_study(step, batch=True)
             elif step in ("circuit_search", "path_patching"):
                 from etk.runtime import compose
 
@@ -228,7 +255,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one member / one desideratum per step")
     ap.add_argument("--study", type=Path, default=None, help="a finished study run of smol_enhance (default: newest)")
-    ap.add_argument("--steps", default="dcm,activation_patching,knockout,minimality,circuit_search,path_patching")
+    ap.add_argument("--steps", default="dcm,activation_patching,knockout,minimality,circuit_search,path_patching",
+                    help="comma-separated; also completeness and cmap (the study's own jobs, both ways)")
     ap.add_argument("--tol", type=float, default=1e-5, help="largest |difference| allowed in raw (non-decision) floats")
     args = ap.parse_args()
     import torch
@@ -251,8 +279,9 @@ def main() -> None:
         res = bench.run(steps)
     worst = max((d for _, d in res.values()), default=0.0)
     print("\n".join(bench.lines))
+    extra = [s for s in ("completeness", "cmap") if s in res]  # beyond the issue's six: printed when asked for
     print(" ".join(f"{s}={res[s][0]:.2f}" if s in res else f"{s}=n/a" for s in
-                   ("dcm", "activation_patching", "knockout", "minimality", "circuit_search", "path_patching"))
+                   ("dcm", "activation_patching", "knockout", "minimality", "circuit_search", "path_patching", *extra))
           + f" max_abs_diff={worst:.2e}" + ("" if worst <= args.tol and not bench.failed else " FAILED"))
     raise SystemExit(1 if bench.failed or worst > args.tol else 0)
 

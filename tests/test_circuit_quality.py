@@ -185,3 +185,40 @@ def test_faithfulness_curve_cli_from_a_path_patching_run(tmp_path):
     assert curve["cmd"] == pytest.approx(area([abs(1 - f) for f in fs]), abs=1e-12)
     assert json.loads((tmp_path / "curve" / "results.json").read_text())["cpr"] == curve["cpr"]
     assert (tmp_path / "curve" / "curve.png").exists()
+
+
+def test_a_lazy_growth_grid_keeps_the_same_circuit_and_skips_the_sizes_above_the_target():
+    """The growth grid evaluated in ascending chunks, stopping at the first chunk reaching the target, picks the
+    same circuit as the whole grid (the larger sizes decide nothing), with fewer evaluations; a grid that never
+    reaches the target is evaluated whole either way."""
+    from etk.models.arch import Dims
+
+    dims = Dims(n_layers=4, n_heads=8, n_kv_heads=8, head_dim=2, d_model=16, vocab_size=10)
+    shape = (len(ROLE_VOCAB), dims.n_layers, dims.n_heads)
+    n_all = shape[0] * shape[1] * shape[2]
+    weights = torch.linspace(1.0, 0.0, n_all)  # unit u's contribution: earlier units matter more
+    order = torch.arange(n_all)
+
+    def run(lazy: bool, target: float):
+        calls = []
+
+        def evaluate(ablations):
+            calls.append(len(ablations))
+            f = torch.stack([(weights * a.keep.flatten().float()).sum() / weights.sum() for a in ablations])
+            return (f * 20).clamp(max=1.0)[:, None]  # [K, 1]: "correctness" grows with the kept weight
+
+        def rank(keep):
+            return order[~keep.flatten()[order]]
+
+        keep, f, trace = grow_and_prune(evaluate, rank, dims, 1.0, target, max_units=n_all, grid_points=12,
+                                        lazy_grid=lazy)
+        return keep, f, trace, sum(calls)
+
+    for target in (0.9, 2.0):  # reached early; never reached
+        lazy, whole = run(True, target), run(False, target)
+        assert torch.equal(lazy[0], whole[0]) and lazy[1] == whole[1]
+        if target < 1:
+            assert lazy[3] < whole[3]
+            assert len(lazy[2].rounds[0]["tried"]) < len(whole[2].rounds[0]["tried"])
+        else:
+            assert lazy[2].rounds[0]["tried"] == whole[2].rounds[0]["tried"]

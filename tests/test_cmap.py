@@ -189,7 +189,7 @@ def test_stacked_lora_pair_toggles_the_top_adapter_exactly(tiny, tiny_dir, tok, 
     models alone, each head set patched) equal hand-built runs of the two merged models."""
     from peft import LoraConfig, get_peft_model
 
-    from etk.methods.cmap.module import CMAPModule
+    from etk.methods.cmap.module import CMAPJob, CMAPModule
     from etk.models.loading import load_model
     from etk.models.pair import load_pair, toggled_adapter
 
@@ -217,7 +217,7 @@ def test_stacked_lora_pair_toggles_the_top_adapter_exactly(tiny, tiny_dir, tok, 
     assert not torch.allclose(off, last_logits(tiny, batch), atol=1e-4)  # as has A
     sets = {"value_fetcher": HeadSet.from_circuit({"value_fetcher": GROUPS["value_fetcher"]}),
             "all": HeadSet.from_circuit(GROUPS)}
-    module = CMAPModule(base_cfg, ft_cfg, sets, pair=pair)
+    module = CMAPModule(base_cfg, ft_cfg, [CMAPJob("forward", sets)], pair=pair)
     module.on_predict_epoch_start()
     module.predict_step(batch, 0)
     rows = module.acc.per_example()  # [2 + 2, N]: source alone, target alone, each set
@@ -247,14 +247,14 @@ def test_cmap_module_between_two_different_models_patches_in_its_direction(tok, 
     """CMAPModule on two different tiny models (loaded separately, no adapter): row 0 is the source model, row 1 the
     target, and each head set's row equals the target with the source's z patched in by hand-built hooks — with
     source and target swapped by `direction`."""
-    from etk.methods.cmap.module import CMAPModule
+    from etk.methods.cmap.module import CMAPJob, CMAPModule
     from etk.models.loading import load_model
 
     base_cfg = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "seed": 0},
                 "dtype": "float32"}
     ft_cfg = {**base_cfg, "name": "tiny_other", "tiny": {**base_cfg["tiny"], "seed": 1}}
     sets = {"vf": HeadSet.from_circuit({"value_fetcher": GROUPS["value_fetcher"]}), "all": HeadSet.from_circuit(GROUPS)}
-    module = CMAPModule(base_cfg, ft_cfg, sets, direction)
+    module = CMAPModule(base_cfg, ft_cfg, [CMAPJob(direction, sets)])
     module.configure_model()  # Lightning's hook, called here as the trainer would: loads the pair from the configs
     assert not module.pair.toggled
     batch, _ = batch_of(tok, n=8, n_boxes=3)
@@ -297,3 +297,31 @@ def test_activation_patching_reuses_unpatched_bases_exactly(tmp_path, monkeypatc
     assert built[0].cache.hits > built[0].cache.misses > 0 and built[1].cache.hits == 0
     strip = lambda r: {k: v for k, v in r.to_json().items() if k not in ("resources", "config")}  # noqa: E731
     assert strip(reused) == strip(plain)
+
+
+def test_cmap_jobs_of_both_directions_in_one_pass_equal_each_job_alone(tok):
+    """Several CMAP jobs (forward and reverse, different head sets) in one module: each member runs once per batch
+    for all of them, and every job's per-example correctness and log-probabilities equal the reference (its own
+    source and target forwards)."""
+    from etk.methods.cmap.module import CMAPJob, CMAPModule
+
+    base_cfg = {"name": "tiny", "source": "tiny", "tiny": {"n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "seed": 0},
+                "dtype": "float32"}
+    ft_cfg = {**base_cfg, "name": "tiny_other", "tiny": {**base_cfg["tiny"], "seed": 1}}
+    jobs = [CMAPJob("forward", {"vf": HeadSet.from_circuit({"value_fetcher": GROUPS["value_fetcher"]}),
+                                "all": HeadSet.from_circuit(GROUPS)}),
+            CMAPJob("reverse", {"all": HeadSet.from_circuit(GROUPS)}),
+            CMAPJob("forward", {"sr": HeadSet.from_circuit({"struct_reader": GROUPS["struct_reader"]})})]
+    batch, _ = batch_of(tok, n=8, n_boxes=3)
+    out = {}
+    for reference in (True, False):
+        module = CMAPModule(base_cfg, ft_cfg, jobs, reference=reference)
+        module.configure_model()
+        module.on_predict_epoch_start()
+        module.predict_step(batch, 0)
+        out[reference] = [(a.per_example(), a.per_example_logp()) for a in module.accs]
+    for (c_ref, lp_ref), (c, lp) in zip(out[True], out[False]):
+        assert c.shape[0] == lp.shape[0] >= 3
+        assert torch.equal(c, c_ref)
+        torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(out[False][0][1][0], out[False][1][1][0])  # the two directions' sources differ

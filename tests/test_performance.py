@@ -195,32 +195,79 @@ def test_activation_patching_in_one_loop_equals_a_loop_per_repeat_and_job(tmp_pa
         assert b.random_heads == a.random_heads and b.heads == a.heads
 
 
-def test_the_active_token_path_equals_full_forwards(tok):
-    """Ablations keeping units at a few non-vital roles (and at none): the recompute of only the active tokens
-    gives the full mean-ablated forward's logits, with padding on either side."""
+@pytest.mark.parametrize("n_kv_heads", [2, 4])
+def test_the_active_token_path_equals_full_forwards(tok, n_kv_heads):
+    """Ablations keeping units at any roles and layers (none; one role; late layers only, so tokens start deep; `last`
+    at the top layer only; many roles): recomputing each token from its first kept layer on the all-ablated
+    background gives the full mean-ablated forward's logits, with padding on either side; and it runs fewer blocks
+    than a full forward."""
     from etk.data.roles import ROLE_ID
     from etk.methods.mean_ablation.ablation import Ablation, empty_keep
-    from etk.methods.mean_ablation.vital import active_logits, active_tokens, background
+    from etk.methods.mean_ablation.vital import active_logits, background, staggered_blocks, start_layers
     from etk.models.arch import LlamaFamily
     from tests.helpers import means_of, run_ablations
 
-    net = tiny_llama(len(tok), n_layers=3, n_heads=4, n_kv_heads=2, seed=9)
+    net = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=n_kv_heads, seed=9)
     dims = LlamaFamily(net).dims
+    L = dims.n_layers
     for side in ("right", "left"):
         batch, _ = batch_of(tok, n=6, n_boxes=3, padding_side=side)
         means = means_of(net, batch)
         present = sorted({int(r) for r in batch.token_roles.flatten().tolist() if r >= 0})
+        plans = [[], [(present[0], 0)], [(present[1], 2), (present[2], 3)], [(ROLE_ID["last"], L - 1)],
+                 [(r, (r % (L - 1)) + 1) for r in present], [(ROLE_ID["last"], 1), (present[2], 0)]]
         ablations = []
-        for i, roles in enumerate(([], present[:1], present[1:3], [ROLE_ID["last"], present[2]])):
+        for i, plan in enumerate(plans):
             keep = empty_keep(dims)
-            for r in roles:
-                keep[r, i % dims.n_layers, (i + r) % dims.n_heads] = True
+            for r, layer in plan:
+                keep[r, layer, (i + r) % dims.n_heads] = True
+                keep[r, L - 1, (i + 2 * r) % dims.n_heads] = True
             ablations.append(Ablation(keep, f"a{i}", ("last",)))
-        active = active_tokens(ablations, batch)
-        assert int(active.sum()) < int(batch.attention_mask.sum())  # it does skip tokens
-        fast = active_logits(net, batch, means, ablations, background(net, batch, means), active)
+        st = start_layers(ablations, batch, L)
+        assert int(staggered_blocks(st, L).sum()) < len(ablations) * batch.input_ids.numel() * L  # it does skip
+        fast = active_logits(net, batch, means, ablations, background(net, batch, means))
         full = run_ablations(net, batch, means, ablations).flatten(0, 1)
         torch.testing.assert_close(fast, full, rtol=1e-4, atol=1e-4)
+        one = active_logits(net, batch, means, ablations[4:5], background(net, batch, means))
+        torch.testing.assert_close(one, full[4 * len(batch):5 * len(batch)], rtol=1e-4, atol=1e-4)
+
+
+def test_the_shortcut_paths_are_chosen_by_their_blocks_and_give_the_full_forwards_accuracies(tok):
+    """AblationEval sends ablations whose staggered blocks are at most ACTIVE_SHARE of a full forward to the active
+    path (cheap: few roles, or deep start layers), ablations removing units late in the prompt from the whole model to
+    the clean-prefix path, and the others to full forwards; per-example correctness and log-probabilities equal the
+    reference (full forwards only)."""
+    from etk.methods.mean_ablation.ablation import Ablation, empty_keep, full_model
+    from etk.methods.mean_ablation.module import AblationEval
+    from etk.models.arch import LlamaFamily
+    from etk.models.loading import LoadedModel
+    from tests.helpers import means_of
+
+    net = tiny_llama(len(tok), n_layers=4, n_heads=4, n_kv_heads=2, seed=9)
+    dims = LlamaFamily(net).dims
+    batch, _ = batch_of(tok, n=6, n_boxes=3, padding_side="right")
+    means = means_of(net, batch)
+    present = sorted({int(r) for r in batch.token_roles.flatten().tolist() if r >= 0})
+    cheap, dear = empty_keep(dims), empty_keep(dims)
+    cheap[present[:2], 3, 1] = True  # two roles, top layer only
+    dear[present, 0, 0] = True  # every role from layer 0
+    abls = [Ablation(cheap, "cheap", ("last",)), Ablation(dear, "dear", ("last",))]
+    ev = AblationEval({}, means, model=LoadedModel(net, tok, {}))
+    last_only = full_model(dims).without([("last", 3, 2), ("last", 1, 0)], "M-K")  # the whole model but 2 units at `last`
+    ev.ablations = abls + [last_only, full_model(dims)]
+    groups, prefixed, rest = ev.active_groups([0, 1, 2, 3], batch)
+    assert groups == [[0]] and prefixed == [2, 3] and rest == [1]
+    out = {}
+    for active in (False, True):
+        m = AblationEval({}, means, model=LoadedModel(net, tok, {}), active_fast_path=active)
+        m.ablations = ev.ablations
+        m.on_predict_epoch_start()
+        m.predict_step(batch, 0)
+        out[active] = (m.acc.per_example(), m.acc.per_example_logp(), m.active_forwards, m.prefix_forwards, m.forwards)
+    assert out[True][2] == 1 and out[True][3] == 1 and out[False][2:4] == (0, 0)
+    assert torch.equal(out[True][0], out[False][0])
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out[True][1][2], out[True][1][3])  # ablating the two units at `last` does change it
 
 
 @pytest.mark.parametrize("group", ["pos_transmitter", "struct_reader"])
@@ -403,7 +450,7 @@ def test_heads_near_a_top_k_cut_are_found_and_rescored_in_fp32(tmp_path):
 
 def test_the_evaluator_groups_ablations_for_the_active_path_and_equals_full_forwards(tok):
     """AblationEval with and without the active-token path: the same correctness and answer log-probabilities for
-    ablations keeping units at other roles (grouped by their kept roles; the whole model runs full forwards)."""
+    ablations keeping units at other roles (grouped by their staggered cost; the whole model runs full forwards)."""
     from etk.methods.mean_ablation.ablation import Ablation, empty_keep, full_model
     from etk.methods.mean_ablation.module import AblationEval
     from etk.models.arch import LlamaFamily

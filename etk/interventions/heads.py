@@ -140,10 +140,11 @@ class HeadSet:
 
 
 @torch.no_grad()
-def capture(model, batch: PromptBatch, hs: HeadSet, logits: bool = False):
+def capture(model, batch: PromptBatch, hs: HeadSet, logits: bool = False, rows: bool = False):
     """z of every head at each role's own position in `batch`, for the layers the set needs:
     {(role, layer): [B, 1, H, D]}. One forward, cut after the deepest needed layer; with `logits=True` the forward
-    runs to the end and the model's own last-position logits [B, V] are returned too."""
+    runs to the end and the model's own last-position logits [B, V] are returned too; with `rows=True` that forward
+    is `prefix.unpatched_rows` and its rows (the logits and the prefix K/V of each prompt) are returned instead."""
     need: dict[int, list[str]] = {}
     for role in hs.roles:
         for j in hs.layers(role):
@@ -151,9 +152,13 @@ def capture(model, batch: PromptBatch, hs: HeadSet, logits: bool = False):
     caps = [Capture("z", j, torch.stack([batch.roles[r] for r in rs], 1)) for j, rs in need.items()]  # pos [B, R_j]
     own = None
     with hooked(model, captures=caps) as cache:
-        if logits:
+        if rows:
+            from etk.interventions.prefix import unpatched_rows
+
+            own = unpatched_rows(model, batch)
+        elif logits:
             own = last_logits(model, batch)
         elif need:
             run_through(model, batch, max(need))
     z = {(r, j): cache[("z", j)][:, i:i + 1] for j, rs in need.items() for i, r in enumerate(rs)}
-    return (z, own) if logits else z
+    return (z, own) if logits or rows else z

@@ -23,7 +23,8 @@ from etk.methods.causal_impact.run import run_causal_impact
 from etk.methods.circuit_search import report as search_report
 from etk.methods.circuit_search.run import run_circuit_search
 from etk.methods.cmap import report as cmap_report
-from etk.methods.cmap.run import run_cmap
+from etk.methods.cmap.run import run_cmap, run_cmap_batch
+from etk.methods.cmap.run import batch_key as cmap_batch_key
 from etk.methods.completeness import report as completeness_report
 from etk.methods.completeness.run import run_completeness
 from etk.methods.dcm import report as dcm_report
@@ -115,7 +116,8 @@ REGISTRY: dict[str, MethodSpec] = {s.name: s for s in (
                summary="DCM head sets patched inside a model", batch_key=ap_batch_key,
                run_batch=run_activation_patching_batch),
     MethodSpec("cmap", run_cmap, CMAPResult, cmap_report.section,
-               summary="cross-model activation patching and the share of the gap"),
+               summary="cross-model activation patching and the share of the gap", batch_key=cmap_batch_key,
+               run_batch=run_cmap_batch),
     MethodSpec("model_diff", run_model_diff, ModelDiffResult, model_diff_report.section,
                summary="what fine-tuning changed per head (weights, z, DLA, lens, token KL) beside the CMAP gain"),
     MethodSpec("knockout", run_knockout, KnockoutResult, knockout_report.section,

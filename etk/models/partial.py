@@ -1,6 +1,7 @@
 """Partial-depth forwards on the model's own decoder layers, rotary embedding and mask builder: `forward_from_layer`
-(layers start..L-1 on given residuals, attending to a KV cache; used by knockout) and `SharedPrefix` (many rows
-attending to one prompt's prefix K/V in place; path patching's receiver step). Both are tested against the plain
+(layers start..L-1 on given residuals, attending to a KV cache; used by knockout), `top_layer_at` (the top layer
+read at one token per row) and `SharedPrefix` (many rows attending to one prompt's prefix K/V in place; path
+patching's receiver step). Both are tested against the plain
 forward."""
 
 from __future__ import annotations
@@ -52,6 +53,18 @@ def forward_from_layer(model, hidden: torch.Tensor, start: int, attention_mask: 
                              use_cache=True, **cache_kwargs(model, cache))
         hidden = out[0] if isinstance(out, tuple) else out
     return arch.final_norm(hidden)
+
+
+def top_layer_at(arch: LlamaFamily, x: torch.Tensor, at: torch.Tensor, **attention) -> torch.Tensor:
+    """The top decoder layer where only one token per row is read: x [N, T, d] its input, at [N] that token's
+    index. Attention runs at every token (its keys and values are the others'; `attention`: the layer's mask,
+    position ids and embeddings, cache), the MLP at `at` only: the decoder layer's operations in its order (pre-norm
+    residual blocks). Returns [N, d]."""
+    layer = arch.layers[arch.dims.n_layers - 1]
+    a, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), **attention)
+    rows = torch.arange(x.shape[0], device=x.device)
+    r = x[rows, at] + a[rows, at]  # [N, d]
+    return r + layer.mlp(layer.post_attention_layernorm(r))
 
 
 SHARED_PREFIX = "etk_shared_prefix"

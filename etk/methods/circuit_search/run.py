@@ -79,7 +79,7 @@ def run_circuit_search(cfg: DictConfig) -> CircuitSearchResult:
         keep, f_search, trace = grow_and_prune(ev, rank, dims, acc_model, float(m.target),
                                                int(float(m.max_unit_fraction) * n_units), int(m.grid_points),
                                                int(m.grow_rounds), int(m.refine_points), int(m.prune_chunks),
-                                               int(m.prune_rounds), vital)
+                                               int(m.prune_rounds), vital, lazy_grid=not bool(m.get("reference", False)))
         t_search = time.time() - t0 - t_score
         verification = None
         if method == "attribution" and int(m.n_verify) > 0:

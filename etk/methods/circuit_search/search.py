@@ -132,6 +132,9 @@ class SearchTrace:
 Rank = Callable[[torch.Tensor], torch.Tensor]  # keep [R, L, H] -> flat indices of the units to add, best first
 
 
+GRID_CHUNK = 4  # growth-grid sizes evaluated per call when the grid is evaluated lazily
+
+
 def log_grid(n: int, points: int) -> list[int]:
     """About `points` log-spaced integers in [1, n]."""
     if n < 1:
@@ -141,7 +144,8 @@ def log_grid(n: int, points: int) -> list[int]:
 
 def grow_and_prune(evaluate: Evaluate, rank: Rank, dims: Dims, acc_model: float, target: float, max_units: int,
                    grid_points: int = 14, grow_rounds: int = 3, refine_points: int = 3, prune_chunks: int = 8,
-                   prune_rounds: int = 4, vital: Sequence[str] = ()) -> tuple[torch.Tensor, float, SearchTrace]:
+                   prune_rounds: int = 4, vital: Sequence[str] = (), lazy_grid: bool = True
+                   ) -> tuple[torch.Tensor, float, SearchTrace]:
     """Greedy growth then pruning of a position-aware circuit; returns its keep mask [R, L, H], its faithfulness on
     the search prompts and the trace.
 
@@ -150,7 +154,10 @@ def grow_and_prune(evaluate: Evaluate, rank: Rank, dims: Dims, acc_model: float,
     keeps the smallest addition reaching `target`, else the best one (refined between grid points); rounds stop
     at the target or when a round does not improve. Pruning then removes chunks of units (the ranking's
     tail first) as long as faithfulness stays at min(target, reached). `vital`: the task's vital roles (circuits
-    keeping units only there are evaluated on the exact vital-only path)."""
+    keeping units only there are evaluated on the exact vital-only path). `lazy_grid`: a round's grid is evaluated
+    in ascending chunks of GRID_CHUNK sizes, stopping at the first chunk that reaches the target (the sizes above
+    it decide nothing: the smallest size reaching the target is kept), so they are left out of the trace; False
+    evaluates the whole grid (the reference)."""
     shape = (len(ROLE_VOCAB), dims.n_layers, dims.n_heads)
     trace = SearchTrace()
 
@@ -172,7 +179,12 @@ def grow_and_prune(evaluate: Evaluate, rank: Rank, dims: Dims, acc_model: float,
         sizes = log_grid(min(len(order), room), grid_points)
         if not sizes:
             break
-        fs = faith([plus(keep, order[:n]) for n in sizes])
+        fs = []
+        for c0 in range(0, len(sizes), GRID_CHUNK if lazy_grid else len(sizes)):
+            fs += faith([plus(keep, order[:n]) for n in sizes[c0:c0 + (GRID_CHUNK if lazy_grid else len(sizes))]])
+            if max(fs) >= target:
+                break
+        sizes = sizes[:len(fs)]
         tried = list(zip(sizes, fs))
         ok = [i for i, f in enumerate(fs) if f >= target]
         if ok:

@@ -10,7 +10,17 @@ from etk.data.roles import PromptBatch
 from etk.interventions.hooks import Capture, hooked
 from etk.methods.base import ModelHost
 from etk.methods.mean_ablation.ablation import Ablation, ablation_patches, keep_rows
-from etk.methods.mean_ablation.vital import active_logits, background, kept_roles, role_tokens, vital_logits, vital_only
+from etk.interventions.prefix import unpatched_rows
+from etk.methods.mean_ablation.vital import (
+    active_logits,
+    background,
+    first_ablated,
+    prefix_logits,
+    staggered_blocks,
+    start_layers,
+    vital_logits,
+    vital_only,
+)
 from etk.metrics import ExampleMetric, all_sum
 from etk.models.arch import LlamaFamily
 from etk.models.forward import assert_eval, last_logits
@@ -78,16 +88,19 @@ class MeansModule(ModelHost):
         return (total / count.clamp_min(1)[None, :, None, None]).float().cpu()
 
 
-ACTIVE_SHARE = 0.6  # the active-token path when a call's active tokens are at most this share of the prompt
+ACTIVE_SHARE = 0.8  # an exact shortcut (active-token or clean-prefix path) for an ablation whose (token, layer) blocks
+#                     on it are at most this share of a full forward's
 
 
 class AblationEval(ModelHost):
     """Accuracy of ablations (`Ablation`s: which (role, head) units keep their z; the others take `means`) on every
     prompt. The ablations are the module's one per-loop input: `evaluate(trainer, loader, ablations)` runs one
     predict loop on them. Ablations that keep heads only at the vital roles take the exact vital-only path
-    (`vital.py`) unless `vital_fast_path=False`; others recompute only their active tokens (`active_logits`)
-    unless `active_fast_path=False`. `forwards` counts full-sequence forwards, `vital_forwards` vital-only ones,
-    `active_forwards` active-token ones."""
+    (`vital.py`) unless `vital_fast_path=False`; others recompute each token only from its first kept layer
+    (`active_logits`) or only the suffix from the first ablated position on the plain forward's prefix
+    (`prefix_logits`), whichever is cheaper where one is (`active_groups`), unless `active_fast_path=False`.
+    `forwards` counts full-sequence forwards, `vital_forwards` vital-only ones, `active_forwards` active-token
+    ones, `prefix_forwards` clean-prefix calls."""
 
     def __init__(self, model_cfg: dict[str, Any], means: torch.Tensor, ablations_per_forward: int = 16,
                  vital_rows_per_forward: int = 2048, vital_fast_path: bool = True, model: LoadedModel | None = None,
@@ -97,13 +110,13 @@ class AblationEval(ModelHost):
         self.per_forward = ablations_per_forward
         self.vital_rows = vital_rows_per_forward
         self.vital_fast_path = vital_fast_path
-        # ablations keeping units at other roles: only the tokens of roles with a kept unit (and `last`) recomputed
-        # on the all-ablated background (`vital.active_logits`), when they are at most ACTIVE_SHARE of the prompt
+        # ablations keeping units at other roles: each token recomputed from its role's first kept layer on, on the
+        # all-ablated background (`vital.active_logits`), when that is at most ACTIVE_SHARE of a full forward
         self.active_fast_path = active_fast_path
         self.backgrounds: dict = {}  # per evaluation batch: the all-ablated keys/values (reused across calls)
         self.acc = AblationAccuracy()
         self.ablations: Sequence[Ablation] = ()
-        self.forwards = self.vital_forwards = self.active_forwards = 0
+        self.forwards = self.vital_forwards = self.active_forwards = self.prefix_forwards = 0
 
     def evaluate(self, trainer, loader, ablations: Sequence[Ablation]) -> torch.Tensor:
         """[K, N] correctness of K ablations on the loader's prompts (one predict loop); `self.acc` keeps the
@@ -115,7 +128,7 @@ class AblationEval(ModelHost):
     def on_predict_epoch_start(self) -> None:
         assert_eval(self.net)
         self.acc.reset()
-        self.forwards = self.vital_forwards = self.active_forwards = 0
+        self.forwards = self.vital_forwards = self.active_forwards = self.prefix_forwards = 0
 
     def predict_step(self, batch: PromptBatch, batch_idx: int) -> None:
         N = len(batch)
@@ -138,11 +151,17 @@ class AblationEval(ModelHost):
                 record(idx, vital_logits(self.net, batch, means, [self.ablations[i] for i in idx], bg))
                 self.vital_forwards += 1
         if slow and self.active_fast_path and batch.token_roles is not None:
-            groups, slow = self.active_groups(slow, batch)
-            for idx, active in groups:
+            groups, prefixed, slow = self.active_groups(slow, batch)
+            for idx in groups:
                 record(idx, active_logits(self.net, batch, means, [self.ablations[i] for i in idx],
-                                          self.background(batch, batch_idx, means), active))
+                                          self.background(batch, batch_idx, means)))
                 self.active_forwards += 1
+            for c0 in range(0, len(prefixed), self.per_forward):
+                idx = prefixed[c0:c0 + self.per_forward]
+                abls = [self.ablations[i] for i in idx]
+                record(idx, prefix_logits(self.net, batch, means, abls, self.clean_rows(batch, batch_idx),
+                                          first_ablated(abls, batch)))
+                self.prefix_forwards += 1
         for c0 in range(0, len(slow), self.per_forward):
             idx = slow[c0:c0 + self.per_forward]
             rows = batch.repeat(len(idx))
@@ -160,28 +179,45 @@ class AblationEval(ModelHost):
             self.forwards += 1
         return self.backgrounds[key]
 
-    def active_groups(self, idx: list[int], batch: PromptBatch) -> tuple[list[tuple[list[int], torch.Tensor]], list[int]]:
-        """Ablations (indices `idx`) for the active-token path, in groups whose union of kept roles leaves at most
-        ACTIVE_SHARE of the prompt's tokens active (fewest kept roles first, at most `vital_rows` rows per group),
-        with each group's active tokens [N, T]; and the ablations left for full forwards."""
-        T, N = batch.input_ids.shape[1], len(batch)
-        roles = {i: kept_roles(self.ablations[i]) for i in idx}  # [R] kept roles
-        width = lambda r: int(role_tokens(r, batch).sum(1).max())  # noqa: E731  active tokens of a role set
-        fits = [i for i in idx if self.ablations[i].vital[:1] == ("last",) and width(roles[i]) <= ACTIVE_SHARE * T]
-        rest = [i for i in idx if i not in set(fits)]
-        groups: list[tuple[list[int], torch.Tensor]] = []
-        cur: list[int] = []
-        union = None
-        for i in sorted(fits, key=lambda i: int(roles[i].sum())):
-            grown = roles[i] if union is None else union | roles[i]
-            if cur and (width(grown) > ACTIVE_SHARE * T or (len(cur) + 1) * N > self.vital_rows):
-                groups.append((cur, role_tokens(union, batch)))
-                cur, grown = [], roles[i]
-            cur.append(i)
-            union = grown
-        if cur:
-            groups.append((cur, role_tokens(union, batch)))
-        return groups, rest
+    def active_groups(self, idx: list[int], batch: PromptBatch) -> tuple[list[list[int]], list[int], list[int]]:
+        """Ablations (indices `idx`) for the two exact shortcuts, each taken where it runs at most ACTIVE_SHARE of a
+        full forward's (token, layer) blocks, the cheaper where both do: the active-token path (`active_logits`,
+        each token from its start layer: ablations keeping few units), in groups of similar cost holding at most as
+        many slots as a full forward of `per_forward` ablations; the clean-prefix path (`prefix_logits`, the suffix
+        from the first ablated position: ablations removing a few units from the whole model). Returns (active
+        groups, prefix ablations, the ablations left for full forwards)."""
+        N, T = batch.input_ids.shape
+        L = self.arch.dims.n_layers
+        eligible = list(idx)  # both read out at `last`, as every evaluation does
+        if not eligible:
+            return [], [], idx
+        abls = [self.ablations[i] for i in eligible]
+        st = start_layers(abls, batch, L)  # [K, N, T]
+        share = (staggered_blocks(st, L).double() / (N * T * L)).tolist()  # one host read
+        suffix = ((T - first_ablated(abls, batch)).sum(1).double() / (N * T)).tolist()  # [K] share of a full forward
+        prefixed = [i for c, p, i in zip(share, suffix, eligible) if p <= ACTIVE_SHARE and p < c]
+        slots = (st < L).sum(2).amax(1).tolist()  # [K] the widest prompt's slots
+        fits = sorted((c, s, i) for c, p, s, i in zip(share, suffix, slots, eligible) if c <= ACTIVE_SHARE and c <= p)
+        groups: list[list[int]] = []
+        used = 0
+        for _, width, i in fits:
+            if groups and used + width <= self.per_forward * T:
+                groups[-1].append(i)
+                used += width
+            else:
+                groups.append([i])
+                used = width
+        chosen = {i for g in groups for i in g} | set(prefixed)
+        return groups, prefixed, [i for i in idx if i not in chosen]
+
+    def clean_rows(self, batch: PromptBatch, batch_idx: int) -> list:
+        """The batch's plain forward (`unpatched_rows`: last logits and the K/V before `last`), computed once per
+        evaluation batch, for the clean-prefix path."""
+        key = ("clean", batch_idx, tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
+        if key not in self.backgrounds:
+            self.backgrounds = {key: unpatched_rows(self.net, batch), **self.backgrounds}
+            self.forwards += 1
+        return self.backgrounds[key]
 
     def forget_backgrounds(self) -> None:
         """Drop the cached backgrounds (the evaluation prompts changed)."""

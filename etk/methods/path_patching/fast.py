@@ -21,7 +21,7 @@ from etk.methods.path_patching.naive import answer_prob, per_clean, prob_dtype, 
 from etk.methods.path_patching.stages import PPBatch, Receivers, Stage, corrupt_z_per_sender
 from etk.models.arch import LlamaFamily
 from etk.models.forward import output_cache
-from etk.models.partial import LayerInputs, SharedPrefix
+from etk.models.partial import LayerInputs, SharedPrefix, top_layer_at
 from etk.interventions.prefix import memory_budget
 
 
@@ -64,17 +64,6 @@ def _sender_chain(arch: LlamaFamily, stage: Stage, receivers: Receivers | None, 
         logits = arch.lm_head(arch.final_norm(r))  # [n, S, V]
         return torch.softmax(logits.to(prob_dtype(logits)), -1).gather(-1, y[:, None, None].expand(n, S, 1))[..., 0]
     return recv
-
-
-def _top_layer_last(arch: LlamaFamily, x: torch.Tensor, position_ids: torch.Tensor, position_embeddings) -> torch.Tensor:
-    """The top decoder layer for rows x [N, Ts, d] where only the last token's output is read: attention at every
-    token (the layer's own norm and attention: the last token's keys and values include the others'), the MLP at the
-    last token only. The decoder layer's operations in its order (pre-norm residual blocks). Returns [N, d]."""
-    layer = arch.layers[arch.dims.n_layers - 1]
-    a, _ = layer.self_attn(hidden_states=layer.input_layernorm(x), attention_mask=None, position_ids=position_ids,
-                           position_embeddings=position_embeddings)
-    r = x[:, -1] + a[:, -1]  # [N, d]
-    return r + layer.mlp(layer.post_attention_layernorm(r))
 
 
 def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tensor, start: torch.Tensor, p_s: torch.Tensor,
@@ -141,7 +130,9 @@ def _suffix_probs(model, arch: LlamaFamily, batch: PPBatch, prompts: torch.Tenso
                     x = h[:, :k].reshape(n * k, Ts, -1)
                     with hooked(model, patches=patches):
                         if top_last_only and j == L - 1 and Ts > 1:
-                            h[:, :k, -1] = _top_layer_last(arch, x, rows(pos), (rows(cos), rows(sin))).view(n, k, -1)
+                            h[:, :k, -1] = top_layer_at(arch, x, torch.full((n * k,), Ts - 1, device=pc.device),
+                                                        attention_mask=None, position_ids=rows(pos),
+                                                        position_embeddings=(rows(cos), rows(sin))).view(n, k, -1)
                             continue
                         o = arch.layers[j](x, attention_mask=None, position_ids=rows(pos),
                                            position_embeddings=(rows(cos), rows(sin)))
