@@ -29,10 +29,10 @@ from _setup import ROOT
 EXACT = ("accuracy", "selected_heads", "heads", "kept", "pruned", "circuit", "n_selected", "per_repeat", "mean", "test",
          "chance_floor_unpatched", "best_val_accuracy", "significance", "before", "after", "K", "faithfulness", "units",
          "pooled", "selected", "candidates")
-# what each mode did (costs, counts, times), not what it found
+# what each mode did (costs, counts, times, the growth sizes a lazy grid left out: "tried"), not what it found
 IGNORED = {"config", "resources", "train_seconds", "wall_s", "checkpoint_bytes", "jointly_fit_with", "validations_run",
            "evaluated", "evaluations", "forwards", "vital_forwards", "active_forwards", "token_layer_blocks",
-           "min_token_layer_blocks", "speed_of_light_pct", "top_layer_attention_only_tokens", "seconds", "search_seconds", "elapsed_s", "rescored_in_fp32"}
+           "min_token_layer_blocks", "speed_of_light_pct", "top_layer_attention_only_tokens", "tried", "seconds", "search_seconds", "elapsed_s", "rescored_in_fp32"}
 
 
 def is_exact(key: str) -> bool:

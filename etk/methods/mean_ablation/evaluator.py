@@ -46,7 +46,6 @@ class Evaluator:
         """Evaluate on prompts [start, start + n_examples) of the task's dataset (line order: one context's prompts
         are consecutive, so splits at multiples of `task.unit` never share a context)."""
         data_cfg = data_config(self.cfg, start + n_examples)
-        self.module.forget_backgrounds()
         tok = self.module.tokenizer
         self.loader = prompt_loader(self.task, tok, self.task.examples(data_cfg, tok)[start:], int(batch_size or self.cfg.method.batch_size),
                                     self.cfg.data.padding_side)

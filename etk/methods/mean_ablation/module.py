@@ -173,11 +173,18 @@ class AblationEval(ModelHost):
     def background(self, batch: PromptBatch, batch_idx: int, means: torch.Tensor):
         """The batch's all-ablated keys/values (`vital.background`), computed once per evaluation batch: they depend
         only on the prompts and the means."""
-        key = (batch_idx, id(self.means), tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
-        if key not in self.backgrounds:
-            self.backgrounds = {key: background(self.net, batch, means), **self.backgrounds}
+        return self._per_batch("background", batch, batch_idx, lambda: background(self.net, batch, means))
+
+    def _per_batch(self, kind: str, batch: PromptBatch, batch_idx: int, compute):
+        """A batch's frozen run of `kind`, kept per batch index and reused while the batch holds the same tokens
+        (checked token by token), across evaluation calls and splits that return to the same prompts."""
+        key = (kind, batch_idx, id(self.means))
+        held = self.backgrounds.get(key)
+        if held is None or held[0].shape != batch.input_ids.shape or not torch.equal(held[0], batch.input_ids):
+            held = (batch.input_ids, compute())
+            self.backgrounds[key] = held
             self.forwards += 1
-        return self.backgrounds[key]
+        return held[1]
 
     def active_groups(self, idx: list[int], batch: PromptBatch) -> tuple[list[list[int]], list[int], list[int]]:
         """Ablations (indices `idx`) for the two exact shortcuts, each taken where it runs at most ACTIVE_SHARE of a
@@ -213,12 +220,9 @@ class AblationEval(ModelHost):
     def clean_rows(self, batch: PromptBatch, batch_idx: int) -> list:
         """The batch's plain forward (`unpatched_rows`: last logits and the K/V before `last`), computed once per
         evaluation batch, for the clean-prefix path."""
-        key = ("clean", batch_idx, tuple(batch.input_ids.shape), int(batch.input_ids.sum()))
-        if key not in self.backgrounds:
-            self.backgrounds = {key: unpatched_rows(self.net, batch), **self.backgrounds}
-            self.forwards += 1
-        return self.backgrounds[key]
+        return self._per_batch("clean", batch, batch_idx, lambda: unpatched_rows(self.net, batch))
 
     def forget_backgrounds(self) -> None:
-        """Drop the cached backgrounds (the evaluation prompts changed)."""
+        """Drop the cached backgrounds and clean runs (frees their memory; a batch is also recomputed whenever its
+        tokens differ from the held run's)."""
         self.backgrounds = {}
