@@ -12,9 +12,9 @@ from etk.runtime import say
 # Seconds of each step of the embedded study (`make run`, 2 CPU cores, 2026-12-08): the weights of the estimate of
 # what is left (a study of another pair or size scales them by its own pace so far; steps not listed weigh one minute).
 STEP_SECONDS = {
-    "eval": 46, "path_patching": 270, "minimality": 110, "faithfulness": 67, "faithfulness_curve": 60,
-    "circuit_search": 246, "dcm": 166, "activation_patching": 33, "cmap": 122, "model_diff": 16, "knockout": 13,
-    "completeness": 164, "attention_patterns": 16, "causal_impact": 1, "positional_hypotheses": 79,
+    "eval": 44, "path_patching": 232, "minimality": 93, "faithfulness": 61, "faithfulness_curve": 53,
+    "circuit_search": 203, "dcm": 164, "activation_patching": 32, "cmap": 70, "model_diff": 13, "knockout": 13,
+    "completeness": 74, "attention_patterns": 14, "causal_impact": 1, "positional_hypotheses": 79,
 }
 
 
