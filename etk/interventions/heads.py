@@ -18,6 +18,7 @@ import torch
 from etk.data.roles import ROLE_ID, ROLE_VOCAB, PromptBatch, check_role
 from etk.interventions.components import HeadId, check_heads, kv_group
 from etk.interventions.hooks import Capture, Patch, hooked
+from etk.interventions.prefix import unpatched_rows
 from etk.models.arch import Dims
 from etk.models.forward import last_logits, run_through
 from etk.tasks import group_role
@@ -153,8 +154,6 @@ def capture(model, batch: PromptBatch, hs: HeadSet, logits: bool = False, rows: 
     own = None
     with hooked(model, captures=caps) as cache:
         if rows:
-            from etk.interventions.prefix import unpatched_rows
-
             own = unpatched_rows(model, batch)
         elif logits:
             own = last_logits(model, batch)

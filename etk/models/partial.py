@@ -1,8 +1,7 @@
 """Partial-depth forwards on the model's own decoder layers, rotary embedding and mask builder: `forward_from_layer`
 (layers start..L-1 on given residuals, attending to a KV cache; used by knockout), `top_layer_at` (the top layer
 read at one token per row) and `SharedPrefix` (many rows attending to one prompt's prefix K/V in place; path
-patching's receiver step). Both are tested against the plain
-forward."""
+patching's receiver step). All three are tested against the plain forward."""
 
 from __future__ import annotations
 

@@ -113,7 +113,7 @@ class AblationEval(ModelHost):
         # ablations keeping units at other roles: each token recomputed from its role's first kept layer on, on the
         # all-ablated background (`vital.active_logits`), when that is at most ACTIVE_SHARE of a full forward
         self.active_fast_path = active_fast_path
-        self.backgrounds: dict = {}  # per evaluation batch: the all-ablated keys/values (reused across calls)
+        self.backgrounds: dict = {}  # (kind, batch index) -> (its tokens, the all-ablated or plain run), reused across calls
         self.acc = AblationAccuracy()
         self.ablations: Sequence[Ablation] = ()
         self.forwards = self.vital_forwards = self.active_forwards = self.prefix_forwards = 0
@@ -180,7 +180,7 @@ class AblationEval(ModelHost):
         (checked token by token), across evaluation calls and splits that return to the same prompts."""
         key = (kind, batch_idx, id(self.means))
         held = self.backgrounds.get(key)
-        if held is None or held[0].shape != batch.input_ids.shape or not torch.equal(held[0], batch.input_ids):
+        if held is None or not torch.equal(held[0], batch.input_ids):  # (False for another shape too)
             held = (batch.input_ids, compute())
             self.backgrounds[key] = held
             self.forwards += 1
@@ -195,16 +195,15 @@ class AblationEval(ModelHost):
         groups, prefix ablations, the ablations left for full forwards)."""
         N, T = batch.input_ids.shape
         L = self.arch.dims.n_layers
-        eligible = list(idx)  # both read out at `last`, as every evaluation does
-        if not eligible:
+        if not idx:
             return [], [], idx
-        abls = [self.ablations[i] for i in eligible]
+        abls = [self.ablations[i] for i in idx]  # both paths read out at `last`, as every evaluation does
         st = start_layers(abls, batch, L)  # [K, N, T]
         share = (staggered_blocks(st, L).double() / (N * T * L)).tolist()  # one host read
         suffix = ((T - first_ablated(abls, batch)).sum(1).double() / (N * T)).tolist()  # [K] share of a full forward
-        prefixed = [i for c, p, i in zip(share, suffix, eligible) if p <= ACTIVE_SHARE and p < c]
+        prefixed = [i for c, p, i in zip(share, suffix, idx) if p <= ACTIVE_SHARE and p < c]
         slots = (st < L).sum(2).amax(1).tolist()  # [K] the widest prompt's slots
-        fits = sorted((c, s, i) for c, p, s, i in zip(share, suffix, slots, eligible) if c <= ACTIVE_SHARE and c <= p)
+        fits = sorted((c, s, i) for c, p, s, i in zip(share, suffix, slots, idx) if c <= ACTIVE_SHARE and c <= p)
         groups: list[list[int]] = []
         used = 0
         for _, width, i in fits:
@@ -221,8 +220,3 @@ class AblationEval(ModelHost):
         """The batch's plain forward (`unpatched_rows`: last logits and the K/V before `last`), computed once per
         evaluation batch, for the clean-prefix path."""
         return self._per_batch("clean", batch, batch_idx, lambda: unpatched_rows(self.net, batch))
-
-    def forget_backgrounds(self) -> None:
-        """Drop the cached backgrounds and clean runs (frees their memory; a batch is also recomputed whenever its
-        tokens differ from the held run's)."""
-        self.backgrounds = {}
